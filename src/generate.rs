@@ -1,0 +1,87 @@
+//! The generation loop shared by the CLI and the tests: prefill the prompt, then decode one
+//! token at a time, timing both phases separately.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{Logits, Model, RunState};
+use crate::sampling::Sampler;
+
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub max_tokens: usize,
+    /// Stop at an end-of-sequence id (the model's); goldens turn this off to compare N steps.
+    pub stop_at_eos: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenOutput {
+    /// Generated ids (the EOS id, if one ended generation, included).
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    /// Why generation stopped: "eos", "max_tokens" or "context_full".
+    pub stop: &'static str,
+}
+
+impl GenOutput {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_secs)
+    }
+    /// Decode rate over the tokens that needed a decode step (the first comes from prefill).
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.tokens.len().saturating_sub(1), self.decode_secs)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
+/// Generate after `prompt` (appended to whatever `cache` already holds). `on_token` sees each
+/// new id as it is chosen (for streaming); returning an error stops generation with it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    model: &Model,
+    state: &mut RunState,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    eos_ids: &[u32],
+    sampler: &mut Sampler,
+    opts: &GenOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenOutput> {
+    if prompt.is_empty() {
+        return Err(Error::Prompt("the prompt is empty".into()));
+    }
+    let max_pos = model.config.max_position_embeddings;
+    let mut out = GenOutput { prompt_tokens: prompt.len(), stop: "max_tokens", ..Default::default() };
+    if opts.max_tokens == 0 {
+        return Ok(out);
+    }
+    let t0 = Instant::now();
+    model.forward(state, cache, prompt, Logits::Last)?;
+    out.prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    loop {
+        let next = sampler.sample(&state.logits);
+        out.tokens.push(next);
+        on_token(next)?;
+        if opts.stop_at_eos && eos_ids.contains(&next) {
+            out.stop = "eos";
+            break;
+        }
+        if out.tokens.len() >= opts.max_tokens {
+            break;
+        }
+        if cache.next_pos() >= max_pos {
+            out.stop = "context_full";
+            break;
+        }
+        model.forward(state, cache, &[next], Logits::Last)?;
+    }
+    out.decode_secs = t1.elapsed().as_secs_f64();
+    Ok(out)
+}

@@ -1,0 +1,311 @@
+//! The KV cache: storage and metadata kept apart, both per (layer, KV head).
+//!
+//! - [`HeadStore`] is dumb contiguous storage: keys and values of one (layer, KV head), each
+//!   [rows, head_dim] row-major f32, keys post-RoPE (and post-k_norm).
+//! - [`HeadMeta`] says what each row is: its absolute position and, once any compaction has
+//!   happened, an additive logit bias β (0 for rows that were never compacted).
+//! - [`KvCache`] holds both for every (layer, KV head) plus one logical position counter for the
+//!   sequence: the RoPE position the next token gets. The counter is independent of the
+//!   physical row counts, which may differ per head (ragged) after compaction or eviction.
+//!
+//! Invariant (checked by [`KvCache::check`]): in every head, positions are strictly increasing
+//! and all below `next_pos`; keys, values, positions (and bias, if present) have one entry per row.
+
+use crate::error::{Error, Result};
+
+/// Rows are reserved in chunks of this many so appends rarely reallocate.
+const GROW_ROWS: usize = 256;
+
+#[derive(Debug, Clone, Default)]
+pub struct HeadStore {
+    pub keys: Vec<f32>,   // [rows, head_dim]
+    pub values: Vec<f32>, // [rows, head_dim]
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeadMeta {
+    pub positions: Vec<u32>,    // [rows] absolute RoPE position of each row, increasing
+    pub bias: Option<Vec<f32>>, // [rows] additive logit bias β; None means all zero
+}
+
+impl HeadMeta {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Everything a compaction method hands back for one (layer, KV head): rows to install.
+#[derive(Debug, Clone)]
+pub struct HeadRows {
+    pub keys: Vec<f32>,         // [rows, head_dim]
+    pub values: Vec<f32>,       // [rows, head_dim]
+    pub positions: Vec<u32>,    // [rows]
+    pub bias: Option<Vec<f32>>, // [rows]
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    store: Vec<HeadStore>, // [n_layers * n_kv_heads]
+    meta: Vec<HeadMeta>,   // [n_layers * n_kv_heads]
+    next_pos: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvCache {
+        let n = n_layers * n_kv_heads;
+        KvCache {
+            n_layers,
+            n_kv_heads,
+            head_dim,
+            store: vec![HeadStore::default(); n],
+            meta: vec![HeadMeta::default(); n],
+            next_pos: 0,
+        }
+    }
+
+    #[inline]
+    fn idx(&self, layer: usize, head: usize) -> usize {
+        debug_assert!(layer < self.n_layers && head < self.n_kv_heads);
+        layer * self.n_kv_heads + head
+    }
+
+    /// The RoPE position the next appended token receives (the sequence's logical length).
+    pub fn next_pos(&self) -> usize {
+        self.next_pos
+    }
+
+    /// Physical rows held by one (layer, KV head).
+    pub fn len(&self, layer: usize, head: usize) -> usize {
+        self.meta[self.idx(layer, head)].len()
+    }
+
+    /// Largest physical row count over all heads.
+    pub fn max_len(&self) -> usize {
+        self.meta.iter().map(HeadMeta::len).max().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.iter().all(HeadMeta::is_empty)
+    }
+
+    pub fn meta(&self, layer: usize, head: usize) -> &HeadMeta {
+        &self.meta[self.idx(layer, head)]
+    }
+
+    pub fn store(&self, layer: usize, head: usize) -> &HeadStore {
+        &self.store[self.idx(layer, head)]
+    }
+
+    /// Keys, values and bias of a head, for the attention kernel.
+    pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32], Option<&[f32]>, &[u32]) {
+        let i = self.idx(layer, head);
+        let (s, m) = (&self.store[i], &self.meta[i]);
+        (&s.keys, &s.values, m.bias.as_deref(), &m.positions)
+    }
+
+    /// The heads of one layer: storage and metadata slices, indexed by KV head.
+    pub fn layer(&self, layer: usize) -> (&[HeadStore], &[HeadMeta]) {
+        let r = layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads;
+        (&self.store[r.clone()], &self.meta[r])
+    }
+
+    /// Make room for `extra` more rows in every head of `layer` (amortised, chunked).
+    pub fn reserve(&mut self, layer: usize, extra: usize) {
+        let hd = self.head_dim;
+        for h in 0..self.n_kv_heads {
+            let i = self.idx(layer, h);
+            let need = self.meta[i].len() + extra;
+            let s = &mut self.store[i];
+            if s.keys.capacity() < need * hd {
+                let rows = need.div_ceil(GROW_ROWS) * GROW_ROWS;
+                s.keys.reserve_exact(rows * hd - s.keys.len());
+                s.values.reserve_exact(rows * hd - s.values.len());
+            }
+        }
+    }
+
+    /// Append rows to one head: `keys`/`values` are [n, head_dim], `positions` [n], new rows
+    /// get bias 0. Positions must continue the head's increasing order.
+    pub fn append(&mut self, layer: usize, head: usize, keys: &[f32], values: &[f32], positions: &[u32]) {
+        let hd = self.head_dim;
+        debug_assert_eq!(keys.len(), positions.len() * hd);
+        debug_assert_eq!(values.len(), positions.len() * hd);
+        let i = self.idx(layer, head);
+        let m = &mut self.meta[i];
+        debug_assert!(m.positions.last().zip(positions.first()).is_none_or(|(a, b)| a < b));
+        m.positions.extend_from_slice(positions);
+        if let Some(b) = m.bias.as_mut() {
+            b.resize(m.positions.len(), 0.0);
+        }
+        let s = &mut self.store[i];
+        s.keys.extend_from_slice(keys);
+        s.values.extend_from_slice(values);
+    }
+
+    /// Append n rows taken from token-major buffers [n, row_stride] (all KV heads side by side),
+    /// this head's slice starting at column `col`. Avoids a gather copy in the forward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_strided(&mut self, layer: usize, head: usize, k_rows: &[f32], v_rows: &[f32], row_stride: usize, col: usize, positions: &[u32]) {
+        let hd = self.head_dim;
+        let i = self.idx(layer, head);
+        let m = &mut self.meta[i];
+        debug_assert!(m.positions.last().zip(positions.first()).is_none_or(|(a, b)| a < b));
+        m.positions.extend_from_slice(positions);
+        if let Some(b) = m.bias.as_mut() {
+            b.resize(m.positions.len(), 0.0);
+        }
+        let s = &mut self.store[i];
+        for r in 0..positions.len() {
+            let at = r * row_stride + col;
+            s.keys.extend_from_slice(&k_rows[at..at + hd]);
+            s.values.extend_from_slice(&v_rows[at..at + hd]);
+        }
+    }
+
+    /// Advance the logical counter after a forward pass has appended `n` tokens.
+    pub fn advance(&mut self, n: usize) {
+        self.next_pos += n;
+    }
+
+    /// Replace one head's rows wholesale (compaction / eviction). The logical counter is kept.
+    pub fn replace_head(&mut self, layer: usize, head: usize, rows: HeadRows) -> Result<()> {
+        let hd = self.head_dim;
+        let n = rows.positions.len();
+        if rows.keys.len() != n * hd || rows.values.len() != n * hd || rows.bias.as_ref().is_some_and(|b| b.len() != n) {
+            return Err(Error::Shape {
+                op: "KvCache::replace_head",
+                expected: format!("{n} rows of head_dim {hd}"),
+                got: format!("keys {}, values {}, bias {:?}", rows.keys.len(), rows.values.len(), rows.bias.as_ref().map(Vec::len)),
+            });
+        }
+        if rows.positions.windows(2).any(|w| w[0] >= w[1]) || rows.positions.last().is_some_and(|&p| p as usize >= self.next_pos) {
+            return Err(Error::Invalid(format!(
+                "KvCache::replace_head: positions must be strictly increasing and below {}",
+                self.next_pos
+            )));
+        }
+        let i = self.idx(layer, head);
+        self.store[i] = HeadStore { keys: rows.keys, values: rows.values };
+        self.meta[i] = HeadMeta { positions: rows.positions, bias: rows.bias };
+        Ok(())
+    }
+
+    /// Drop every row whose position is ≥ `pos` and set the logical counter to `pos`
+    /// (roll back to a shared prefix, e.g. after answering one question about a document).
+    pub fn truncate_to(&mut self, pos: usize) {
+        let hd = self.head_dim;
+        for i in 0..self.meta.len() {
+            let m = &mut self.meta[i];
+            let keep = m.positions.partition_point(|&p| (p as usize) < pos);
+            m.positions.truncate(keep);
+            if let Some(b) = m.bias.as_mut() {
+                b.truncate(keep);
+            }
+            self.store[i].keys.truncate(keep * hd);
+            self.store[i].values.truncate(keep * hd);
+        }
+        self.next_pos = self.next_pos.min(pos);
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.truncate_to(0);
+    }
+
+    /// Bytes held for keys, values, positions and biases (what the cache really costs).
+    pub fn bytes(&self) -> usize {
+        let rows: usize = self.meta.iter().map(HeadMeta::len).sum();
+        let bias_rows: usize = self.meta.iter().filter_map(|m| m.bias.as_ref()).map(Vec::len).sum();
+        rows * (2 * self.head_dim * 4 + 4) + bias_rows * 4
+    }
+
+    /// Total rows over all (layer, KV head).
+    pub fn total_rows(&self) -> usize {
+        self.meta.iter().map(HeadMeta::len).sum()
+    }
+
+    /// Verify the invariants; used by tests and after loading a cache from disk.
+    pub fn check(&self) -> Result<()> {
+        let hd = self.head_dim;
+        for (i, (s, m)) in self.store.iter().zip(&self.meta).enumerate() {
+            let (layer, head) = (i / self.n_kv_heads, i % self.n_kv_heads);
+            let n = m.len();
+            let bad = |msg: String| Err(Error::Invalid(format!("KV cache layer {layer} head {head}: {msg}")));
+            if s.keys.len() != n * hd || s.values.len() != n * hd {
+                return bad(format!("{n} positions but {} key and {} value floats", s.keys.len(), s.values.len()));
+            }
+            if m.bias.as_ref().is_some_and(|b| b.len() != n) {
+                return bad("bias length differs from row count".into());
+            }
+            if m.positions.windows(2).any(|w| w[0] >= w[1]) {
+                return bad("positions are not strictly increasing".into());
+            }
+            if m.positions.last().is_some_and(|&p| p as usize >= self.next_pos) {
+                return bad(format!("a position is ≥ the logical length {}", self.next_pos));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize, hd: usize, start: u32) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let k = (0..n * hd).map(|i| i as f32).collect();
+        let v = (0..n * hd).map(|i| -(i as f32)).collect();
+        (k, v, (start..start + n as u32).collect())
+    }
+
+    #[test]
+    fn append_truncate_replace_keep_invariants() {
+        let mut c = KvCache::new(2, 3, 4);
+        for l in 0..2 {
+            c.reserve(l, 5);
+            for h in 0..3 {
+                let (k, v, p) = rows(5, 4, 0);
+                c.append(l, h, &k, &v, &p);
+            }
+        }
+        c.advance(5);
+        c.check().unwrap();
+        assert_eq!((c.len(1, 2), c.next_pos(), c.total_rows()), (5, 5, 30));
+        assert_eq!(c.bytes(), 30 * (2 * 4 * 4 + 4));
+
+        // Compact one head to 2 rows with a bias; others stay. The counter does not move.
+        let kept = HeadRows { keys: vec![1.0; 8], values: vec![2.0; 8], positions: vec![1, 3], bias: Some(vec![0.5, -0.5]) };
+        c.replace_head(0, 1, kept).unwrap();
+        assert_eq!((c.len(0, 1), c.len(0, 0), c.next_pos()), (2, 5, 5));
+        // New tokens continue at the logical position and get bias 0.
+        let (k, v, _) = rows(1, 4, 0);
+        c.append(0, 1, &k, &v, &[5]);
+        c.advance(1);
+        assert_eq!(c.meta(0, 1).bias.as_deref(), Some(&[0.5, -0.5, 0.0][..]));
+        assert_eq!(c.meta(0, 1).positions, vec![1, 3, 5]);
+        c.check().unwrap();
+
+        c.truncate_to(3);
+        assert_eq!((c.len(0, 1), c.len(0, 0), c.next_pos()), (1, 3, 3));
+        assert_eq!(c.meta(0, 1).bias.as_deref(), Some(&[0.5][..]));
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn replace_head_rejects_bad_rows() {
+        let mut c = KvCache::new(1, 1, 2);
+        c.advance(4);
+        let unsorted = HeadRows { keys: vec![0.0; 4], values: vec![0.0; 4], positions: vec![2, 1], bias: None };
+        assert!(c.replace_head(0, 0, unsorted).is_err());
+        let future = HeadRows { keys: vec![0.0; 2], values: vec![0.0; 2], positions: vec![4], bias: None };
+        assert!(c.replace_head(0, 0, future).is_err());
+        let short = HeadRows { keys: vec![0.0; 3], values: vec![0.0; 4], positions: vec![0, 1], bias: None };
+        assert!(c.replace_head(0, 0, short).is_err());
+    }
+}

@@ -1,0 +1,426 @@
+//! The forward pass: batched prefill and one-token decode over a [`KvCache`].
+//!
+//! [`Model`] is immutable (config + weights); [`RunState`] holds every activation buffer,
+//! allocated once for a maximum batch of `max_batch` tokens (llama2.c's `RunState`); the cache
+//! is passed in, so one model can serve many caches. Prompts longer than `max_batch` are run in
+//! chunks of `max_batch` tokens, each attending to the cache the previous chunks filled — the
+//! same path a chunked or compacted context takes.
+//!
+//! Numerics: weights stay in their stored dtype and are widened inside the kernels; every
+//! product and sum accumulates in f32. Multi-token linears go through faer's GEMM (bf16/f16
+//! weights widened one tile of rows at a time); one-token linears through the GEMV kernel.
+
+use std::path::{Path, PathBuf};
+
+use faer::{Accum, MatMut, MatRef, Par};
+use kvcompact_kernels as k;
+use rayon::prelude::*;
+
+use crate::config::{Config, RopeScaling};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::{MatrixView, WDtype, Weights};
+
+/// Default number of tokens per forward chunk.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
+const WIDEN_TILE_ROWS: usize = 256;
+
+/// Which logits a forward call should produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (prefilling context only).
+    None,
+    /// The last token's logits: [vocab].
+    Last,
+    /// Every token's logits: [n_tokens, vocab].
+    All,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    pub dir: PathBuf,
+    inv_freq: Vec<f32>, // [head_dim/2] RoPE inverse frequencies after scaling
+}
+
+/// Activation buffers for up to `max_batch` tokens; shapes use B = max_batch.
+pub struct RunState {
+    max_batch: usize,
+    x: Vec<f32>,     // [B, d] residual stream
+    xn: Vec<f32>,    // [B, d] normalised residual
+    q: Vec<f32>,     // [B, nh*hd]
+    kv_k: Vec<f32>,  // [B, nkv*hd]
+    kv_v: Vec<f32>,  // [B, nkv*hd]
+    att: Vec<f32>,   // [B, nh*hd] attention output (before o_proj)
+    o: Vec<f32>,     // [B, d] o_proj / down_proj output
+    gate: Vec<f32>,  // [B, ff]
+    up: Vec<f32>,    // [B, ff]
+    cos: Vec<f32>,   // [B, hd/2] RoPE table of the chunk's positions
+    sin: Vec<f32>,   // [B, hd/2]
+    positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
+    base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
+    wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
+    /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
+    pub logits: Vec<f32>,
+    /// When set, the residual stream after every decoder layer is appended here:
+    /// `hidden[layer]` grows by [n_tokens, d] per forward call, and `final_norm` likewise.
+    pub capture: Option<Capture>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    pub hidden: Vec<Vec<f32>>, // [n_layers][tokens, d]
+    pub final_norm: Vec<f32>,  // [tokens, d]
+}
+
+impl Model {
+    pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!("model directory {} does not exist", dir.display())));
+        }
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let weights = Weights::load(dir, &config)?;
+        let inv_freq = rope_inv_freq(&config);
+        Ok(Model { config, weights, dir: dir.into(), inv_freq })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim)
+    }
+
+    pub fn new_state(&self, max_batch: usize) -> RunState {
+        let c = &self.config;
+        let b = max_batch.max(1);
+        let wide = if self.weights.dtype() == WDtype::F32 { 0 } else { WIDEN_TILE_ROWS * c.hidden_size.max(c.intermediate_size).max(c.q_dim()) };
+        RunState {
+            max_batch: b,
+            x: vec![0.0; b * c.hidden_size],
+            xn: vec![0.0; b * c.hidden_size],
+            q: vec![0.0; b * c.q_dim()],
+            kv_k: vec![0.0; b * c.kv_dim()],
+            kv_v: vec![0.0; b * c.kv_dim()],
+            att: vec![0.0; b * c.q_dim()],
+            o: vec![0.0; b * c.hidden_size],
+            gate: vec![0.0; b * c.intermediate_size],
+            up: vec![0.0; b * c.intermediate_size],
+            cos: vec![0.0; b * c.head_dim / 2],
+            sin: vec![0.0; b * c.head_dim / 2],
+            positions: vec![0; b],
+            base: vec![0; c.n_kv_heads],
+            wtile: vec![0.0; wide],
+            logits: Vec::with_capacity(c.vocab_size),
+            capture: None,
+        }
+    }
+
+    /// Run `tokens` through the model, appending their keys/values to `cache` at positions
+    /// `cache.next_pos()..`, and leave the requested logits in `state.logits`.
+    pub fn forward(&self, state: &mut RunState, cache: &mut KvCache, tokens: &[u32], want: Logits) -> Result<()> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(Error::Prompt("no tokens to run".into()));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Prompt(format!("token id {t} is outside the vocabulary ({})", c.vocab_size)));
+        }
+        let end = cache.next_pos() + tokens.len();
+        if end > c.max_position_embeddings {
+            return Err(Error::Prompt(format!(
+                "{} tokens at position {} exceed the model's context of {} positions (max_position_embeddings)",
+                tokens.len(),
+                cache.next_pos(),
+                c.max_position_embeddings
+            )));
+        }
+        if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (c.n_layers, c.n_kv_heads, c.head_dim) {
+            return Err(Error::Shape {
+                op: "Model::forward",
+                expected: format!("cache of {} layers × {} KV heads × {}", c.n_layers, c.n_kv_heads, c.head_dim),
+                got: format!("{} × {} × {}", cache.n_layers, cache.n_kv_heads, cache.head_dim),
+            });
+        }
+        state.logits.clear();
+        let n_chunks = tokens.len().div_ceil(state.max_batch);
+        for (ci, chunk) in tokens.chunks(state.max_batch).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let chunk_want = match want {
+                Logits::All => Logits::All,
+                Logits::Last if last => Logits::Last,
+                _ => Logits::None,
+            };
+            self.forward_chunk(state, cache, chunk, chunk_want);
+        }
+        Ok(())
+    }
+
+    /// Convenience: logits of the last token.
+    pub fn forward_last<'s>(&self, state: &'s mut RunState, cache: &mut KvCache, tokens: &[u32]) -> Result<&'s [f32]> {
+        self.forward(state, cache, tokens, Logits::Last)?;
+        Ok(&state.logits)
+    }
+
+    fn forward_chunk(&self, st: &mut RunState, cache: &mut KvCache, tokens: &[u32], want: Logits) {
+        let c = &self.config;
+        let w = &self.weights;
+        let n = tokens.len();
+        let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
+        let (nh, nkv, group) = (c.n_heads, c.n_kv_heads, c.group_size());
+        let pos0 = cache.next_pos();
+        let eps = c.rms_norm_eps;
+
+        // Embedding rows, widened to f32.
+        let emb = w.view(&w.embed);
+        for (i, &t) in tokens.iter().enumerate() {
+            k::widen_rows(emb, t as usize, 1, d, &mut st.x[i * d..(i + 1) * d]);
+        }
+        // RoPE angles for this chunk's positions, shared by every layer and head.
+        for i in 0..n {
+            let p = (pos0 + i) as f32;
+            for j in 0..half {
+                // f32 product as HF computes it; cos/sin of that angle rounded once.
+                let a = (p * self.inv_freq[j]) as f64;
+                st.cos[i * half + j] = a.cos() as f32;
+                st.sin[i * half + j] = a.sin() as f32;
+            }
+        }
+        for (i, p) in st.positions[..n].iter_mut().enumerate() {
+            *p = (pos0 + i) as u32;
+        }
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            // --- attention block ---
+            rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
+            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
+            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+            add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
+            add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
+            add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
+            let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
+            rope_heads(&mut st.q[..n * qd], nh, hd, cos, sin, lw.q_norm.as_deref(), eps);
+            rope_heads(&mut st.kv_k[..n * kvd], nkv, hd, cos, sin, lw.k_norm.as_deref(), eps);
+
+            // Append this chunk's keys/values to each KV head; remember where the chunk starts.
+            cache.reserve(l, n);
+            for h in 0..nkv {
+                st.base[h] = cache.len(l, h);
+                cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
+            }
+
+            // Causal attention: token i of the chunk sees its head's rows up to base + i
+            // (everything cached earlier has a smaller position), minus any sliding window.
+            let scale = c.attn_scale();
+            let window = c.sliding_window;
+            let q = &st.q[..n * qd];
+            let (stores, metas) = cache.layer(l);
+            let base = &st.base[..];
+            st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
+                let (i, g) = (idx / nkv, idx % nkv);
+                let visible = base[g] + i + 1;
+                let qpos = pos0 + i;
+                let start = match window {
+                    Some(wn) if qpos >= wn => metas[g].positions[..visible].partition_point(|&p| (p as usize) + wn <= qpos),
+                    _ => 0,
+                };
+                let rows = visible - start;
+                let keys = &stores[g].keys[start * hd..visible * hd];
+                let values = &stores[g].values[start * hd..visible * hd];
+                let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
+                let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
+                k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+            });
+            self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
+            add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
+            add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+            // --- MLP block (SwiGLU) ---
+            rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
+            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
+            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+            add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
+            add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
+            st.gate[..n * ff]
+                .par_chunks_mut(ff)
+                .zip(st.up[..n * ff].par_chunks(ff))
+                .for_each(|(g, u)| k::silu_mul(g, u));
+            self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &mut st.wtile);
+            add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
+            add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+            if let Some(cap) = st.capture.as_mut() {
+                cap.hidden.resize(c.n_layers, Vec::new());
+                cap.hidden[l].extend_from_slice(&st.x[..n * d]);
+            }
+        }
+        cache.advance(n);
+
+        // Final norm and lm_head, only for the rows whose logits are wanted.
+        let capture_norm = st.capture.is_some();
+        let rows = match want {
+            Logits::None if !capture_norm => return,
+            Logits::None => 0..0,
+            Logits::Last => n - 1..n,
+            Logits::All => 0..n,
+        };
+        let norm_rows = if capture_norm { 0..n } else { rows.clone() };
+        rmsnorm_rows(
+            &mut st.xn[norm_rows.start * d..norm_rows.end * d],
+            &st.x[norm_rows.start * d..norm_rows.end * d],
+            &w.final_norm,
+            d,
+            eps,
+        );
+        if let Some(cap) = st.capture.as_mut() {
+            cap.final_norm.extend_from_slice(&st.xn[..n * d]);
+        }
+        let m = rows.len();
+        if m == 0 {
+            return;
+        }
+        let vocab = c.vocab_size;
+        let at = st.logits.len();
+        st.logits.resize(at + m * vocab, 0.0);
+        let xn = &st.xn[rows.start * d..rows.end * d];
+        self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &mut st.wtile);
+    }
+
+    /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.
+    fn linear(&self, wm: &MatrixView, x: &[f32], n: usize, y: &mut [f32], wtile: &mut [f32]) {
+        let (out, inp) = (wm.rows, wm.cols);
+        debug_assert_eq!(x.len(), n * inp);
+        debug_assert_eq!(y.len(), n * out);
+        let wr = self.weights.view(wm);
+        if n == 1 {
+            k::gemv_par(wr, out, inp, x, y);
+            return;
+        }
+        let par = Par::rayon(0);
+        let xm = MatRef::from_row_major_slice(x, n, inp);
+        match wr {
+            k::WeightRef::F32(ws) => {
+                let wt = MatRef::from_row_major_slice(ws, out, inp).transpose();
+                let ym = MatMut::from_row_major_slice_mut(y, n, out);
+                faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
+            }
+            _ => {
+                // Widen a tile of weight rows, multiply into the matching output columns.
+                let mut r0 = 0;
+                while r0 < out {
+                    let tr = WIDEN_TILE_ROWS.min(out - r0);
+                    let tile = &mut wtile[..tr * inp];
+                    k::widen_rows(wr, r0, tr, inp, tile);
+                    let wt = MatRef::from_row_major_slice(&*tile, tr, inp).transpose();
+                    let ym = MatMut::from_row_major_slice_mut(&mut *y, n, out).subcols_mut(r0, tr);
+                    faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
+                    r0 += tr;
+                }
+            }
+        }
+    }
+}
+
+/// HF's RoPE inverse frequencies, in f32 as transformers computes them, after scaling.
+fn rope_inv_freq(c: &Config) -> Vec<f32> {
+    let dim = c.head_dim;
+    let base = c.rope_theta as f64;
+    let mut inv: Vec<f32> = (0..dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / dim as f32;
+            (1.0f64 / base.powf(e as f64)) as f32
+        })
+        .collect();
+    match c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let old = original_max_position_embeddings as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor; // low frequency: fully interpolated
+                } else if wavelen >= high_wavelen {
+                    // medium: blend between interpolated and original
+                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+    }
+    inv
+}
+
+/// RMSNorm every row of x [n, d] into out [n, d].
+fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], d: usize, eps: f32) {
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xi)| k::rmsnorm(o, xi, weight, eps));
+}
+
+/// Add a bias [m] to every row of y [n, m].
+fn add_bias_rows(y: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// For rows [n, heads*hd] (token-major): optional per-head RMSNorm (Qwen3 q/k norm), then
+/// rotate-half RoPE with token i's cos/sin row.
+fn rope_heads(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32], norm: Option<&[f32]>, eps: f32) {
+    let half = hd / 2;
+    x.par_chunks_mut(heads * hd).enumerate().for_each(|(i, row)| {
+        let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+        let mut tmp = [0.0f32; 512];
+        for head in row.chunks_mut(hd) {
+            if let Some(nw) = norm {
+                if hd <= tmp.len() {
+                    tmp[..hd].copy_from_slice(head);
+                    k::rmsnorm(head, &tmp[..hd], nw, eps);
+                } else {
+                    let t = head.to_vec();
+                    k::rmsnorm(head, &t, nw, eps);
+                }
+            }
+            k::rope_rotate_half(head, c, s);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(scaling: serde_json::Value) -> Config {
+        let v = json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": 10,
+            "rope_scaling": scaling});
+        Config::from_json(&v, Path::new("c.json")).unwrap()
+    }
+
+    #[test]
+    fn rope_inverse_frequencies_follow_hf() {
+        let plain = rope_inv_freq(&cfg(serde_json::Value::Null));
+        assert_eq!(plain.len(), 8);
+        assert_eq!(plain[0], 1.0);
+        approx::assert_relative_eq!(plain[1], 10000f32.powf(-2.0 / 16.0), max_relative = 1e-6);
+        let lin = rope_inv_freq(&cfg(json!({"rope_type": "linear", "factor": 2.0})));
+        for (a, b) in plain.iter().zip(&lin) {
+            assert_eq!(*a / 2.0, *b);
+        }
+        // llama3: high frequencies untouched, lowest divided by the factor, medium in between.
+        let l3 = rope_inv_freq(&cfg(json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})));
+        assert_eq!(l3[0], plain[0]);
+        assert_eq!(l3[7], plain[7] / 8.0);
+        assert!(l3.iter().zip(&plain).any(|(a, b)| a < b && *a > b / 8.0));
+    }
+}

@@ -1,0 +1,192 @@
+//! Text in and out: the `tokenizers` crate on the model's `tokenizer.json`, special tokens from
+//! `tokenizer_config.json` / `generation_config.json`, and the chat template.
+//!
+//! Chat prompts are rendered from the model's own Jinja template (as HF `apply_chat_template`
+//! does) with minijinja, so SmolLM2's default system line and any other template detail come out
+//! exactly as the model was trained. Models without a stored template get a built-in one chosen
+//! from the vocabulary: Llama 3 headers, Qwen's ChatML with its default system line, or ChatML.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::{Arch, Config};
+use crate::error::{Error, Result};
+
+/// ChatML with no default system message (SmolLM-style models without a stored template).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Qwen2.x: ChatML, with Qwen's default system message when none is given.
+pub const QWEN_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Llama 3.x instruct headers (without the tool-calling and date preamble of 3.1+).
+pub const LLAMA3_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Ids that end generation (config, generation_config and the template's end token).
+    pub eos_ids: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    pub fn load(dir: &Path, cfg: &Config) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::Tokenizer(format!("{} not found", path.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tc = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let gc = read_json_opt(&dir.join("generation_config.json"))?;
+        let token_str = |v: Option<&Value>| -> Option<String> {
+            match v? {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+                _ => None,
+            }
+        };
+        let bos_token = token_str(tc.as_ref().and_then(|t| t.get("bos_token")))
+            .or_else(|| cfg.bos_token_id.and_then(|id| inner.id_to_token(id)));
+        let eos_token = token_str(tc.as_ref().and_then(|t| t.get("eos_token")));
+        let chat_template = match tc.as_ref().and_then(|t| t.get("chat_template")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(String::from),
+            _ => None,
+        };
+        let mut eos_ids = cfg.eos_token_ids.clone();
+        if let Some(g) = gc.as_ref().and_then(|g| g.get("eos_token_id")) {
+            match g {
+                Value::Number(n) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
+                Value::Array(a) => eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
+                _ => {}
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let chat_template = chat_template.or_else(|| builtin_template(cfg.arch, &inner).map(String::from));
+        Ok(Tokenizer { inner, bos_token, eos_token, eos_ids, chat_template })
+    }
+
+    /// Token ids of `text`. `add_special` adds whatever the tokenizer's post-processor adds
+    /// (BOS for Llama 3; nothing for SmolLM2), exactly as HF `tokenizer(text)` does.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, t: &str) -> Option<u32> {
+        self.inner.token_to_id(t)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Render a conversation with the model's chat template (HF `apply_chat_template`).
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Tokenizer("this model has no chat template; run without --chat".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
+    }
+}
+
+/// Built-in template for a model that stores none, chosen from its vocabulary.
+fn builtin_template(arch: Arch, tok: &tokenizers::Tokenizer) -> Option<&'static str> {
+    if tok.token_to_id("<|start_header_id|>").is_some() {
+        Some(LLAMA3_TEMPLATE)
+    } else if tok.token_to_id("<|im_start|>").is_some() {
+        Some(if arch == Arch::Qwen2 { QWEN_TEMPLATE } else { CHATML_TEMPLATE })
+    } else {
+        None
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Tokenizer(format!("{}: not valid JSON: {e}", path.display())))
+}
+
+/// Emits the text of a growing token sequence piece by piece, holding back bytes that do not
+/// yet form complete UTF-8 (byte-level BPE can split a character across tokens).
+pub struct TextStream {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Default for TextStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TextStream {
+    pub fn new() -> TextStream {
+        TextStream { ids: Vec::new(), printed: 0 }
+    }
+
+    /// Add a token; return the newly completed text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, false)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+            return Ok(String::new());
+        }
+        let new = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(new)
+    }
+}

@@ -1,0 +1,471 @@
+//! Weights: memory-mapped safetensors files and the typed views the forward pass reads.
+//!
+//! Matrices are used in place, in the dtype they are stored in (f32, bf16 or f16): a
+//! [`MatrixView`] is only (file, byte offset, shape, dtype) and becomes a kernel
+//! [`WeightRef`] borrowed from the map on demand, so nothing is copied at load. One-dimensional
+//! tensors (norm weights, biases; a few KB) are widened to owned f32 vectors at load, because
+//! they are read whole on every row.
+//!
+//! The schema is HF's tensor names (`model.layers.{i}.self_attn.q_proj.weight`, ...), resolved
+//! through [`TensorStore`]; a missing tensor, a wrong shape or an unsupported dtype is an error
+//! naming the tensor and its file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use kvcompact_kernels::WeightRef;
+use memmap2::Mmap;
+use safetensors::Dtype;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Storage dtype of a weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WDtype {
+    pub fn size(self) -> usize {
+        match self {
+            WDtype::F32 => 4,
+            WDtype::Bf16 | WDtype::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WDtype::F32 => "f32",
+            WDtype::Bf16 => "bf16",
+            WDtype::F16 => "f16",
+        }
+    }
+}
+
+/// Where one tensor lives: which mapped file, which bytes, what shape and dtype.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub file: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range inside the mapped file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// All safetensors files of a model directory, memory-mapped, and an index of their tensors.
+pub struct TensorStore {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    index: HashMap<String, TensorEntry>,
+    /// Copies of matrices whose bytes are not aligned for their dtype inside the file
+    /// (safetensors does not promise alignment); 4-byte aligned because stored as u32.
+    realigned: Vec<Vec<u32>>,
+}
+
+impl TensorStore {
+    /// Open `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<TensorStore> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            shard_paths(dir, &index_path)?
+        } else {
+            return Err(Error::Safetensors {
+                path: dir.into(),
+                msg: "no model.safetensors or model.safetensors.index.json in the directory".into(),
+            });
+        };
+        let mut store = TensorStore {
+            dir: dir.into(),
+            files: Vec::new(),
+            index: HashMap::new(),
+            realigned: Vec::new(),
+        };
+        for p in paths {
+            store.add_file(&p)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and we never write the file while it is mapped; files
+        // we write ourselves are replaced by rename, never truncated in place.
+        let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            Error::Safetensors {
+                path: path.into(),
+                msg: match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                        "file size does not match its header (truncated?)".into()
+                    }
+                    e => e.to_string(),
+                },
+            }
+        })?;
+        let data_start = 8 + n;
+        let file_idx = self.files.len();
+        for (name, info) in meta.tensors() {
+            if self.index.contains_key(&name) {
+                return Err(Error::Safetensors {
+                    path: path.into(),
+                    msg: format!("tensor {name} appears in more than one shard"),
+                });
+            }
+            self.index.insert(
+                name,
+                TensorEntry {
+                    file: file_idx,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0,
+                    end: data_start + info.data_offsets.1,
+                },
+            );
+        }
+        self.files.push((path.into(), mmap));
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            dir: self.dir.clone(),
+        })
+    }
+
+    pub fn file_path(&self, e: &TensorEntry) -> &Path {
+        &self.files[e.file].0
+    }
+
+    pub fn bytes(&self, e: &TensorEntry) -> &[u8] {
+        &self.files[e.file].1[e.start..e.end]
+    }
+
+    fn check_shape(&self, name: &str, e: &TensorEntry, expected: &[usize]) -> Result<()> {
+        if e.shape != expected {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                file: self.file_path(e).into(),
+                expected: expected.to_vec(),
+                got: e.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn float_dtype(&self, name: &str, e: &TensorEntry) -> Result<WDtype> {
+        match e.dtype {
+            Dtype::F32 => Ok(WDtype::F32),
+            Dtype::BF16 => Ok(WDtype::Bf16),
+            Dtype::F16 => Ok(WDtype::F16),
+            other => Err(Error::UnsupportedDtype {
+                name: name.into(),
+                file: self.file_path(e).into(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// A [rows, cols] matrix, checked, used in place (or realigned once if misaligned).
+    pub fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<MatrixView> {
+        let e = self.entry(name)?.clone();
+        self.check_shape(name, &e, &[rows, cols])?;
+        let dtype = self.float_dtype(name, &e)?;
+        let bytes = self.bytes(&e);
+        if bytes.as_ptr() as usize % dtype.size() == 0 {
+            return Ok(MatrixView { src: Src::Mapped { file: e.file, start: e.start, end: e.end }, rows, cols, dtype });
+        }
+        tracing::warn!(tensor = name, "tensor bytes are misaligned in the file; copying it");
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        self.realigned.push(words);
+        Ok(MatrixView {
+            src: Src::Realigned { idx: self.realigned.len() - 1, len: e.end - e.start },
+            rows,
+            cols,
+            dtype,
+        })
+    }
+
+    /// A 1-D tensor of `len` values widened to f32 (norm weights, biases).
+    pub fn vector_f32(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        self.check_shape(name, e, &[len])?;
+        let dtype = self.float_dtype(name, e)?;
+        let b = self.bytes(e);
+        let v: Vec<f32> = match dtype {
+            WDtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            WDtype::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            WDtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        };
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::BadTensor {
+                name: name.into(),
+                file: self.file_path(e).into(),
+                msg: format!("non-finite value {} at index {i}", v[i]),
+            });
+        }
+        Ok(v)
+    }
+
+    /// The kernel view of a matrix. Borrowed from the map; no copy.
+    pub fn view(&self, m: &MatrixView) -> WeightRef<'_> {
+        let bytes: &[u8] = match m.src {
+            Src::Mapped { file, start, end } => &self.files[file].1[start..end],
+            Src::Realigned { idx, len } => &bytemuck::cast_slice::<u32, u8>(&self.realigned[idx])[..len],
+        };
+        match m.dtype {
+            WDtype::F32 => WeightRef::F32(bytemuck::cast_slice(bytes)),
+            WDtype::Bf16 => WeightRef::Bf16(bytemuck::cast_slice(bytes)),
+            WDtype::F16 => WeightRef::F16(bytemuck::cast_slice(bytes)),
+        }
+    }
+}
+
+fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let bad = |msg: String| Error::Safetensors { path: index_path.into(), msg };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("missing \"weight_map\" object".into()))?;
+    let mut files: BTreeMap<String, ()> = BTreeMap::new();
+    for (name, f) in map {
+        let f = f.as_str().ok_or_else(|| bad(format!("weight_map entry for {name} is not a file name")))?;
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            return Err(bad(format!("shard name {f:?} must be a plain file name")));
+        }
+        files.insert(f.to_string(), ());
+    }
+    if files.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    Ok(files.into_keys().map(|f| dir.join(f)).collect())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    Mapped { file: usize, start: usize, end: usize },
+    Realigned { idx: usize, len: usize },
+}
+
+/// A weight matrix [rows, cols], row-major, stored as `dtype`; resolve with [`TensorStore::view`].
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixView {
+    src: Src,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: WDtype,
+}
+
+impl MatrixView {
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
+}
+
+/// One decoder layer. Shapes use the config's names: d = hidden_size, hd = head_dim,
+/// nh/nkv = query/KV heads, ff = intermediate_size. Matrices are HF [out, in].
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>, // [d]
+    pub wq: MatrixView,      // [nh*hd, d]
+    pub wk: MatrixView,      // [nkv*hd, d]
+    pub wv: MatrixView,      // [nkv*hd, d]
+    pub wo: MatrixView,      // [d, nh*hd]
+    pub bq: Option<Vec<f32>>, // [nh*hd]
+    pub bk: Option<Vec<f32>>, // [nkv*hd]
+    pub bv: Option<Vec<f32>>, // [nkv*hd]
+    pub bo: Option<Vec<f32>>, // [d]
+    pub q_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    pub k_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    pub ffn_norm: Vec<f32>,  // [d]
+    pub w_gate: MatrixView,  // [ff, d]
+    pub w_up: MatrixView,    // [ff, d]
+    pub w_down: MatrixView,  // [d, ff]
+    pub b_gate: Option<Vec<f32>>, // [ff]
+    pub b_up: Option<Vec<f32>>,   // [ff]
+    pub b_down: Option<Vec<f32>>, // [d]
+}
+
+/// All weights of a model: views into the maps plus small owned vectors.
+pub struct Weights {
+    pub store: TensorStore,
+    pub embed: MatrixView, // [vocab, d]
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: Vec<f32>, // [d]
+    pub lm_head: MatrixView,  // [vocab, d]; the embedding itself when tied
+}
+
+impl Weights {
+    pub fn load(dir: &Path, cfg: &Config) -> Result<Weights> {
+        let mut st = TensorStore::open_dir(dir)?;
+        let (d, hd, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let embed = st.matrix("model.embed_tokens.weight", cfg.vocab_size, d)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}");
+            let opt = |st: &TensorStore, on: bool, name: String, len: usize| -> Result<Option<Vec<f32>>> {
+                if on { st.vector_f32(&name, len).map(Some) } else { Ok(None) }
+            };
+            layers.push(LayerWeights {
+                attn_norm: st.vector_f32(&format!("{p}.input_layernorm.weight"), d)?,
+                wq: st.matrix(&format!("{p}.self_attn.q_proj.weight"), qd, d)?,
+                wk: st.matrix(&format!("{p}.self_attn.k_proj.weight"), kvd, d)?,
+                wv: st.matrix(&format!("{p}.self_attn.v_proj.weight"), kvd, d)?,
+                wo: st.matrix(&format!("{p}.self_attn.o_proj.weight"), d, qd)?,
+                bq: opt(&st, cfg.qkv_bias, format!("{p}.self_attn.q_proj.bias"), qd)?,
+                bk: opt(&st, cfg.qkv_bias, format!("{p}.self_attn.k_proj.bias"), kvd)?,
+                bv: opt(&st, cfg.qkv_bias, format!("{p}.self_attn.v_proj.bias"), kvd)?,
+                bo: opt(&st, cfg.o_bias, format!("{p}.self_attn.o_proj.bias"), d)?,
+                q_norm: opt(&st, cfg.qk_norm, format!("{p}.self_attn.q_norm.weight"), hd)?,
+                k_norm: opt(&st, cfg.qk_norm, format!("{p}.self_attn.k_norm.weight"), hd)?,
+                ffn_norm: st.vector_f32(&format!("{p}.post_attention_layernorm.weight"), d)?,
+                w_gate: st.matrix(&format!("{p}.mlp.gate_proj.weight"), ff, d)?,
+                w_up: st.matrix(&format!("{p}.mlp.up_proj.weight"), ff, d)?,
+                w_down: st.matrix(&format!("{p}.mlp.down_proj.weight"), d, ff)?,
+                b_gate: opt(&st, cfg.mlp_bias, format!("{p}.mlp.gate_proj.bias"), ff)?,
+                b_up: opt(&st, cfg.mlp_bias, format!("{p}.mlp.up_proj.bias"), ff)?,
+                b_down: opt(&st, cfg.mlp_bias, format!("{p}.mlp.down_proj.bias"), d)?,
+            });
+        }
+        let final_norm = st.vector_f32("model.norm.weight", d)?;
+        // Tied models may still carry a copy of lm_head; the embedding is authoritative then.
+        let lm_head = if cfg.tie_word_embeddings {
+            embed
+        } else {
+            st.matrix("lm_head.weight", cfg.vocab_size, d)?
+        };
+        Ok(Weights { store: st, embed, layers, final_norm, lm_head })
+    }
+
+    pub fn view(&self, m: &MatrixView) -> WeightRef<'_> {
+        self.store.view(m)
+    }
+
+    /// Bytes of all matrices as stored (what decode streams per token, plus the embedding row).
+    pub fn matrix_bytes(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.w_gate.bytes() + l.w_up.bytes() + l.w_down.bytes())
+            .sum();
+        per_layer + self.lm_head.bytes()
+    }
+
+    /// The storage dtype of the big matrices (that of q_proj in layer 0).
+    pub fn dtype(&self) -> WDtype {
+        self.layers.first().map(|l| l.wq.dtype).unwrap_or(self.embed.dtype)
+    }
+}
+
+/// A tensor to write with [`save_safetensors`].
+pub enum OutTensor<'a> {
+    F32 { name: &'a str, shape: Vec<usize>, data: &'a [f32] },
+    I64 { name: &'a str, shape: Vec<usize>, data: &'a [i64] },
+}
+
+struct RawView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+impl safetensors::View for RawView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Write tensors (and string metadata) to `path` through a temporary file and a rename, so a
+/// reader that has the old file mapped never sees it truncated.
+pub fn save_safetensors(path: &Path, tensors: &[OutTensor], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let views: Vec<(String, RawView)> = tensors
+        .iter()
+        .map(|t| match t {
+            OutTensor::F32 { name, shape, data } => {
+                (name.to_string(), RawView { dtype: Dtype::F32, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
+            OutTensor::I64 { name, shape, data } => {
+                (name.to_string(), RawView { dtype: Dtype::I64, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
+        })
+        .collect();
+    for (name, v) in &views {
+        let n: usize = v.shape.iter().product();
+        let esize = if v.dtype == Dtype::F32 { 4 } else { 8 };
+        if n * esize != v.bytes.len() {
+            return Err(Error::Shape { op: "save_safetensors", expected: format!("{name}: {:?}", v.shape), got: format!("{} bytes", v.bytes.len()) });
+        }
+    }
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `dir/.name.tmp`, beside the destination so the rename stays on one filesystem.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Read a whole safetensors file into owned f32 / i64 vectors by name (for goldens and caches).
+pub fn load_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, TensorData)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    let mut out = HashMap::new();
+    for (name, t) in st.tensors() {
+        let b = t.data();
+        let data = match t.dtype() {
+            Dtype::F32 => TensorData::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I64 => TensorData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I32 => TensorData::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            other => {
+                return Err(Error::UnsupportedDtype { name, file: path.into(), dtype: format!("{other:?}") });
+            }
+        };
+        out.insert(name, (t.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
