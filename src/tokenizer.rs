@@ -74,6 +74,14 @@ impl Tokenizer {
                 .map(String::from),
             _ => None,
         };
+        // transformers ≥ 4.43 may keep the template in its own file instead.
+        let chat_template = match chat_template {
+            Some(t) => Some(t),
+            None => {
+                let p = dir.join("chat_template.jinja");
+                if p.exists() { Some(std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?) } else { None }
+            }
+        };
         let mut eos_ids = cfg.eos_token_ids.clone();
         if let Some(g) = gc.as_ref().and_then(|g| g.get("eos_token_id")) {
             match g {

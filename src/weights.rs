@@ -191,6 +191,13 @@ impl TensorStore {
         self.check_shape(name, &e, &[rows, cols])?;
         let dtype = self.float_dtype(name, &e)?;
         let bytes = self.bytes(&e);
+        if let Some(i) = first_non_finite(bytes, dtype) {
+            return Err(Error::BadTensor {
+                name: name.into(),
+                file: self.file_path(&e).into(),
+                msg: format!("non-finite value (NaN or inf) at flat index {i}"),
+            });
+        }
         if bytes.as_ptr() as usize % dtype.size() == 0 {
             return Ok(MatrixView { src: Src::Mapped { file: e.file, start: e.start, end: e.end }, rows, cols, dtype });
         }
@@ -245,6 +252,22 @@ impl TensorStore {
             WDtype::F16 => WeightRef::F16(bytemuck::cast_slice(bytes)),
         }
     }
+}
+
+/// Index of the first NaN/inf in little-endian `bytes` of `dtype` (an all-ones exponent).
+/// Scanned in parallel: the pages are about to be read by the first forward pass anyway.
+fn first_non_finite(bytes: &[u8], dtype: WDtype) -> Option<usize> {
+    use rayon::prelude::*;
+    let size = dtype.size();
+    let chunk = 1 << 16; // elements per task
+    bytes.par_chunks(chunk * size).enumerate().find_map_first(|(ci, c)| {
+        let bad = match dtype {
+            WDtype::F32 => c.chunks_exact(4).position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7F80_0000 == 0x7F80_0000),
+            WDtype::Bf16 => c.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 == 0x7F80),
+            WDtype::F16 => c.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00),
+        };
+        bad.map(|i| ci * chunk + i)
+    })
 }
 
 fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {

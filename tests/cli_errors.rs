@@ -1,0 +1,188 @@
+//! Bad input through the real binary: every case must print exactly one line starting with
+//! `error:` that names the problem, exit with status 1, and never panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::golden;
+use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+
+fn kvc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvcompact")).args(args).output().expect("run kvcompact");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Assert a one-line error mentioning every `needles` fragment.
+#[track_caller]
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let (code, _out, err) = kvc(args);
+    assert_eq!(code, 1, "expected exit 1 for {args:?}, got {code}; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line for {args:?}, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error for {args:?} should mention {n:?}: {err}");
+    }
+}
+
+/// A copy of a tiny golden model in a temp dir, to break on purpose.
+fn tiny_copy(name: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(golden(&format!("tiny/{name}"))).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), t.path().join(e.file_name())).unwrap();
+    }
+    t
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, TensorData)>)) {
+    let path = dir.join("model.safetensors");
+    let mut ts: Vec<(String, Vec<usize>, TensorData)> =
+        load_safetensors(&path).unwrap().into_iter().map(|(n, (sh, d))| (n, sh, d)).collect();
+    edit(&mut ts);
+    let outs: Vec<OutTensor> = ts
+        .iter()
+        .map(|(n, sh, d)| match d {
+            TensorData::F32(v) => OutTensor::F32 { name: n, shape: sh.clone(), data: v },
+            TensorData::I64(v) => OutTensor::I64 { name: n, shape: sh.clone(), data: v },
+        })
+        .collect();
+    save_safetensors(&path, &outs, None).unwrap();
+}
+
+#[test]
+fn missing_model_dir() {
+    expect_error(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"], &["/nonexistent/model", "does not exist"]);
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let t = tiny_copy("llama-mha");
+    let w = t.path().join("model.safetensors");
+    let len = std::fs::metadata(&w).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&w).unwrap();
+    f.set_len(len - 100).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["model.safetensors", "truncated"]);
+
+    std::fs::write(&w, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["model.safetensors", "invalid safetensors"]);
+
+    std::fs::write(&w, b"abc").unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["model.safetensors"]);
+
+    std::fs::remove_file(&w).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["no model.safetensors"]);
+}
+
+#[test]
+fn bad_configs() {
+    let t = tiny_copy("llama-mha");
+    let c = t.path().join("config.json");
+    let orig = std::fs::read_to_string(&c).unwrap();
+    std::fs::write(&c, orig.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"")).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["unsupported architecture", "gpt_neox"]);
+    std::fs::write(&c, orig.replace("\"num_hidden_layers\"", "\"num_layers_renamed\"")).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["config.json", "num_hidden_layers"]);
+    std::fs::write(&c, "{ not json").unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["config.json", "not valid JSON"]);
+}
+
+#[test]
+fn missing_tensor_wrong_shape_wrong_dtype_nan() {
+    let t = tiny_copy("llama-mha");
+    let name = "model.layers.2.self_attn.k_proj.weight";
+    rewrite_weights(t.path(), |ts| ts.retain(|(n, _, _)| n != name));
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &[name, "not found"]);
+
+    let t = tiny_copy("llama-mha");
+    rewrite_weights(t.path(), |ts| {
+        let e = ts.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        e.1 = vec![e.1[1], e.1[0]];
+        if e.1[0] == e.1[1] {
+            // Square: drop a row instead.
+            let TensorData::F32(v) = &mut e.2 else { unreachable!() };
+            v.truncate(v.len() - e.1[1]);
+            e.1[0] -= 1;
+        }
+    });
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &[name, "expected shape", "model.safetensors"]);
+
+    let t = tiny_copy("llama-mha");
+    rewrite_weights(t.path(), |ts| {
+        let e = ts.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        let TensorData::F32(v) = &e.2 else { unreachable!() };
+        e.2 = TensorData::I64(v.iter().map(|&x| x as i64).collect());
+    });
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &[name, "dtype", "I64"]);
+
+    let t = tiny_copy("llama-mha");
+    rewrite_weights(t.path(), |ts| {
+        let e = ts.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        let TensorData::F32(v) = &mut e.2 else { unreachable!() };
+        v[17] = f32::NAN;
+    });
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &[name, "non-finite"]);
+}
+
+#[test]
+fn bad_prompts() {
+    let m = golden("tiny/llama-mha");
+    let m = s(&m);
+    expect_error(&["generate", "--model", m, "--prompt", ""], &["prompt is empty"]);
+    let long = "word ".repeat(2000);
+    expect_error(&["generate", "--model", m, "--prompt", &long], &["exceeds the model's context", "256"]);
+    expect_error(&["logits", "--model", m, "--prompt", &long, "--out", "/tmp/never.safetensors"], &["exceeds the model's context"]);
+
+    let t = tempfile::tempdir().unwrap();
+    let f: PathBuf = t.path().join("p.txt");
+    std::fs::write(&f, b"caf\xe9 au lait").unwrap();
+    expect_error(&["generate", "--model", m, "--prompt-file", s(&f)], &["not valid UTF-8", "p.txt"]);
+    expect_error(&["generate", "--model", m, "--prompt-file", "/nonexistent/prompt.txt"], &["/nonexistent/prompt.txt"]);
+    std::fs::write(&f, b"").unwrap();
+    expect_error(&["generate", "--model", m, "--prompt-file", s(&f)], &["prompt is empty"]);
+    expect_error(&["generate", "--model", m, "--prompt", "hi", "--temperature=-1"], &["temperature"]);
+    expect_error(&["--threads", "0", "generate", "--model", m, "--prompt", "hi"], &["threads"]);
+}
+
+#[test]
+fn bad_gguf_files() {
+    let t = tempfile::tempdir().unwrap();
+    let g = t.path().join("x.gguf");
+    std::fs::write(&g, b"GGUF\x03\x00\x00\x00\x01").unwrap();
+    let out = t.path().join("out");
+    expect_error(&["convert", "--gguf", s(&g), "--out", s(&out)], &["x.gguf"]);
+    std::fs::write(&g, b"NOPE0000000000000000000000000000").unwrap();
+    expect_error(&["convert", "--gguf", s(&g), "--out", s(&out)], &["x.gguf"]);
+    expect_error(&["convert", "--gguf", "/nonexistent.gguf", "--out", s(&out)], &["/nonexistent.gguf"]);
+}
+
+#[test]
+fn tiny_model_generates_and_writes_logits_via_cli() {
+    let m = golden("tiny/llama-gqa");
+    let (code, out, err) = kvc(&["generate", "--model", s(&m), "--prompt", "hello world", "--max-tokens", "5", "--json", "--ignore-eos"]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["tokens"].as_array().unwrap().len(), 5);
+    assert!(j["prefill_tok_s"].as_f64().unwrap() > 0.0 && j["decode_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(j["text"].is_string());
+
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("l.safetensors");
+    let (code, _, err) = kvc(&["logits", "--model", s(&m), "--prompt", "hello world", "--out", s(&f)]);
+    assert_eq!(code, 0, "{err}");
+    let l = load_safetensors(&f).unwrap();
+    let (tshape, _) = &l["tokens"];
+    let (lshape, _) = &l["logits"];
+    assert_eq!(lshape, &vec![tshape[0], 384]);
+}
