@@ -412,6 +412,8 @@ impl Weights {
 pub enum OutTensor<'a> {
     F32 { name: &'a str, shape: Vec<usize>, data: &'a [f32] },
     I64 { name: &'a str, shape: Vec<usize>, data: &'a [i64] },
+    /// bf16 or f16 raw bits.
+    Half { name: &'a str, shape: Vec<usize>, data: &'a [u16], dtype: WDtype },
 }
 
 struct RawView<'a> {
@@ -447,11 +449,15 @@ pub fn save_safetensors(path: &Path, tensors: &[OutTensor], metadata: Option<Has
             OutTensor::I64 { name, shape, data } => {
                 (name.to_string(), RawView { dtype: Dtype::I64, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
             }
+            OutTensor::Half { name, shape, data, dtype } => {
+                let dt = if *dtype == WDtype::F16 { Dtype::F16 } else { Dtype::BF16 };
+                (name.to_string(), RawView { dtype: dt, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
         })
         .collect();
     for (name, v) in &views {
         let n: usize = v.shape.iter().product();
-        let esize = if v.dtype == Dtype::F32 { 4 } else { 8 };
+        let esize = v.dtype.bitsize() / 8;
         if n * esize != v.bytes.len() {
             return Err(Error::Shape { op: "save_safetensors", expected: format!("{name}: {:?}", v.shape), got: format!("{} bytes", v.bytes.len()) });
         }

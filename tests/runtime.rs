@@ -1,0 +1,163 @@
+//! Runtime properties that need no oracle: sharded checkpoints load the same model, bf16/f16
+//! weights are widened exactly (same values stored as f32 give the same logits), results are
+//! bit-identical at 1 and 2 threads, prefill chunking does not change logits, and the KV cache
+//! verbs keep positions and the logical counter right across a forward pass.
+
+mod common;
+
+use std::path::Path;
+
+use common::golden;
+use kvcompact::model::{Logits, Model};
+use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData, WDtype};
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn logits(dir: &Path, tokens: &[u32], max_batch: usize) -> Vec<f32> {
+    let m = Model::load(dir).unwrap();
+    let mut st = m.new_state(max_batch);
+    let mut c = m.new_cache();
+    m.forward(&mut st, &mut c, tokens, Logits::All).unwrap();
+    st.logits.clone()
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| 3 + (i * 37 + 11) % 380).collect()
+}
+
+#[test]
+fn sharded_checkpoint_gives_identical_logits() {
+    let src = golden("tiny/llama-gqa");
+    let t = tempfile::tempdir().unwrap();
+    copy_dir(&src, t.path());
+    std::fs::remove_file(t.path().join("model.safetensors")).unwrap();
+    let all = load_safetensors(&src.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let outs: Vec<OutTensor> = part
+            .iter()
+            .map(|n| match &all[*n] {
+                (sh, TensorData::F32(v)) => OutTensor::F32 { name: n, shape: sh.clone(), data: v },
+                _ => unreachable!(),
+            })
+            .collect();
+        save_safetensors(&t.path().join(file), &outs, None).unwrap();
+        for n in part {
+            map.insert(n.to_string(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(t.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let toks = tokens(20);
+    assert_eq!(logits(&src, &toks, 64), logits(t.path(), &toks, 64));
+}
+
+/// Store every matrix as bf16 (or f16) and, separately, the same rounded values as f32:
+/// both directories must give the same logits up to f32 summation-order noise.
+fn half_matches_f32(dtype: WDtype) {
+    let src = golden("tiny/qwen2-bias");
+    let all = load_safetensors(&src.join("model.safetensors")).unwrap();
+    let (th, tf) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    copy_dir(&src, th.path());
+    copy_dir(&src, tf.path());
+    let mut halves: Vec<(String, Vec<usize>, Vec<u16>)> = Vec::new();
+    let mut rounded: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (n, (sh, d)) in &all {
+        let TensorData::F32(v) = d else { unreachable!() };
+        let bits: Vec<u16> = match dtype {
+            WDtype::Bf16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+            _ => v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect(),
+        };
+        let back: Vec<f32> = match dtype {
+            WDtype::Bf16 => bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+            _ => bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
+        };
+        halves.push((n.clone(), sh.clone(), bits));
+        rounded.push((n.clone(), sh.clone(), back));
+    }
+    let hs: Vec<OutTensor> = halves.iter().map(|(n, sh, b)| OutTensor::Half { name: n, shape: sh.clone(), data: b, dtype }).collect();
+    save_safetensors(&th.path().join("model.safetensors"), &hs, None).unwrap();
+    let fs: Vec<OutTensor> = rounded.iter().map(|(n, sh, v)| OutTensor::F32 { name: n, shape: sh.clone(), data: v }).collect();
+    save_safetensors(&tf.path().join("model.safetensors"), &fs, None).unwrap();
+
+    let m = Model::load(th.path()).unwrap();
+    assert_eq!(m.weights.dtype(), dtype);
+    let toks = tokens(33);
+    // Both the GEMM (prefill) and GEMV (decode) paths.
+    for batch in [64, 1] {
+        let (a, b) = (logits(th.path(), &toks, batch), logits(tf.path(), &toks, batch));
+        let r = kvcompact::compare::compare(&format!("{} vs f32 (batch {batch})", dtype.name()), &a, &b, 1e-5);
+        println!("{r}");
+        r.assert_ok();
+    }
+}
+
+#[test]
+fn bf16_weights_are_widened_exactly() {
+    half_matches_f32(WDtype::Bf16);
+}
+
+#[test]
+fn f16_weights_are_widened_exactly() {
+    half_matches_f32(WDtype::F16);
+}
+
+#[test]
+fn one_and_two_threads_give_identical_bits() {
+    let dir = golden("tiny/llama-mha");
+    let toks = tokens(50);
+    let run = |threads: usize, batch: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| logits(&dir, &toks, batch))
+    };
+    for batch in [256, 1] {
+        let (a, b) = (run(1, batch), run(2, batch));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "batch {batch}: 1- and 2-thread logits differ");
+    }
+}
+
+#[test]
+fn chunked_prefill_matches_one_shot() {
+    let dir = golden("tiny/llama-gqa");
+    let toks = tokens(45);
+    let whole = logits(&dir, &toks, 256);
+    // Chunks of 1 use the GEMV kernel instead of GEMM: a different summation order, so the
+    // budget is f32 noise over 4 layers (|logits| ≤ ~10), not bit equality.
+    for batch in [1, 2, 13] {
+        let r = kvcompact::compare::compare(&format!("chunks of {batch}"), &logits(&dir, &toks, batch), &whole, 1e-4);
+        r.assert_ok();
+    }
+}
+
+#[test]
+fn cache_positions_and_rollback_after_forward() {
+    let dir = golden("tiny/llama-gqa");
+    let m = Model::load(&dir).unwrap();
+    let mut st = m.new_state(8);
+    let mut c = m.new_cache();
+    let toks = tokens(20);
+    m.forward(&mut st, &mut c, &toks[..12], Logits::None).unwrap();
+    assert_eq!(c.next_pos(), 12);
+    c.check().unwrap();
+    for l in 0..m.config.n_layers {
+        for h in 0..m.config.n_kv_heads {
+            assert_eq!(c.meta(l, h).positions, (0..12).collect::<Vec<u32>>());
+        }
+    }
+    // Continue, roll back to 12, continue again: the same logits both times.
+    m.forward(&mut st, &mut c, &toks[12..], Logits::Last).unwrap();
+    let first = st.logits.clone();
+    c.truncate_to(12);
+    assert_eq!((c.next_pos(), c.max_len()), (12, 12));
+    m.forward(&mut st, &mut c, &toks[12..], Logits::Last).unwrap();
+    assert_eq!(first, st.logits);
+    assert_eq!(c.bytes(), 20 * m.config.n_layers * m.config.n_kv_heads * (2 * m.config.head_dim * 4 + 4));
+}
