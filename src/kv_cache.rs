@@ -199,8 +199,18 @@ impl KvCache {
     /// Drop every row whose position is ≥ `pos` and set the logical counter to `pos`
     /// (roll back to a shared prefix, e.g. after answering one question about a document).
     pub fn truncate_to(&mut self, pos: usize) {
+        for l in 0..self.n_layers {
+            self.truncate_layer_to(l, pos);
+        }
+        self.next_pos = self.next_pos.min(pos);
+    }
+
+    /// Drop the rows of one layer whose position is ≥ `pos` (the logical counter is untouched):
+    /// used when extra tokens were run through a single layer and must not stay in its cache.
+    pub fn truncate_layer_to(&mut self, layer: usize, pos: usize) {
         let hd = self.head_dim;
-        for i in 0..self.meta.len() {
+        for h in 0..self.n_kv_heads {
+            let i = self.idx(layer, h);
             let m = &mut self.meta[i];
             let keep = m.positions.partition_point(|&p| (p as usize) < pos);
             m.positions.truncate(keep);
@@ -210,7 +220,6 @@ impl KvCache {
             self.store[i].keys.truncate(keep * hd);
             self.store[i].values.truncate(keep * hd);
         }
-        self.next_pos = self.next_pos.min(pos);
     }
 
     /// Forget everything.

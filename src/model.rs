@@ -63,15 +63,27 @@ pub struct RunState {
     wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
     /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
     pub logits: Vec<f32>,
-    /// When set, the residual stream after every decoder layer is appended here:
-    /// `hidden[layer]` grows by [n_tokens, d] per forward call, and `final_norm` likewise.
+    /// When set, what it enables is recorded on every forward call.
     pub capture: Option<Capture>,
 }
 
+/// Optional recordings of a forward pass, appended per call (tests, query extraction).
 #[derive(Debug, Default, Clone)]
 pub struct Capture {
-    pub hidden: Vec<Vec<f32>>, // [n_layers][tokens, d]
-    pub final_norm: Vec<f32>,  // [tokens, d]
+    pub hidden_enabled: bool,
+    pub queries_enabled: bool,
+    pub hidden: Vec<Vec<f32>>,  // [n_layers][tokens, d] residual after each layer
+    pub final_norm: Vec<f32>,   // [tokens, d]
+    pub queries: Vec<Vec<f32>>, // [n_layers][tokens, nh*hd] post-RoPE (post q_norm) queries
+}
+
+impl Capture {
+    pub fn hidden() -> Capture {
+        Capture { hidden_enabled: true, ..Default::default() }
+    }
+    pub fn queries() -> Capture {
+        Capture { queries_enabled: true, ..Default::default() }
+    }
 }
 
 impl Model {
@@ -161,22 +173,32 @@ impl Model {
     }
 
     fn forward_chunk(&self, st: &mut RunState, cache: &mut KvCache, tokens: &[u32], want: Logits) {
-        let c = &self.config;
-        let w = &self.weights;
         let n = tokens.len();
-        let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let (qd, kvd, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
-        let (nh, nkv, group) = (c.n_heads, c.n_kv_heads, c.group_size());
         let pos0 = cache.next_pos();
-        let eps = c.rms_norm_eps;
+        self.embed(st, tokens);
+        self.prepare_positions(st, n, pos0);
+        for l in 0..self.config.n_layers {
+            self.layer(l, st, cache, n);
+        }
+        cache.advance(n);
+        self.head(st, n, want);
+    }
 
-        // Embedding rows, widened to f32.
-        let emb = w.view(&w.embed);
+    /// Embedding rows of `tokens` into the residual stream st.x [n, d], widened to f32.
+    pub fn embed(&self, st: &mut RunState, tokens: &[u32]) {
+        let d = self.config.hidden_size;
+        let emb = self.weights.view(&self.weights.embed);
         for (i, &t) in tokens.iter().enumerate() {
             k::widen_rows(emb, t as usize, 1, d, &mut st.x[i * d..(i + 1) * d]);
         }
-        // RoPE angles for this chunk's positions, shared by every layer and head.
+    }
+
+    /// Set the chunk's positions pos0..pos0+n and their RoPE cos/sin rows, shared by every
+    /// layer and head.
+    pub fn prepare_positions(&self, st: &mut RunState, n: usize, pos0: usize) {
+        let half = self.config.head_dim / 2;
         for i in 0..n {
+            st.positions[i] = (pos0 + i) as u32;
             let p = (pos0 + i) as f32;
             for j in 0..half {
                 // f32 product as HF computes it; cos/sin of that angle rounded once.
@@ -185,79 +207,96 @@ impl Model {
                 st.sin[i * half + j] = a.sin() as f32;
             }
         }
-        for (i, p) in st.positions[..n].iter_mut().enumerate() {
-            *p = (pos0 + i) as u32;
+    }
+
+    /// Decoder layer `l` on the residual rows st.x [n, d] at the positions set by
+    /// [`Model::prepare_positions`], appending their keys/values to the cache's layer `l`
+    /// (the logical counter is not advanced: the caller does that once per chunk).
+    pub fn layer(&self, l: usize, st: &mut RunState, cache: &mut KvCache, n: usize) {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
+        let (nh, nkv, group) = (c.n_heads, c.n_kv_heads, c.group_size());
+        let eps = c.rms_norm_eps;
+        let pos0 = st.positions[0] as usize;
+
+        // --- attention block ---
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
+        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+        self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
+        self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+        add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
+        add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
+        add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
+        let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
+        rope_heads(&mut st.q[..n * qd], nh, hd, cos, sin, lw.q_norm.as_deref(), eps);
+        rope_heads(&mut st.kv_k[..n * kvd], nkv, hd, cos, sin, lw.k_norm.as_deref(), eps);
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.queries_enabled) {
+            cap.queries.resize(c.n_layers, Vec::new());
+            cap.queries[l].extend_from_slice(&st.q[..n * qd]);
         }
 
-        for (l, lw) in w.layers.iter().enumerate() {
-            // --- attention block ---
-            rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
-            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
-            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
-            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
-            add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
-            add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
-            add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
-            let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
-            rope_heads(&mut st.q[..n * qd], nh, hd, cos, sin, lw.q_norm.as_deref(), eps);
-            rope_heads(&mut st.kv_k[..n * kvd], nkv, hd, cos, sin, lw.k_norm.as_deref(), eps);
-
-            // Append this chunk's keys/values to each KV head; remember where the chunk starts.
-            cache.reserve(l, n);
-            for h in 0..nkv {
-                st.base[h] = cache.len(l, h);
-                cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
-            }
-
-            // Causal attention: token i of the chunk sees its head's rows up to base + i
-            // (everything cached earlier has a smaller position), minus any sliding window.
-            let scale = c.attn_scale();
-            let window = c.sliding_window;
-            let q = &st.q[..n * qd];
-            let (stores, metas) = cache.layer(l);
-            let base = &st.base[..];
-            st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
-                let (i, g) = (idx / nkv, idx % nkv);
-                let visible = base[g] + i + 1;
-                let qpos = pos0 + i;
-                let start = match window {
-                    Some(wn) if qpos >= wn => metas[g].positions[..visible].partition_point(|&p| (p as usize) + wn <= qpos),
-                    _ => 0,
-                };
-                let rows = visible - start;
-                let keys = &stores[g].keys[start * hd..visible * hd];
-                let values = &stores[g].values[start * hd..visible * hd];
-                let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
-                let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-                k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
-            });
-            self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
-            add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
-            add_into(&mut st.x[..n * d], &st.o[..n * d]);
-
-            // --- MLP block (SwiGLU) ---
-            rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
-            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
-            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
-            add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
-            add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
-            st.gate[..n * ff]
-                .par_chunks_mut(ff)
-                .zip(st.up[..n * ff].par_chunks(ff))
-                .for_each(|(g, u)| k::silu_mul(g, u));
-            self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &mut st.wtile);
-            add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
-            add_into(&mut st.x[..n * d], &st.o[..n * d]);
-
-            if let Some(cap) = st.capture.as_mut() {
-                cap.hidden.resize(c.n_layers, Vec::new());
-                cap.hidden[l].extend_from_slice(&st.x[..n * d]);
-            }
+        // Append this chunk's keys/values to each KV head; remember where the chunk starts.
+        cache.reserve(l, n);
+        for h in 0..nkv {
+            st.base[h] = cache.len(l, h);
+            cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
         }
-        cache.advance(n);
 
-        // Final norm and lm_head, only for the rows whose logits are wanted.
-        let capture_norm = st.capture.is_some();
+        // Causal attention: token i of the chunk sees its head's rows up to base + i
+        // (everything cached earlier has a smaller position), minus any sliding window.
+        let scale = c.attn_scale();
+        let window = c.sliding_window;
+        let q = &st.q[..n * qd];
+        let (stores, metas) = cache.layer(l);
+        let base = &st.base[..];
+        st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
+            let (i, g) = (idx / nkv, idx % nkv);
+            let visible = base[g] + i + 1;
+            let qpos = pos0 + i;
+            let start = match window {
+                Some(wn) if qpos >= wn => metas[g].positions[..visible].partition_point(|&p| (p as usize) + wn <= qpos),
+                _ => 0,
+            };
+            let rows = visible - start;
+            let keys = &stores[g].keys[start * hd..visible * hd];
+            let values = &stores[g].values[start * hd..visible * hd];
+            let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
+            let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
+            k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+        });
+        self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
+        add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
+        add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+        // --- MLP block (SwiGLU) ---
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
+        self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
+        self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+        add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
+        add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
+        st.gate[..n * ff]
+            .par_chunks_mut(ff)
+            .zip(st.up[..n * ff].par_chunks(ff))
+            .for_each(|(g, u)| k::silu_mul(g, u));
+        self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &mut st.wtile);
+        add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
+        add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.hidden_enabled) {
+            cap.hidden.resize(c.n_layers, Vec::new());
+            cap.hidden[l].extend_from_slice(&st.x[..n * d]);
+        }
+    }
+
+    /// Final norm and lm_head for the rows whose logits are wanted (appended to st.logits).
+    fn head(&self, st: &mut RunState, n: usize, want: Logits) {
+        let c = &self.config;
+        let w = &self.weights;
+        let d = c.hidden_size;
+        let eps = c.rms_norm_eps;
+        let capture_norm = st.capture.as_ref().is_some_and(|c| c.hidden_enabled);
         let rows = match want {
             Logits::None if !capture_norm => return,
             Logits::None => 0..0,
@@ -272,7 +311,7 @@ impl Model {
             d,
             eps,
         );
-        if let Some(cap) = st.capture.as_mut() {
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.hidden_enabled) {
             cap.final_norm.extend_from_slice(&st.xn[..n * d]);
         }
         let m = rows.len();
@@ -284,6 +323,11 @@ impl Model {
         st.logits.resize(at + m * vocab, 0.0);
         let xn = &st.xn[rows.start * d..rows.end * d];
         self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &mut st.wtile);
+    }
+
+    /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
+    pub fn residual<'s>(&self, st: &'s mut RunState, n: usize) -> &'s mut [f32] {
+        &mut st.x[..n * self.config.hidden_size]
     }
 
     /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.
@@ -318,6 +362,13 @@ impl Model {
                 }
             }
         }
+    }
+}
+
+impl RunState {
+    /// Tokens one forward chunk can hold.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 }
 

@@ -17,7 +17,7 @@ fn check_prefill(name: &str, max_batch: usize) {
     let model = Model::load(&dir).unwrap();
     let tokens = g.ids("tokens");
     let mut st = model.new_state(max_batch);
-    st.capture = Some(Capture::default());
+    st.capture = Some(Capture::hidden());
     let mut cache = model.new_cache();
     model.forward(&mut st, &mut cache, &tokens, Logits::All).unwrap();
     let cap = st.capture.take().unwrap();
