@@ -1,1 +1,52 @@
-pub fn placeholder() {}
+//! CPU kernels for kvcompact, each with a naive scalar twin.
+//!
+//! | kernel | fast path | twin |
+//! |---|---|---|
+//! | [`dot`], [`axpy`] | AVX2+FMA, 4 f32x8 accumulators | [`dot_ref`], [`axpy_ref`] |
+//! | [`rmsnorm`] | AVX2 sum of squares + vector scale | [`rmsnorm_ref`] |
+//! | [`rope_rotate_half`] | AVX2, bit-identical to the twin | [`rope_rotate_half_ref`] |
+//! | [`softmax_inplace`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp) | [`softmax_inplace_ref`], [`silu_mul_ref`] |
+//! | [`argmax`] | AVX2 max + compare/movemask, exact | [`argmax_ref`] |
+//! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C | [`gemv_ref`] |
+//! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
+//! | [`attend_group`] | AVX2 GQA decode attention, K/V read once per group | [`attend_group_ref`] |
+//!
+//! **Dispatch rule.** The ISA is detected at run time, never at build time
+//! (no `target-cpu=native`, no `-C target-feature`): pulp's `V3` token
+//! (AVX2+FMA, cached CPUID) selects the pulp kernels; F16C, which pulp's V3
+//! does not cover, is checked with `is_x86_feature_detected!` and used through
+//! `std::arch` behind `#[target_feature]`. Without those features (or off
+//! x86_64) every public function runs its `*_ref` twin. [`simd_level`]
+//! reports what was found.
+//!
+//! **Numerics.** All accumulation is in f32 whatever the storage dtype
+//! (bf16/f16 are widened exactly). Reductions use a fixed accumulator count
+//! and order, so results depend only on the inputs and the detected ISA, not
+//! on thread count or alignment; [`gemv_par`] is bit-identical to [`gemv()`].
+//! Results of the SIMD path and of the scalar twin differ by rounding only;
+//! they are not bit-portable between machines with different ISAs.
+
+pub mod activ;
+pub mod attn;
+pub mod gemv;
+pub mod norm;
+pub mod rope;
+mod simd;
+pub mod vecops;
+
+pub use activ::{argmax, argmax_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref};
+pub use attn::{attend_group, attend_group_ref};
+pub use gemv::{gemv, gemv_par, gemv_ref, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
+pub use norm::{rmsnorm, rmsnorm_ref};
+pub use rope::{rope_rotate_half, rope_rotate_half_ref};
+pub use vecops::{axpy, axpy_ref, dot, dot_ref};
+
+/// What the run-time dispatch detected: `"avx2+fma+f16c"`, `"avx2+fma"`
+/// (f16 weights then use the scalar twin) or `"scalar"`.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if simd::v3().is_some() {
+        return if simd::has_f16c() { "avx2+fma+f16c" } else { "avx2+fma" };
+    }
+    "scalar"
+}

@@ -1,0 +1,381 @@
+//! Matrix-vector product over weights kept in their storage dtype (decode path),
+//! and row widening to f32 (for prefill GEMM tiles).
+//!
+//! Every row is reduced by one function (`gemv_rows`) whatever the caller, so
+//! [`gemv`] and [`gemv_par`] are bit-identical at any thread count.
+
+use half::f16;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{has_f16c, v3, x86};
+
+/// Borrowed row-major weight matrix `[rows, cols]`. bf16/f16 are the raw bits
+/// as stored in the checkpoint; they are widened to f32 inside the kernels.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl WeightRef<'_> {
+    /// Number of weights (elements, not bytes).
+    pub fn len(&self) -> usize {
+        match self {
+            WeightRef::F32(w) => w.len(),
+            WeightRef::Bf16(w) | WeightRef::F16(w) => w.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// `"f32"`, `"bf16"` or `"f16"`.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            WeightRef::F32(_) => "f32",
+            WeightRef::Bf16(_) => "bf16",
+            WeightRef::F16(_) => "f16",
+        }
+    }
+    /// Storage bytes per weight (4 or 2).
+    pub fn bytes_per_weight(&self) -> usize {
+        match self {
+            WeightRef::F32(_) => 4,
+            WeightRef::Bf16(_) | WeightRef::F16(_) => 2,
+        }
+    }
+}
+
+/// bf16 bits -> f32 (exact: bf16 is the top half of an f32).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[inline(always)]
+fn f16_to_f32(b: u16) -> f32 {
+    f16::from_bits(b).to_f32()
+}
+
+fn check(w: &WeightRef, rows: usize, cols: usize, x: &[f32], y: &[f32]) {
+    let need = rows.checked_mul(cols).expect("gemv: rows*cols overflows");
+    assert!(
+        w.len() >= need,
+        "gemv: {} weight has {} elements, need {rows}x{cols}",
+        w.dtype_name(),
+        w.len()
+    );
+    assert_eq!(x.len(), cols, "gemv: x length != cols");
+    assert_eq!(y.len(), rows, "gemv: y length != rows");
+}
+
+/// Naive twin of [`gemv`]: one sequential f32 sum per row.
+pub fn gemv_ref(w: WeightRef, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    check(&w, rows, cols, x, y);
+    for r in 0..rows {
+        let mut s = 0.0f32;
+        for c in 0..cols {
+            let wv = match w {
+                WeightRef::F32(w) => w[r * cols + c],
+                WeightRef::Bf16(w) => bf16_to_f32(w[r * cols + c]),
+                WeightRef::F16(w) => f16_to_f32(w[r * cols + c]),
+            };
+            s += wv * x[c];
+        }
+        y[r] = s;
+    }
+}
+
+/// Rows `[row0, row0 + y.len())` of `W x` into `y`. The single place where a
+/// row is reduced: the fast path is chosen per call, identically for every
+/// chunk, and a row's arithmetic does not depend on which rows it is paired
+/// with, so results never depend on how rows are split.
+fn gemv_rows(w: WeightRef, row0: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    let lo = row0 * cols;
+    let hi = (row0 + y.len()) * cols;
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    match w {
+        WeightRef::F32(w) => {
+            let w = &w[lo..hi]; // [n_rows, cols]
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = v3() {
+                return simd.vectorize(RowsOp { simd, w, x, y });
+            }
+            for (r, yr) in y.iter_mut().enumerate() {
+                *yr = crate::vecops::dot_ref(&w[r * cols..(r + 1) * cols], x);
+            }
+        }
+        WeightRef::Bf16(w) => {
+            let w = &w[lo..hi]; // [n_rows, cols] bf16 bits
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = v3() {
+                return simd.vectorize(RowsOp { simd, w: Bf16Bits(w), x, y });
+            }
+            for (r, yr) in y.iter_mut().enumerate() {
+                let wr = &w[r * cols..(r + 1) * cols];
+                *yr = wr.iter().zip(x).fold(0.0f32, |s, (&b, &xv)| s + bf16_to_f32(b) * xv);
+            }
+        }
+        WeightRef::F16(w) => {
+            let w = &w[lo..hi]; // [n_rows, cols] f16 bits
+            #[cfg(target_arch = "x86_64")]
+            if has_f16c() {
+                for (r, yr) in y.iter_mut().enumerate() {
+                    // SAFETY: has_f16c() checked AVX2+FMA+F16C at run time.
+                    *yr = unsafe { x86::dot_f16_f16c(&w[r * cols..(r + 1) * cols], x) };
+                }
+                return;
+            }
+            for (r, yr) in y.iter_mut().enumerate() {
+                let wr = &w[r * cols..(r + 1) * cols];
+                *yr = wr.iter().zip(x).fold(0.0f32, |s, (&b, &xv)| s + f16_to_f32(b) * xv);
+            }
+        }
+    }
+}
+
+/// bf16 bits, tagged so the row kernel knows how to widen them.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Bf16Bits<'a>(&'a [u16]);
+
+/// Weight storage the AVX2 row kernel can read 8 lanes at a time as f32.
+#[cfg(target_arch = "x86_64")]
+trait RowSource: Copy {
+    type Elem: Copy + Default;
+    fn slice(&self) -> &[Self::Elem];
+    /// 8 weights -> f32x8, in registers.
+    fn load8(simd: x86::V3, w: &[Self::Elem; 8]) -> __m256;
+    /// `< 8` trailing weights, zero in the unused lanes.
+    fn load_tail(simd: x86::V3, w: &[Self::Elem]) -> __m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowSource for &[f32] {
+    type Elem = f32;
+    #[inline(always)]
+    fn slice(&self) -> &[f32] {
+        self
+    }
+    #[inline(always)]
+    fn load8(_: x86::V3, w: &[f32; 8]) -> __m256 {
+        x86::ld(w)
+    }
+    #[inline(always)]
+    fn load_tail(simd: x86::V3, w: &[f32]) -> __m256 {
+        x86::ld_part(simd, w)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowSource for Bf16Bits<'_> {
+    type Elem = u16;
+    #[inline(always)]
+    fn slice(&self) -> &[u16] {
+        self.0
+    }
+    /// vpmovzxwd + vpslld: widened in registers, never through memory.
+    #[inline(always)]
+    fn load8(simd: x86::V3, w: &[u16; 8]) -> __m256 {
+        x86::widen_bf16(simd, w)
+    }
+    #[inline(always)]
+    fn load_tail(simd: x86::V3, w: &[u16]) -> __m256 {
+        // Zero-pad the < 8 leftover weights once per row (not in the hot loop).
+        let mut pad = [0u16; 8];
+        pad[..w.len()].copy_from_slice(w);
+        x86::widen_bf16(simd, &pad)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::__m256;
+
+/// `R` row dot products against the same `x`, sharing each `x` load.
+/// Per row: 4 f32x8 FMA accumulators over 32-wide blocks, leftover 8-wide
+/// blocks into acc0, masked tail into acc1, then `hsum4`. The per-row
+/// arithmetic is the same for every `R`, so pairing rows never changes bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_rows<S: RowSource, const R: usize>(simd: x86::V3, rows: [&[S::Elem]; R], x: &[f32]) -> [f32; R] {
+    let fma = simd.fma;
+    let n = x.len();
+    let z = simd.avx._mm256_setzero_ps();
+    let mut acc = [[z; 4]; R];
+    let (x8, xt) = pulp::as_arrays::<8, f32>(x);
+    let (x32, x8r) = pulp::as_arrays::<4, [f32; 8]>(x8);
+    let mut w8 = [(&[][..], &[][..]); R]; // per row: (full 8-blocks, tail)
+    for r in 0..R {
+        debug_assert_eq!(rows[r].len(), n);
+        w8[r] = pulp::as_arrays::<8, S::Elem>(&rows[r][..n]);
+    }
+    let nb32 = x32.len();
+    for (b, xv) in x32.iter().enumerate() {
+        for r in 0..R {
+            let wb = &w8[r].0[4 * b..4 * b + 4];
+            for k in 0..4 {
+                acc[r][k] = fma._mm256_fmadd_ps(S::load8(simd, &wb[k]), x86::ld(&xv[k]), acc[r][k]);
+            }
+        }
+    }
+    for (i, xv) in x8r.iter().enumerate() {
+        for r in 0..R {
+            let wv = &w8[r].0[4 * nb32 + i];
+            acc[r][0] = fma._mm256_fmadd_ps(S::load8(simd, wv), x86::ld(xv), acc[r][0]);
+        }
+    }
+    if !xt.is_empty() {
+        let xv = x86::ld_part(simd, xt);
+        for r in 0..R {
+            acc[r][1] = fma._mm256_fmadd_ps(S::load_tail(simd, w8[r].1), xv, acc[r][1]);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        out[r] = x86::hsum4(simd, acc[r]);
+    }
+    out
+}
+
+/// AVX2 body of [`gemv_rows`] for f32 or bf16 storage. Rows are taken two at
+/// a time (two independent DRAM streams, one `x` load per pair).
+#[cfg(target_arch = "x86_64")]
+struct RowsOp<'a, S> {
+    simd: x86::V3,
+    w: S,              // [n_rows, cols]
+    x: &'a [f32],      // [cols]
+    y: &'a mut [f32],  // [n_rows]
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: RowSource> pulp::NullaryFnOnce for RowsOp<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn call(self) {
+        let RowsOp { simd, w, x, y } = self;
+        let cols = x.len();
+        let w = w.slice();
+        let (y2, y1) = pulp::as_arrays_mut::<2, f32>(y);
+        let (w2, w1) = w.split_at(2 * cols * y2.len());
+        for (yp, wp) in y2.iter_mut().zip(w2.chunks_exact(2 * cols)) {
+            let (a, b) = wp.split_at(cols);
+            *yp = dot_rows::<S, 2>(simd, [a, b], x);
+        }
+        if let Some(yl) = y1.first_mut() {
+            *yl = dot_rows::<S, 1>(simd, [&w1[..cols]], x)[0];
+        }
+    }
+}
+
+/// `y[r] = sum_c W[r,c] * x[c]` for `W: [rows, cols]` (only the first
+/// `rows*cols` weights are used), `x: [cols]`, `y: [rows]`; single thread.
+///
+/// Fast paths (chosen at run time): f32 and bf16 on AVX2+FMA via pulp, f16 on
+/// F16C via `std::arch`; otherwise a scalar loop. Each row uses 4 f32x8 FMA
+/// accumulators + masked tail in a fixed order (f32/bf16 rows go in pairs
+/// sharing the `x` loads, without changing any row's arithmetic), so results
+/// are deterministic but differ from [`gemv_ref`] by rounding
+/// (|Δ| <= (cols + cols/32 + 10)·ε·Σ|w·x|). On AVX2 the bf16 and f16 results
+/// are bit-identical to the f32 kernel over the widened weights.
+pub fn gemv(w: WeightRef, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    check(&w, rows, cols, x, y);
+    gemv_rows(w, 0, cols, x, y);
+}
+
+/// Rows per rayon task in [`gemv_par`]. Fixed, so the partition never depends
+/// on the pool size; 64 rows x 576 f32 cols = 147 KB per task.
+pub const GEMV_PAR_CHUNK_ROWS: usize = 64;
+
+/// Same as [`gemv`], with rows split across the current rayon pool in fixed
+/// chunks of [`GEMV_PAR_CHUNK_ROWS`]. Each row is reduced exactly as in
+/// `gemv`, so the output is bit-identical to `gemv` at any thread count.
+pub fn gemv_par(w: WeightRef, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    check(&w, rows, cols, x, y);
+    y.par_chunks_mut(GEMV_PAR_CHUNK_ROWS)
+        .enumerate()
+        .for_each(|(ci, yc)| gemv_rows(w, ci * GEMV_PAR_CHUNK_ROWS, cols, x, yc));
+}
+
+/// Naive twin of [`widen_rows`].
+pub fn widen_rows_ref(w: WeightRef, row_start: usize, n_rows: usize, cols: usize, out: &mut [f32]) {
+    let (lo, hi) = widen_check(&w, row_start, n_rows, cols, out);
+    match w {
+        WeightRef::F32(w) => out.copy_from_slice(&w[lo..hi]),
+        WeightRef::Bf16(w) => {
+            for (o, &b) in out.iter_mut().zip(&w[lo..hi]) {
+                *o = bf16_to_f32(b);
+            }
+        }
+        WeightRef::F16(w) => {
+            for (o, &b) in out.iter_mut().zip(&w[lo..hi]) {
+                *o = f16_to_f32(b);
+            }
+        }
+    }
+}
+
+fn widen_check(
+    w: &WeightRef,
+    row_start: usize,
+    n_rows: usize,
+    cols: usize,
+    out: &[f32],
+) -> (usize, usize) {
+    let lo = row_start * cols;
+    let hi = (row_start + n_rows) * cols;
+    assert!(
+        w.len() >= hi,
+        "widen_rows: rows [{row_start}, {}) x {cols} out of range of {} weights",
+        row_start + n_rows,
+        w.len()
+    );
+    assert_eq!(out.len(), n_rows * cols, "widen_rows: out length != n_rows*cols");
+    (lo, hi)
+}
+
+/// Copy rows `[row_start, row_start+n_rows)` of `W: [rows, cols]`, widened to
+/// f32, into `out: [n_rows, cols]` (f32 GEMM tiles for prefill). Widening is
+/// exact, so this is bit-identical to [`widen_rows_ref`] (NaN payloads aside).
+pub fn widen_rows(w: WeightRef, row_start: usize, n_rows: usize, cols: usize, out: &mut [f32]) {
+    let (lo, hi) = widen_check(&w, row_start, n_rows, cols, out);
+    match w {
+        WeightRef::F32(w) => out.copy_from_slice(&w[lo..hi]),
+        WeightRef::Bf16(wb) => {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = v3() {
+                struct Op<'a>(x86::V3, &'a [u16], &'a mut [f32]);
+                impl pulp::NullaryFnOnce for Op<'_> {
+                    type Output = ();
+                    #[inline(always)]
+                    fn call(self) {
+                        let Op(simd, w, out) = self;
+                        let (w8, wt) = pulp::as_arrays::<8, u16>(w);
+                        let (o8, ot) = pulp::as_arrays_mut::<8, f32>(out);
+                        for (wv, ov) in w8.iter().zip(o8.iter_mut()) {
+                            x86::st(ov, x86::widen_bf16(simd, wv));
+                        }
+                        for (o, &b) in ot.iter_mut().zip(wt) {
+                            *o = bf16_to_f32(b);
+                        }
+                    }
+                }
+                return simd.vectorize(Op(simd, &wb[lo..hi], out));
+            }
+            widen_rows_ref(w, row_start, n_rows, cols, out)
+        }
+        WeightRef::F16(wh) => {
+            #[cfg(target_arch = "x86_64")]
+            if has_f16c() {
+                // SAFETY: has_f16c() checked AVX2+FMA+F16C at run time.
+                unsafe { x86::widen_f16_f16c(&wh[lo..hi], out) };
+                return;
+            }
+            let _ = wh;
+            widen_rows_ref(w, row_start, n_rows, cols, out)
+        }
+    }
+}
