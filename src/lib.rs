@@ -10,12 +10,15 @@
 //! - [`compare`]: the one tensor comparator used by every golden test.
 
 pub mod compare;
+pub mod compact;
 pub mod config;
+pub mod document;
 pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
+pub mod linalg;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

@@ -35,6 +35,80 @@ enum Cmd {
     FetchModel,
     /// Measure prefill and decode speed on the loaded weights (medians over --reps).
     Bench(BenchArgs),
+    /// Prefill a context, compact its KV cache (Attention Matching), save the compacted cache.
+    Compact(CompactArgs),
+    /// Compact one head from a safetensors file (the oracle contract for other implementations).
+    CompactHead(CompactHeadArgs),
+}
+
+#[derive(Args)]
+struct CompactArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The context (UTF-8 text) to prefill and compact.
+    #[arg(long)]
+    context: PathBuf,
+    /// Compaction ratio: the article keeps about 1/R of its rows per head.
+    #[arg(long, default_value_t = 20.0)]
+    ratio: f64,
+    /// am-highest, am-omp, am-omp-fast or baseline.
+    #[arg(long, default_value = "am-highest")]
+    method: String,
+    /// Reference queries: repeat, self-study, context, random or mix.
+    #[arg(long, default_value = "repeat")]
+    queries: String,
+    /// Reference queries per KV head.
+    #[arg(long, default_value_t = 4096)]
+    n_queries: usize,
+    /// Held-out queries per KV head for the error summary.
+    #[arg(long, default_value_t = 256)]
+    n_test: usize,
+    /// Re-extract each layer's queries with the earlier layers already compacted.
+    #[arg(long)]
+    on_policy: bool,
+    /// Prefill and compact the context in chunks of this many tokens (bounded memory).
+    #[arg(long)]
+    chunk_tokens: Option<usize>,
+    /// Per-head budget proportions, a JSON object {"L{layer}H{kv_head}": p}.
+    #[arg(long)]
+    budgets: Option<PathBuf>,
+    /// β solver: reference (clamped LS + projected gradient) or active-set (Lawson–Hanson).
+    #[arg(long, default_value = "reference")]
+    nnls: String,
+    /// Treat the context as raw text instead of a user message in the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output: the compacted cache (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompactHeadArgs {
+    /// keys [T,d], values [T,d], queries [n,d] (f32); optional bias [T] and test_queries [m,d].
+    #[arg(long)]
+    input: PathBuf,
+    /// indices i64 [t], keys [t,d], beta [t], values [t,d] (+ errors when test queries are given).
+    #[arg(long)]
+    output: PathBuf,
+    /// am-omp, am-highest, am-omp-fast or baseline.
+    #[arg(long, default_value = "am-omp")]
+    method: String,
+    #[arg(long)]
+    budget: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// reference (clamped LS + projected gradient) or active-set (Lawson–Hanson).
+    #[arg(long, default_value = "reference")]
+    nnls: String,
+    /// No conditioning guard; the reference's exact solver path.
+    #[arg(long)]
+    strict_parity: bool,
 }
 
 #[derive(Args)]
@@ -97,6 +171,10 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Start from a compacted cache saved by `kvcompact compact`; the prompt is then a question
+    /// about that context (a new user turn when the cache was made in chat mode).
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -155,6 +233,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Convert(a) => cmd_convert(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Compact(a) => cmd_compact(a),
+        Cmd::CompactHead(a) => cmd_compact_head(a),
         Cmd::FetchModel => {
             let dir = kvcompact::fetch::ensure_default_model(false)?;
             println!("{}", dir.display());
@@ -222,19 +302,30 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let text = read_prompt(&a.prompt)?;
     let dir = model_dir(&a.model)?;
     let (model, tok) = load(&dir)?;
-    let rendered = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(Message::new("system", s));
-        }
-        msgs.push(Message::new("user", &text));
-        tok.render_chat(&msgs, true)?
-    } else {
-        text
-    };
-    let ids = prompt_ids(&model, &tok, &rendered, a.chat, 1)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
-    let mut cache = model.new_cache();
+    let (mut cache, ids) = match &a.cache {
+        Some(path) => {
+            let loaded = kvcompact::document::load_cache(path, &model)?;
+            let ids = kvcompact::document::followup_tokens(&tok, loaded.chat, &text)?;
+            if loaded.cache.next_pos() + ids.len() + 1 > model.config.max_position_embeddings {
+                bail!("the cached context plus the prompt exceed the model's context of {} tokens", model.config.max_position_embeddings);
+            }
+            (loaded.cache, ids)
+        }
+        None => {
+            let rendered = if a.chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", &text));
+                tok.render_chat(&msgs, true)?
+            } else {
+                text
+            };
+            (model.new_cache(), prompt_ids(&model, &tok, &rendered, a.chat, 1)?)
+        }
+    };
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let opts = GenOptions { max_tokens: a.max_tokens, stop_at_eos: !a.ignore_eos };
     let mut stream = TextStream::new();
@@ -371,5 +462,90 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("decode  {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}) = {:.1} GB/s of weights", a.gen_tokens, dm, dmin, dmax, dm * wbytes as f64 / 1e9);
     }
     println!("bench prefill_tok_s={pm:.2} decode_tok_s={dm:.2}");
+    Ok(())
+}
+
+fn cmd_compact(a: CompactArgs) -> Result<()> {
+    use kvcompact::document::{compact_context, save_cache, CompactOptions, ContextLayout, QuerySource};
+    let text = read_prompt(&PromptArg { prompt: None, prompt_file: Some(a.context.clone()) })?;
+    let dir = model_dir(&a.model)?;
+    let (model, tok) = load(&dir)?;
+    let chat = !a.raw && tok.has_chat_template();
+    let layout = ContextLayout::build(&tok, &text, chat)?;
+    let budgets = match &a.budgets {
+        Some(p) => {
+            let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let v: std::collections::HashMap<String, f64> =
+                serde_json::from_str(&t).with_context(|| format!("{}: expected a JSON object of proportions", p.display()))?;
+            Some(v)
+        }
+        None => None,
+    };
+    if let Some(c) = a.chunk_tokens {
+        if c == 0 {
+            bail!("--chunk-tokens must be at least 1");
+        }
+    }
+    if a.n_queries == 0 {
+        bail!("--n-queries must be at least 1");
+    }
+    let opts = CompactOptions {
+        ratio: a.ratio,
+        queries: QuerySource::parse(&a.queries)?,
+        n_queries: a.n_queries,
+        n_test: a.n_test.max(1),
+        on_policy: a.on_policy,
+        chunk_tokens: a.chunk_tokens,
+        budgets,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let cfg = kvcompact::compact::AmConfig::from_name(&a.method)?.with_beta_solver(kvcompact::compact::BetaSolver::parse(&a.nnls)?);
+    let method = kvcompact::compact::AmCompressor::new(cfg);
+    eprintln!(
+        "compacting {} context tokens ({} article) with {} at {}x, {} queries ({}{})",
+        layout.len(), layout.article.len(), a.method, a.ratio, a.queries, a.n_queries,
+        if a.on_policy { ", on-policy" } else { "" }
+    );
+    let (cache, report) = compact_context(&model, &tok, &layout, &method, &opts)?;
+    let params = serde_json::json!({"method": a.method, "ratio": a.ratio, "queries": a.queries, "n_queries": a.n_queries,
+        "on_policy": a.on_policy, "chunk_tokens": a.chunk_tokens, "nnls": a.nnls, "seed": a.seed,
+        "context_file": a.context.display().to_string(), "context_tokens": layout.len()});
+    save_cache(&a.out, &model, &cache, chat, &params)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("layer  rows(before→after)  rel_l2 mean / max   mass_err mean  guard");
+    for l in &report.layers {
+        println!("{:>5}  {:>7} → {:<7}  {:>9.4} / {:<7.4}  {:>13.4}  {:>5}", l.layer, l.rows_before, l.rows_after, l.mean_rel_l2, l.max_rel_l2, l.mean_mass_err, l.guard_trips);
+    }
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "KV bytes: {:.2} MiB → {:.2} MiB ({:.1}x smaller) | held-out rel_l2 {:.4}, mass_err {:.4}",
+        mib(report.kv_bytes_before), mib(report.kv_bytes_after),
+        report.kv_bytes_before as f64 / report.kv_bytes_after.max(1) as f64, report.mean_rel_l2, report.mean_mass_err
+    );
+    println!(
+        "time: total {:.2} s = prefill {:.2} + queries {:.2} + compaction {:.2} (per-head sums: attention {:.2}, select {:.2}, beta {:.2}, values {:.2}) + eval {:.2}",
+        report.total_seconds, report.prefill_seconds, report.query_seconds, report.compact_seconds,
+        report.attn_seconds, report.select_seconds, report.beta_seconds, report.values_seconds, report.eval_seconds
+    );
+    println!("saved {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_compact_head(a: CompactHeadArgs) -> Result<()> {
+    use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
+    let opts = OracleOptions {
+        method: a.method,
+        budget: a.budget,
+        seed: a.seed,
+        nnls: kvcompact::compact::BetaSolver::parse(&a.nnls)?,
+        strict_parity: a.strict_parity,
+        ..Default::default()
+    };
+    let r = compact_head_file(&a.input, &a.output, &opts)?;
+    println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

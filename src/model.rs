@@ -290,6 +290,25 @@ impl Model {
         }
     }
 
+    /// Layer `l`'s queries for the residual rows st.x [n, d] (after q_norm and RoPE, as the
+    /// attention would see them), without touching the cache: [n, nh*hd].
+    pub fn layer_queries<'s>(&self, l: usize, st: &'s mut RunState, n: usize) -> &'s [f32] {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, qd, half) = (c.hidden_size, c.q_dim(), c.head_dim / 2);
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, c.rms_norm_eps);
+        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+        add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
+        let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
+        rope_heads(&mut st.q[..n * qd], c.n_heads, c.head_dim, cos, sin, lw.q_norm.as_deref(), c.rms_norm_eps);
+        &st.q[..n * qd]
+    }
+
+    /// The queries written by the last [`Model::layer`] call: [n, nh*hd].
+    pub fn last_queries<'s>(&self, st: &'s RunState, n: usize) -> &'s [f32] {
+        &st.q[..n * self.config.q_dim()]
+    }
+
     /// Final norm and lm_head for the rows whose logits are wanted (appended to st.logits).
     fn head(&self, st: &mut RunState, n: usize, want: Logits) {
         let c = &self.config;
