@@ -591,13 +591,16 @@ pub fn self_study_tokens(model: &Model, tok: &Tokenizer, cache: &KvCache, chat: 
     let mut st = model.new_state(DEFAULT_MAX_BATCH);
     let mut sampler = crate::sampling::Sampler::new(0.7, 0.8, seed);
     let mut all = Vec::new();
-    let room = model.config.max_position_embeddings;
+    let room = model.config.max_position_embeddings.saturating_sub(cache.next_pos());
     for p in PROMPTS {
         let q = followup_tokens(tok, chat, p)?;
-        if c.next_pos() + q.len() + max_answer + 1 > room {
+        // Share what is left of the context window between the remaining prompts.
+        let left = room.saturating_sub(all.len());
+        let budget = (left / PROMPTS.len()).saturating_sub(q.len() + 1).min(max_answer);
+        if budget < 4 {
             break;
         }
-        let opts = crate::generate::GenOptions { max_tokens: max_answer, stop_at_eos: true };
+        let opts = crate::generate::GenOptions { max_tokens: budget, stop_at_eos: true };
         let out = crate::generate::generate(model, &mut st, &mut c, &q, &tok.eos_ids, &mut sampler, &opts, |_| Ok(()))?;
         // The last sampled token was never fed; feed it so the cache matches the token list.
         if let Some(&last) = out.tokens.last() {
@@ -605,6 +608,9 @@ pub fn self_study_tokens(model: &Model, tok: &Tokenizer, cache: &KvCache, chat: 
         }
         all.extend_from_slice(&q);
         all.extend_from_slice(&out.tokens);
+    }
+    if all.is_empty() {
+        return Err(Error::Prompt("self-study: no room left in the model's context for questions and answers; use --chunk-tokens or another --queries".into()));
     }
     Ok(all)
 }

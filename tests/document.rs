@@ -1,0 +1,147 @@
+//! Document-level compaction on a tiny golden model: installation into the cache, identity at
+//! ratio 1, cache files (round trip, refusal for another model), chunked and on-policy runs, and
+//! the head-budget water-fill.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::golden;
+use kvcompact::compact::compressor_from_name;
+use kvcompact::document::{
+    compact_context, followup_tokens, head_budgets, load_cache, save_cache, CompactOptions, ContextLayout, QuerySource,
+};
+use kvcompact::model::{Logits, Model};
+use kvcompact::tokenizer::Tokenizer;
+
+// Short: the tiny models' byte-level tokenizer and 256 positions must fit context + repeat.
+const TEXT: &str = "The lighthouse at Kestrel Point was built in 1871 by Ada Brant; its lamp is seen 22 miles away.";
+
+fn setup(name: &str) -> (Model, Tokenizer) {
+    let dir = golden(&format!("tiny/{name}"));
+    let m = Model::load(&dir).unwrap();
+    let t = Tokenizer::load(&dir, &m.config).unwrap();
+    (m, t)
+}
+
+fn next_logits(m: &Model, cache: &mut kvcompact::kv_cache::KvCache, q: &[u32]) -> Vec<f32> {
+    let mut st = m.new_state(64);
+    m.forward(&mut st, cache, q, Logits::Last).unwrap();
+    st.logits.clone()
+}
+
+#[test]
+fn ratio_one_is_the_full_cache() {
+    let (m, tok) = setup("llama-gqa");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    assert!(!layout.prefix.is_empty() && !layout.suffix.is_empty());
+    let method = compressor_from_name("am-highest").unwrap();
+    let opts = CompactOptions { ratio: 1.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let (mut small, report) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+    let mut full = m.new_cache();
+    let mut st = m.new_state(64);
+    m.forward(&mut st, &mut full, &layout.tokens(), Logits::None).unwrap();
+    assert_eq!(small.next_pos(), full.next_pos());
+    assert_eq!(small.total_rows(), full.total_rows());
+    assert!(report.mean_rel_l2 < 1e-5, "{}", report.mean_rel_l2);
+    let q = followup_tokens(&tok, true, "When was it built?").unwrap();
+    let r = kvcompact::compare::compare("ratio 1 vs full", &next_logits(&m, &mut small, &q), &next_logits(&m, &mut full, &q), 1e-6);
+    r.assert_ok();
+}
+
+#[test]
+fn compaction_installs_ragged_rows_with_beta_and_keeps_positions() {
+    let (m, tok) = setup("llama-gqa");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let art = layout.article.len();
+    for (name, on_policy, chunk) in [("am-highest", false, None), ("am-omp", true, None), ("baseline", false, Some(17))] {
+        let method = compressor_from_name(name).unwrap();
+        let opts = CompactOptions { ratio: 4.0, n_queries: 128, n_test: 32, on_policy, chunk_tokens: chunk, ..Default::default() };
+        let (mut c, report) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.next_pos(), layout.len(), "{name}: logical length must stay the context length");
+        let keep = match chunk {
+            None => art / 4,
+            Some(k) => layout.article.chunks(k).map(|p| (p.len() / 4).max(1)).sum(),
+        };
+        for l in 0..m.config.n_layers {
+            for h in 0..m.config.n_kv_heads {
+                let meta = c.meta(l, h);
+                let n = layout.prefix.len() + layout.suffix.len() + keep;
+                assert!(meta.len() <= n && meta.len() + 2 >= n.min(meta.len() + 2), "{name} L{l}H{h}: {} rows, expected ≈{n}", meta.len());
+                // Template rows are kept verbatim at their positions with β = 0.
+                assert_eq!(&meta.positions[..layout.prefix.len()], &(0..layout.prefix.len() as u32).collect::<Vec<_>>()[..]);
+                let b = meta.bias.as_ref().unwrap();
+                assert!(b[..layout.prefix.len()].iter().all(|&x| x == 0.0));
+                assert_eq!(*meta.positions.last().unwrap() as usize, layout.len() - 1, "suffix rows keep their positions");
+                if name == "baseline" {
+                    assert!(b.iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+        assert!(report.kv_bytes_after < report.kv_bytes_before / 2, "{name}: bytes {} → {}", report.kv_bytes_before, report.kv_bytes_after);
+        let q = followup_tokens(&tok, true, "Who was the last keeper?").unwrap();
+        assert!(next_logits(&m, &mut c, &q).iter().all(|x| x.is_finite()));
+        assert_eq!(c.next_pos(), layout.len() + q.len(), "new tokens continue at the logical length");
+    }
+}
+
+#[test]
+fn other_query_sources_run() {
+    let (m, tok) = setup("qwen2-bias");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let method = compressor_from_name("am-highest").unwrap();
+    for src in [QuerySource::Context, QuerySource::Random, QuerySource::Mix, QuerySource::SelfStudy] {
+        let opts = CompactOptions { ratio: 3.0, queries: src, n_queries: 96, n_test: 24, ..Default::default() };
+        let (c, r) = compact_context(&m, &tok, &layout, &method, &opts).unwrap_or_else(|e| panic!("{src:?}: {e}"));
+        c.check().unwrap();
+        assert!(r.n_queries_per_kv_head > 0, "{src:?}");
+        assert!(r.mean_rel_l2.is_finite(), "{src:?}");
+    }
+}
+
+#[test]
+fn cache_file_round_trip_and_refusal() {
+    let (m, tok) = setup("llama-gqa");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let method = compressor_from_name("am-highest").unwrap();
+    let opts = CompactOptions { ratio: 5.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("c.safetensors");
+    save_cache(&f, &m, &c, true, &serde_json::json!({"method": "am-highest"})).unwrap();
+    let back = load_cache(&f, &m).unwrap();
+    assert!(back.chat);
+    assert_eq!(back.params["method"], "am-highest");
+    assert_eq!(back.cache.next_pos(), c.next_pos());
+    for l in 0..m.config.n_layers {
+        for h in 0..m.config.n_kv_heads {
+            assert_eq!(back.cache.meta(l, h).positions, c.meta(l, h).positions);
+            assert_eq!(back.cache.meta(l, h).bias, c.meta(l, h).bias);
+            assert_eq!(back.cache.store(l, h).keys, c.store(l, h).keys);
+            assert_eq!(back.cache.store(l, h).values, c.store(l, h).values);
+        }
+    }
+    let (other, _) = setup("llama-mha");
+    let e = load_cache(&f, &other).err().expect("a cache for another model must be refused").to_string();
+    assert!(e.contains("different model"), "{e}");
+}
+
+#[test]
+fn budgets_water_fill() {
+    // Uniform without proportions.
+    assert_eq!(head_budgets(2, 2, 100, 10.0, None, 1.0).unwrap(), vec![10; 4]);
+    // Proportions: total ≈ 40 rows; a head asking for everything is capped at the article.
+    let mut p = HashMap::new();
+    p.insert("L0H0".to_string(), 0.7);
+    p.insert("L0H1".to_string(), 0.1);
+    p.insert("L1H0".to_string(), 0.1);
+    p.insert("L1H1".to_string(), 0.1);
+    let b = head_budgets(2, 2, 100, 10.0, Some(&p), 0.25).unwrap();
+    assert!(b[0] <= 25, "{b:?}");
+    assert!(b.iter().sum::<usize>() <= 40 && b.iter().sum::<usize>() >= 37, "{b:?}");
+    assert!(b[1] == b[2] && b[2] == b[3] && b[1] > 4, "excess handed to the uncapped heads: {b:?}");
+    p.insert("L7H0".to_string(), 0.1);
+    assert!(head_budgets(2, 2, 100, 10.0, Some(&p), 1.0).is_err());
+    assert!(head_budgets(2, 2, 100, 0.5, None, 1.0).is_err());
+}
