@@ -40,6 +40,14 @@ fn rate(n: usize, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }
 
+/// A cache manager consulted during generation (streaming eviction, online compaction).
+pub trait CachePolicy {
+    /// Called after the prompt and after every decode step, once the new rows are in `cache`;
+    /// `tokens` is the whole sequence so far (prompt and generated). May shrink the cache in
+    /// place; the logical counter must not move.
+    fn after_step(&mut self, model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Result<()>;
+}
+
 /// Generate after `prompt` (appended to whatever `cache` already holds). `on_token` sees each
 /// new id as it is chosen (for streaming); returning an error stops generation with it.
 #[allow(clippy::too_many_arguments)]
@@ -51,6 +59,22 @@ pub fn generate(
     eos_ids: &[u32],
     sampler: &mut Sampler,
     opts: &GenOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenOutput> {
+    generate_with_policy(model, state, cache, prompt, eos_ids, sampler, opts, None, on_token)
+}
+
+/// [`generate`] with a [`CachePolicy`] applied after the prompt and after every step.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_policy(
+    model: &Model,
+    state: &mut RunState,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    eos_ids: &[u32],
+    sampler: &mut Sampler,
+    opts: &GenOptions,
+    mut policy: Option<&mut dyn CachePolicy>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenOutput> {
     if prompt.is_empty() {
@@ -61,8 +85,12 @@ pub fn generate(
     if opts.max_tokens == 0 {
         return Ok(out);
     }
+    let mut seq: Vec<u32> = prompt.to_vec();
     let t0 = Instant::now();
     model.forward(state, cache, prompt, Logits::Last)?;
+    if let Some(p) = policy.as_deref_mut() {
+        p.after_step(model, cache, &seq)?;
+    }
     out.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
@@ -81,6 +109,10 @@ pub fn generate(
             break;
         }
         model.forward(state, cache, &[next], Logits::Last)?;
+        seq.push(next);
+        if let Some(p) = policy.as_deref_mut() {
+            p.after_step(model, cache, &seq)?;
+        }
     }
     out.decode_secs = t1.elapsed().as_secs_f64();
     Ok(out)

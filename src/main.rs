@@ -40,6 +40,13 @@ enum Cmd {
     /// The main job: prefill a document, compact it with Attention Matching, and answer questions
     /// with the full and the compacted cache side by side.
     Demo(DemoArgs),
+    /// Rank compression methods on the same tasks (accuracy, log-ppl, KL, per-head errors, bytes).
+    Eval(kvcompact::eval::EvalArgs),
+    /// Q-Filters: calibrate the per-head filter directions of a model.
+    Qfilters {
+        #[command(subcommand)]
+        cmd: QfiltersCmd,
+    },
     /// Compact one head from a safetensors file (the oracle contract for other implementations).
     CompactHead(CompactHeadArgs),
 }
@@ -89,6 +96,12 @@ struct CompactArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum QfiltersCmd {
+    /// Calibrate filters from post-RoPE queries on text: writes `q_filters` [layers, kv_heads, head_dim].
+    Calibrate(kvcompact::qfilters::CalibrateArgs),
 }
 
 #[derive(Args)]
@@ -264,6 +277,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compact(a) => cmd_compact(a),
         Cmd::CompactHead(a) => cmd_compact_head(a),
         Cmd::Demo(a) => cmd_demo(a),
+        Cmd::Eval(a) => {
+            let dir = model_dir(&ModelArg { model: a.model.clone() })?;
+            Ok(kvcompact::eval::run(&dir, &a)?)
+        }
+        Cmd::Qfilters { cmd: QfiltersCmd::Calibrate(a) } => {
+            let dir = model_dir(&ModelArg { model: a.model.clone() })?;
+            Ok(kvcompact::qfilters::calibrate_cmd(&dir, &a)?)
+        }
         Cmd::FetchModel => {
             let dir = kvcompact::fetch::ensure_default_model(false)?;
             println!("{}", dir.display());
