@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kvcompact::generate::{generate, GenOptions};
+use kvcompact::generate::GenOptions;
 use kvcompact::model::{Logits, Model, DEFAULT_MAX_BATCH};
 use kvcompact::sampling::Sampler;
 use kvcompact::tokenizer::{Message, TextStream, Tokenizer};
@@ -216,6 +216,29 @@ struct GenerateArgs {
     /// about that context (a new user turn when the cache was made in chat mode).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Bound the cache during generation: when a head holds this many rows, compress it.
+    #[arg(long)]
+    max_cache_tokens: Option<usize>,
+    /// With --max-cache-tokens: how the cache is bounded. Attention Matching (am-highest,
+    /// am-omp, ...) compacts all but the last --keep-recent rows by --ratio; qfilters and
+    /// streaming-llm evict down to the budget, always keeping the last --window rows.
+    #[arg(long, default_value = "am-highest")]
+    method: String,
+    /// Rows never compacted (online Attention Matching).
+    #[arg(long, default_value_t = 20)]
+    keep_recent: usize,
+    /// Online Attention Matching: compacted rows keep about 1/ratio of the rows.
+    #[arg(long, default_value_t = 5.0)]
+    ratio: f64,
+    /// Streaming eviction (qfilters, streaming-llm): recent rows always kept.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Streaming eviction: the first rows always kept (attention sinks).
+    #[arg(long, default_value_t = 0)]
+    sinks: usize,
+    /// Q-Filters file (from `kvcompact qfilters calibrate`).
+    #[arg(long)]
+    filters: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -380,7 +403,25 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let opts = GenOptions { max_tokens: a.max_tokens, stop_at_eos: !a.ignore_eos };
     let mut stream = TextStream::new();
     let stdout = std::io::stdout();
-    let out = generate(&model, &mut state, &mut cache, &ids, &tok.eos_ids, &mut sampler, &opts, |id| {
+    let am_method;
+    let mut online = None;
+    let mut streaming = None;
+    if let Some(n) = a.max_cache_tokens {
+        if a.method.starts_with("am-") || a.method == "baseline" {
+            am_method = kvcompact::compact::compressor_from_name(&a.method)?;
+            let chat = a.chat || a.cache.is_some();
+            let copts = kvcompact::document::CompactOptions { ratio: a.ratio, seed: a.seed, ..Default::default() };
+            online = Some(kvcompact::document::OnlineCompaction::new(&tok, &am_method, n, a.keep_recent, chat, copts)?);
+        } else {
+            streaming = Some(kvcompact::qfilters::streaming_policy(&a.method, a.filters.as_deref(), &model, n, a.window, a.sinks)?);
+        }
+    }
+    let policy: Option<&mut dyn kvcompact::generate::CachePolicy> = match (online.as_mut(), streaming.as_mut()) {
+        (Some(o), _) => Some(o),
+        (None, Some(s)) => Some(s.as_mut()),
+        _ => None,
+    };
+    let out = kvcompact::generate::generate_with_policy(&model, &mut state, &mut cache, &ids, &tok.eos_ids, &mut sampler, &opts, policy, |id| {
         if !a.json {
             let piece = stream.push(&tok, id)?;
             let mut lock = stdout.lock();
@@ -402,6 +443,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         println!("{j}");
     } else {
         println!();
+        if let Some(o) = &online {
+            let secs: f64 = o.reports.iter().map(|r| r.total_seconds).sum();
+            eprintln!("online compactions: {} ({:.1} s); cache now {} rows per head at most, logical length {}", o.reports.len(), secs, cache.max_len(), cache.next_pos());
+        }
         eprintln!(
             "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | stop: {}",
             out.prompt_tokens,

@@ -23,6 +23,11 @@ use crate::weights::{MatrixView, WDtype, Weights};
 
 /// Default number of tokens per forward chunk.
 pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Chunks of at least this many tokens use the blocked GEMM attention; fewer use the
+/// per-token kernel (decode).
+const BLOCK_ATTN_MIN_TOKENS: usize = 8;
+/// Query tokens per attention block (S is [G·block, visible rows]).
+const ATTN_BLOCK_TOKENS: usize = 64;
 /// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
 const WIDEN_TILE_ROWS: usize = 256;
 
@@ -53,6 +58,7 @@ pub struct RunState {
     kv_k: Vec<f32>,  // [B, nkv*hd]
     kv_v: Vec<f32>,  // [B, nkv*hd]
     att: Vec<f32>,   // [B, nh*hd] attention output (before o_proj)
+    att_hm: Vec<f32>, // [nkv, B, G*hd] the same, head-major, as the blocked attention writes it
     o: Vec<f32>,     // [B, d] o_proj / down_proj output
     gate: Vec<f32>,  // [B, ff]
     up: Vec<f32>,    // [B, ff]
@@ -113,6 +119,7 @@ impl Model {
             kv_k: vec![0.0; b * c.kv_dim()],
             kv_v: vec![0.0; b * c.kv_dim()],
             att: vec![0.0; b * c.q_dim()],
+            att_hm: vec![0.0; b * c.q_dim()],
             o: vec![0.0; b * c.hidden_size],
             gate: vec![0.0; b * c.intermediate_size],
             up: vec![0.0; b * c.intermediate_size],
@@ -246,26 +253,26 @@ impl Model {
 
         // Causal attention: token i of the chunk sees its head's rows up to base + i
         // (everything cached earlier has a smaller position), minus any sliding window.
-        let scale = c.attn_scale();
-        let window = c.sliding_window;
-        let q = &st.q[..n * qd];
-        let (stores, metas) = cache.layer(l);
-        let base = &st.base[..];
-        st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
-            let (i, g) = (idx / nkv, idx % nkv);
-            let visible = base[g] + i + 1;
-            let qpos = pos0 + i;
-            let start = match window {
-                Some(wn) if qpos >= wn => metas[g].positions[..visible].partition_point(|&p| (p as usize) + wn <= qpos),
-                _ => 0,
-            };
-            let rows = visible - start;
-            let keys = &stores[g].keys[start * hd..visible * hd];
-            let values = &stores[g].values[start * hd..visible * hd];
-            let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
-            let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-            k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
-        });
+        if n >= BLOCK_ATTN_MIN_TOKENS {
+            self.attention_blocks(l, st, cache, n);
+        } else {
+            let scale = c.attn_scale();
+            let window = c.sliding_window;
+            let q = &st.q[..n * qd];
+            let (stores, metas) = cache.layer(l);
+            let base = &st.base[..];
+            st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
+                let (i, g) = (idx / nkv, idx % nkv);
+                let visible = base[g] + i + 1;
+                let start = window_start(window, pos0 + i, &metas[g].positions[..visible]);
+                let rows = visible - start;
+                let keys = &stores[g].keys[start * hd..visible * hd];
+                let values = &stores[g].values[start * hd..visible * hd];
+                let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
+                let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
+                k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+            });
+        }
         self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
@@ -288,6 +295,67 @@ impl Model {
             cap.hidden.resize(c.n_layers, Vec::new());
             cap.hidden[l].extend_from_slice(&st.x[..n * d]);
         }
+    }
+
+    /// Multi-token causal attention in blocks of [`ATTN_BLOCK_TOKENS`] query tokens per KV head,
+    /// as two GEMMs per block: S = scale·Q_blk·Kᵀ (+β), masked row softmax, O = P·V. One task per
+    /// (KV head, block), each sequential inside, so results do not depend on the thread count.
+    /// S is [G·block, rows visible to the block], never [T, T].
+    fn attention_blocks(&self, l: usize, st: &mut RunState, cache: &KvCache, n: usize) {
+        let c = &self.config;
+        let (hd, qd, nkv, group) = (c.head_dim, c.q_dim(), c.n_kv_heads, c.group_size());
+        let scale = c.attn_scale();
+        let window = c.sliding_window;
+        let pos0 = st.positions[0] as usize;
+        let q = &st.q[..n * qd];
+        let (stores, metas) = cache.layer(l);
+        let base = &st.base[..];
+        let row_w = group * hd; // one token's G query heads
+        st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
+            head_out.par_chunks_mut(ATTN_BLOCK_TOKENS * row_w).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(qbuf, sbuf): &mut (Vec<f32>, Vec<f32>), (bi, out)| {
+                    let t0 = bi * ATTN_BLOCK_TOKENS;
+                    let nt = out.len() / row_w;
+                    let rows_q = nt * group;
+                    let cols = base[g] + t0 + nt; // rows visible to the block's last token
+                    qbuf.clear();
+                    for ti in 0..nt {
+                        let at = (t0 + ti) * qd + g * row_w;
+                        qbuf.extend_from_slice(&q[at..at + row_w]);
+                    }
+                    sbuf.resize(rows_q * cols, 0.0);
+                    let keys = MatRef::from_row_major_slice(&stores[g].keys[..cols * hd], cols, hd);
+                    let qm = MatRef::from_row_major_slice(&qbuf[..], rows_q, hd);
+                    let sm = MatMut::from_row_major_slice_mut(&mut sbuf[..], rows_q, cols);
+                    faer::linalg::matmul::matmul(sm, Accum::Replace, qm, keys.transpose(), scale, Par::Seq);
+                    let bias = metas[g].bias.as_deref();
+                    for (r, srow) in sbuf.chunks_mut(cols).enumerate() {
+                        let ti = r / group;
+                        let visible = base[g] + t0 + ti + 1;
+                        let start = window_start(window, pos0 + t0 + ti, &metas[g].positions[..visible]);
+                        if let Some(b) = bias {
+                            srow[start..visible].iter_mut().zip(&b[start..visible]).for_each(|(x, bb)| *x += bb);
+                        }
+                        srow[..start].fill(0.0);
+                        srow[visible..].fill(0.0);
+                        k::softmax_inplace(&mut srow[start..visible]);
+                    }
+                    let vals = MatRef::from_row_major_slice(&stores[g].values[..cols * hd], cols, hd);
+                    let pm = MatRef::from_row_major_slice(&sbuf[..], rows_q, cols);
+                    let om = MatMut::from_row_major_slice_mut(out, rows_q, hd);
+                    faer::linalg::matmul::matmul(om, Accum::Replace, pm, vals, 1.0f32, Par::Seq);
+                },
+            );
+        });
+        // Head-major [nkv, n, G·hd] → token-major att [n, nh·hd].
+        let att_hm = &st.att_hm;
+        st.att[..n * qd].par_chunks_mut(qd).enumerate().for_each(|(i, row)| {
+            for g in 0..nkv {
+                let src = &att_hm[(g * n + i) * row_w..(g * n + i + 1) * row_w];
+                row[g * row_w..(g + 1) * row_w].copy_from_slice(src);
+            }
+        });
     }
 
     /// Layer `l`'s queries for the residual rows st.x [n, d] (after q_norm and RoPE, as the
@@ -421,6 +489,14 @@ fn rope_inv_freq(c: &Config) -> Vec<f32> {
         }
     }
     inv
+}
+
+/// First visible row for a query at `qpos` under a sliding window (rows are position-sorted).
+fn window_start(window: Option<usize>, qpos: usize, positions: &[u32]) -> usize {
+    match window {
+        Some(w) if qpos >= w => positions.partition_point(|&p| (p as usize) + w <= qpos),
+        _ => 0,
+    }
 }
 
 /// RMSNorm every row of x [n, d] into out [n, d].

@@ -1,0 +1,340 @@
+//! Task generators (spec `baselines.md` §4, "generating data without external sources"): every
+//! sample is built from a seed, with no download.
+//!
+//! | task | context | question | answer |
+//! |---|---|---|---|
+//! | `passkey` | an instruction, then neutral filler sentences with one "The pass key is N. Remember it. N is the pass key." at a chosen depth | "What is the pass key?" | the 5-digit N |
+//! | `niah-multikey` | filler with `keys` needles "One of the special magic numbers for K is: V." (RULER niah_multikey_1) at seeded depths | the number for one key (several questions per context) | the 7-digit V |
+//! | `variable-tracking` | filler with a chain "VAR A = N." … "VAR B = VAR A." and a distractor chain | the value of the chain's last variable (chain resolution; RULER asks the reverse, listing every variable with a value) | N |
+//! | `qa` | a shipped document (or `--qa-docs`) | its questions | short reference strings |
+//!
+//! Every question carries an `answer_prefix` that starts the assistant's reply ("The pass key
+//! is"), so the answer is the next few tokens: accuracy is whether greedy decoding after the
+//! prefix reproduces a reference answer (see `eval::metrics`).
+//!
+//! Lengths are in tokens of the context text (the template adds a few); a generated context is
+//! cut back until it fits its target.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::sampling::Rng;
+use crate::tokenizer::Tokenizer;
+
+/// Every task name `kvcompact eval` accepts.
+pub const TASKS: &[&str] = &["passkey", "niah-multikey", "variable-tracking", "qa"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Question {
+    pub question: String,
+    /// Start of the assistant's reply; the answer follows after a space.
+    #[serde(default)]
+    pub answer_prefix: String,
+    /// Accepted answers (any one counts); empty = no accuracy, only log-ppl and KL.
+    #[serde(default)]
+    pub answers: Vec<String>,
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+}
+
+fn default_max_new() -> usize {
+    24
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub task: String,
+    pub id: String,
+    pub context: String,
+    pub questions: Vec<Question>,
+    pub seed: u64,
+    /// Target length, depth(s), document title.
+    pub meta: serde_json::Value,
+}
+
+/// A QA document: the `--qa-docs` file is a JSON list of these. `document_file` is read relative
+/// to the JSON file when `document` is absent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QaDoc {
+    pub title: String,
+    #[serde(default)]
+    pub document: String,
+    #[serde(default)]
+    pub document_file: Option<String>,
+    pub questions: Vec<Question>,
+}
+
+/// The QA documents shipped with kvcompact (original texts written for the project).
+pub fn shipped_qa() -> Result<Vec<QaDoc>> {
+    let mut docs: Vec<QaDoc> = Vec::new();
+    for (name, json, text) in [
+        ("data/qa/orchard-station.json", include_str!("../../data/qa/orchard-station.json"), include_str!("../../data/demo/article.txt")),
+        ("data/qa/ferry-timetable.json", include_str!("../../data/qa/ferry-timetable.json"), include_str!("../../data/qa/ferry-timetable.txt")),
+        ("data/qa/glassworks.json", include_str!("../../data/qa/glassworks.json"), include_str!("../../data/qa/glassworks.txt")),
+    ] {
+        let mut d: QaDoc = serde_json::from_str(json).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+        d.document = text.to_string();
+        docs.push(d);
+    }
+    Ok(docs)
+}
+
+/// Read a `--qa-docs` file.
+pub fn load_qa(path: &std::path::Path) -> Result<Vec<QaDoc>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut docs: Vec<QaDoc> = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    for d in docs.iter_mut() {
+        if d.document.trim().is_empty() {
+            let f = d.document_file.as_ref().ok_or_else(|| Error::Invalid(format!("{}: document {:?} has neither document nor document_file", path.display(), d.title)))?;
+            let p = path.parent().unwrap_or(std::path::Path::new(".")).join(f);
+            d.document = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(docs)
+}
+
+/// What the generators need besides the seed.
+#[derive(Debug, Clone)]
+pub struct TaskConfig {
+    /// Context lengths (tokens) cycled over the samples of the synthetic tasks.
+    pub lengths: Vec<usize>,
+    /// Needle depths in [0, 1] cycled over the samples.
+    pub depths: Vec<f64>,
+    /// Needles per niah-multikey context, and how many of them are asked.
+    pub keys: usize,
+    pub keys_asked: usize,
+    /// Questions asked per QA document (the first ones).
+    pub qa_questions: usize,
+    pub qa_docs: Vec<QaDoc>,
+}
+
+/// Neutral filler (RULER "noise" style), repeated in this order.
+const FILLER: [&str; 6] = [
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "The river runs to the sea.",
+    "The hills are quiet.",
+    "Here we go again.",
+];
+
+/// Words for needle keys (adjective-noun pairs).
+const ADJ: [&str; 24] = [
+    "quiet", "amber", "silver", "rapid", "gentle", "frozen", "hollow", "bright", "narrow", "golden", "misty", "rusty", "humble",
+    "velvet", "crimson", "distant", "lucky", "sharp", "wooden", "lunar", "brave", "tidy", "scarlet", "patient",
+];
+const NOUN: [&str; 24] = [
+    "harbor", "lantern", "meadow", "falcon", "violin", "compass", "orchard", "glacier", "teapot", "canyon", "ribbon", "beacon",
+    "walrus", "pepper", "anchor", "tunnel", "saddle", "pebble", "kettle", "marble", "thistle", "quarry", "feather", "ladder",
+];
+
+/// Build `n` samples of `task` from `seed`.
+pub fn generate(task: &str, n: usize, seed: u64, cfg: &TaskConfig, tok: &Tokenizer) -> Result<Vec<Sample>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_add(fxhash(task));
+        let len = cfg.lengths[i % cfg.lengths.len().max(1)];
+        let depth = cfg.depths[i % cfg.depths.len().max(1)];
+        let sample = match task {
+            "passkey" => passkey(i, s, len, depth, tok)?,
+            "niah-multikey" => multikey(i, s, len, cfg, tok)?,
+            "variable-tracking" => variable_tracking(i, s, len, tok)?,
+            "qa" => {
+                if i >= cfg.qa_docs.len() {
+                    break; // one sample per document
+                }
+                qa(i, s, &cfg.qa_docs[i], cfg.qa_questions)
+            }
+            _ => return Err(Error::Invalid(format!("unknown task {task:?} (expected one of {})", TASKS.join(", ")))),
+        };
+        out.push(sample);
+    }
+    Ok(out)
+}
+
+/// A small stable hash of a task name (so tasks draw different streams from one seed).
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Filler sentences plus `inserts` (each at a fraction of the way through), with a header, cut
+/// to at most `target` tokens. Inserts are placed between sentences.
+fn haystack(tok: &Tokenizer, header: &str, inserts: &[(f64, String)], target: usize) -> Result<String> {
+    let fixed: usize = tok.encode(header, false)?.len() + inserts.iter().map(|(_, s)| tok.encode(s, false).map(|v| v.len() + 1)).sum::<Result<usize>>()?;
+    let per: Vec<usize> = FILLER.iter().map(|s| tok.encode(&format!(" {s}"), false).map(|v| v.len())).collect::<Result<_>>()?;
+    let mut n_fill = 0;
+    let mut total = fixed;
+    while total + per[n_fill % FILLER.len()] <= target {
+        total += per[n_fill % FILLER.len()];
+        n_fill += 1;
+    }
+    loop {
+        let text = assemble(header, inserts, n_fill);
+        let len = tok.encode(&text, false)?.len();
+        if len <= target || n_fill == 0 {
+            return Ok(text);
+        }
+        n_fill -= (len - target).div_ceil(3).clamp(1, n_fill);
+    }
+}
+
+fn assemble(header: &str, inserts: &[(f64, String)], n_fill: usize) -> String {
+    let mut order: Vec<(usize, &str)> = inserts.iter().map(|(d, s)| (((d.clamp(0.0, 1.0)) * n_fill as f64).round() as usize, s.as_str())).collect();
+    order.sort_by_key(|x| x.0);
+    let mut text = String::from(header);
+    let mut k = 0;
+    for i in 0..=n_fill {
+        while k < order.len() && order[k].0 == i {
+            text.push(' ');
+            text.push_str(order[k].1);
+            k += 1;
+        }
+        if i < n_fill {
+            text.push(' ');
+            text.push_str(FILLER[i % FILLER.len()]);
+        }
+    }
+    text
+}
+
+fn passkey(i: usize, seed: u64, len: usize, depth: f64, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let key = 10_000 + rng.below(90_000);
+    let header = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. I will ask you about it later.\n";
+    let needle = format!("The pass key is {key}. Remember it. {key} is the pass key.");
+    let context = haystack(tok, header, &[(depth, needle)], len)?;
+    Ok(Sample {
+        task: "passkey".into(),
+        id: format!("passkey-{i}"),
+        context,
+        questions: vec![Question {
+            question: "What is the pass key? Answer with the number only.".into(),
+            answer_prefix: "The pass key is".into(),
+            answers: vec![key.to_string()],
+            max_new_tokens: 8,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "depth": depth}),
+    })
+}
+
+fn key_name(rng: &mut Rng, taken: &[String]) -> String {
+    loop {
+        let k = format!("{}-{}", ADJ[rng.below(ADJ.len() as u64) as usize], NOUN[rng.below(NOUN.len() as u64) as usize]);
+        if !taken.contains(&k) {
+            return k;
+        }
+    }
+}
+
+fn multikey(i: usize, seed: u64, len: usize, cfg: &TaskConfig, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let mut keys: Vec<String> = Vec::new();
+    let mut inserts = Vec::new();
+    let mut values = Vec::new();
+    for _ in 0..cfg.keys.max(1) {
+        let k = key_name(&mut rng, &keys);
+        let v = 1_000_000 + rng.below(9_000_000);
+        let depth = 0.05 + 0.9 * rng.next_f64();
+        inserts.push((depth, format!("One of the special magic numbers for {k} is: {v}.")));
+        keys.push(k);
+        values.push(v);
+    }
+    let header = "Some special magic numbers are hidden inside the following text. Make sure to memorize them. I will quiz you about the numbers afterwards.\n";
+    let context = haystack(tok, header, &inserts, len)?;
+    // Ask a seeded choice of keys.
+    let mut idx: Vec<usize> = (0..keys.len()).collect();
+    for a in 0..idx.len() {
+        let b = a + rng.below((idx.len() - a) as u64) as usize;
+        idx.swap(a, b);
+    }
+    let questions = idx[..cfg.keys_asked.clamp(1, keys.len())]
+        .iter()
+        .map(|&j| Question {
+            question: format!("What is the special magic number for {} mentioned in the text above? Answer with the number only.", keys[j]),
+            answer_prefix: format!("The special magic number for {} is", keys[j]),
+            answers: vec![values[j].to_string()],
+            max_new_tokens: 12,
+        })
+        .collect();
+    Ok(Sample {
+        task: "niah-multikey".into(),
+        id: format!("niah-multikey-{i}"),
+        context,
+        questions,
+        seed,
+        meta: serde_json::json!({"length": len, "keys": keys, "depths": inserts.iter().map(|x| x.0).collect::<Vec<_>>()}),
+    })
+}
+
+fn var_name(rng: &mut Rng, taken: &[String]) -> String {
+    loop {
+        let s: String = (0..5).map(|_| (b'A' + rng.below(26) as u8) as char).collect();
+        if !taken.contains(&s) {
+            return s;
+        }
+    }
+}
+
+fn variable_tracking(i: usize, seed: u64, len: usize, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let mut names: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        let n = var_name(&mut rng, &names);
+        names.push(n);
+    }
+    let (value, other) = (10_000 + rng.below(90_000), 10_000 + rng.below(90_000));
+    // The asked chain A → B and a distractor chain C → D, each in order through the text.
+    let d = |lo: f64, rng: &mut Rng| lo + 0.35 * rng.next_f64();
+    let inserts = vec![
+        (d(0.05, &mut rng), format!("VAR {} = {value}.", names[0])),
+        (d(0.55, &mut rng), format!("VAR {} = VAR {}.", names[1], names[0])),
+        (d(0.05, &mut rng), format!("VAR {} = {other}.", names[2])),
+        (d(0.55, &mut rng), format!("VAR {} = VAR {}.", names[3], names[2])),
+    ];
+    let header = "Memorize and track the chain of variable assignments hidden in the following text.\n";
+    let context = haystack(tok, header, &inserts, len)?;
+    Ok(Sample {
+        task: "variable-tracking".into(),
+        id: format!("variable-tracking-{i}"),
+        context,
+        questions: vec![Question {
+            question: format!("Follow the assignments in the text above: what number is VAR {} equal to? Answer with the number only.", names[1]),
+            answer_prefix: format!("VAR {} is equal to", names[1]),
+            answers: vec![value.to_string()],
+            max_new_tokens: 8,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "chain": [&names[0], &names[1]], "distractor": [&names[2], &names[3]]}),
+    })
+}
+
+fn qa(i: usize, seed: u64, doc: &QaDoc, n_questions: usize) -> Sample {
+    let qs: Vec<Question> = doc.questions.iter().take(n_questions.max(1)).cloned().collect();
+    Sample {
+        task: "qa".into(),
+        id: format!("qa-{i}"),
+        context: doc.document.trim().to_string(),
+        questions: qs,
+        seed,
+        meta: serde_json::json!({"title": doc.title}),
+    }
+}
+
+/// One JSONL row per question with kvpress's column names (context, question, answer_prefix,
+/// answers, max_new_tokens) plus the seed and sample id, so external sets can drop in.
+pub fn to_jsonl(samples: &[Sample]) -> String {
+    let mut out = String::new();
+    for s in samples {
+        for q in &s.questions {
+            let row = serde_json::json!({
+                "task": s.task, "id": s.id, "context": s.context, "question": q.question,
+                "answer_prefix": q.answer_prefix, "answers": q.answers, "max_new_tokens": q.max_new_tokens,
+                "seed": s.seed, "meta": s.meta,
+            });
+            out.push_str(&row.to_string());
+            out.push('\n');
+        }
+    }
+    out
+}
