@@ -286,13 +286,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
-    }
-    match cli.cmd {
+    let threads = match cli.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    // The command runs on a worker of this pool, so parallel loops start on the calling
+    // thread instead of waking the pool from outside for every kernel call.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("kvcompact-{i}"))
+        .build()
+        .context("setting up the thread pool")?;
+    pool.install(|| run_cmd(cli.cmd))
+}
+
+fn run_cmd(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Convert(a) => cmd_convert(a),
