@@ -1,0 +1,75 @@
+//! Kernel throughput (divan): GEMV per weight dtype in GB/s of weights, decode attention in GB/s
+//! of K and V, dot and RMSNorm. Weights are real random values (never zero pages, which would
+//! hit the shared zero page and look impossibly fast; performance.md §5).
+//!
+//! Run: `cargo bench --bench kernels` (add `-- --threads 1` to pin divan's own threads).
+
+use divan::counter::BytesCount;
+use divan::Bencher;
+use kvcompact::sampling::Rng;
+use kvcompact_kernels as k;
+
+fn main() {
+    divan::main();
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.next_f64() * 2.0 - 1.0) as f32).collect()
+}
+
+/// SmolLM2 shapes: q/o 576×576, gate/up 1536×576, down 576×1536, lm_head 49152×576, plus one
+/// matrix larger than L3.
+const GEMV_SHAPES: [(usize, usize); 4] = [(576, 576), (1536, 576), (49152, 576), (16384, 4096)];
+
+#[divan::bench(args = GEMV_SHAPES)]
+fn gemv_f32(b: Bencher, (rows, cols): (usize, usize)) {
+    let w = random(rows * cols, 1);
+    let x = random(cols, 2);
+    let mut y = vec![0.0; rows];
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv(k::WeightRef::F32(&w), rows, cols, &x, &mut y));
+}
+
+#[divan::bench(args = GEMV_SHAPES)]
+fn gemv_bf16(b: Bencher, (rows, cols): (usize, usize)) {
+    let w: Vec<u16> = random(rows * cols, 3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    let x = random(cols, 4);
+    let mut y = vec![0.0; rows];
+    b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv(k::WeightRef::Bf16(&w), rows, cols, &x, &mut y));
+}
+
+#[divan::bench(args = GEMV_SHAPES)]
+fn gemv_f16(b: Bencher, (rows, cols): (usize, usize)) {
+    let w: Vec<u16> = random(rows * cols, 5).iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    let x = random(cols, 6);
+    let mut y = vec![0.0; rows];
+    b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv(k::WeightRef::F16(&w), rows, cols, &x, &mut y));
+}
+
+/// One GQA group (3 query heads, d = 64) against n cached keys: the decode attention step.
+#[divan::bench(args = [1024, 4096, 8192])]
+fn attend_group_decode(b: Bencher, n: usize) {
+    let (g, d) = (3, 64);
+    let q = random(g * d, 7);
+    let keys = random(n * d, 8);
+    let values = random(n * d, 9);
+    let bias = random(n, 10);
+    let mut out = vec![0.0; g * d];
+    let mut scratch = Vec::new();
+    b.counter(BytesCount::new(2 * n * d * 4)).bench_local(|| {
+        k::attend_group(&q, &keys, &values, Some(&bias), n, d, 0.125, &mut out, &mut scratch)
+    });
+}
+
+#[divan::bench(args = [64, 576, 4096])]
+fn dot(b: Bencher, n: usize) {
+    let (x, y) = (random(n, 11), random(n, 12));
+    b.counter(BytesCount::new(2 * n * 4)).bench_local(|| k::dot(divan::black_box(&x), divan::black_box(&y)));
+}
+
+#[divan::bench(args = [576, 4096])]
+fn rmsnorm(b: Bencher, n: usize) {
+    let (x, w) = (random(n, 13), random(n, 14));
+    let mut out = vec![0.0; n];
+    b.counter(BytesCount::new(3 * n * 4)).bench_local(|| k::rmsnorm(&mut out, &x, &w, 1e-5));
+}
