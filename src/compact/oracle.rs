@@ -1,0 +1,182 @@
+//! `kvcompact compact-head`: one head in, one compacted head out, through safetensors files, so
+//! other implementations can use this crate as an oracle.
+//!
+//! IN (f32): `keys` [T,d], `values` [T,d], `queries` [n,d]; optional `bias` [T], `test_queries`
+//! [m,d], `positions` (i64 [T], default 0..T) and `scale` ([] or [1], default 1/√d).
+//! OUT: `indices` (i64 [t]), `keys` [t,d], `beta` [t], `values` [t,d]; with test queries also
+//! `rel_l2` and `mass_err` (f32 [1]: means over the test queries, spec §14). Metadata records the
+//! method, budget, seed, solver and the full-precision metrics.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::am::{AmCompressor, AmConfig, BetaSolver, Precision};
+use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
+use crate::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use crate::{Error, Result};
+
+/// Options of `compact-head` (the CLI flags).
+#[derive(Debug, Clone)]
+pub struct OracleOptions {
+    /// `am-omp`, `am-highest`, `am-omp-fast` or `baseline` (and the aliases of [`AmConfig::from_name`]).
+    pub method: String,
+    pub budget: usize,
+    pub seed: u64,
+    pub nnls: BetaSolver,
+    /// Guard off and the OMP QR path (spec §6.4 `--strict-parity`).
+    pub strict_parity: bool,
+    /// S and E in f64 (golden mode) instead of f32.
+    pub golden_precision: bool,
+}
+
+impl Default for OracleOptions {
+    fn default() -> Self {
+        OracleOptions {
+            method: "am-omp".into(),
+            budget: 0,
+            seed: 0,
+            nnls: BetaSolver::Reference,
+            strict_parity: false,
+            golden_precision: false,
+        }
+    }
+}
+
+/// What `compact-head` prints: `{"rel_l2": x, "mass_err": y, "seconds": s}` (the metrics are null
+/// without test queries). `seconds` is the compaction alone (no file I/O, no evaluation).
+#[derive(Debug, Clone, Serialize)]
+pub struct OracleReport {
+    pub rel_l2: Option<f64>,
+    pub mass_err: Option<f64>,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub kept: usize,
+    #[serde(skip)]
+    pub eval: Option<HeadEval>,
+    #[serde(skip)]
+    pub stats: HeadStats,
+}
+
+impl OracleReport {
+    /// The one-line JSON object for stdout.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+fn bad(name: &str, file: &Path, msg: impl Into<String>) -> Error {
+    Error::BadTensor { name: name.into(), file: file.into(), msg: msg.into() }
+}
+
+type Tensors = HashMap<String, (Vec<usize>, TensorData)>;
+
+fn f32_tensor<'a>(map: &'a Tensors, name: &str, file: &Path) -> Result<Option<(&'a [usize], &'a [f32])>> {
+    match map.get(name) {
+        None => Ok(None),
+        Some((shape, TensorData::F32(v))) => Ok(Some((shape.as_slice(), v.as_slice()))),
+        Some(_) => Err(bad(name, file, "expected an F32 tensor")),
+    }
+}
+
+fn matrix<'a>(map: &'a Tensors, name: &str, file: &Path) -> Result<Option<(usize, usize, &'a [f32])>> {
+    match f32_tensor(map, name, file)? {
+        None => Ok(None),
+        Some((shape, v)) if shape.len() == 2 => Ok(Some((shape[0], shape[1], v))),
+        Some((shape, _)) => Err(bad(name, file, format!("expected a 2-D tensor, got shape {shape:?}"))),
+    }
+}
+
+fn required<'a>(map: &'a Tensors, name: &str, file: &Path) -> Result<(usize, usize, &'a [f32])> {
+    matrix(map, name, file)?.ok_or_else(|| Error::MissingTensor { name: name.into(), dir: file.into() })
+}
+
+/// Run one compaction from `input` to `output` (see the module docs).
+pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> Result<OracleReport> {
+    let map = load_safetensors(input)?;
+    let (t_rows, d, keys) = required(&map, "keys", input)?;
+    let (vt, vd, values) = required(&map, "values", input)?;
+    if (vt, vd) != (t_rows, d) {
+        return Err(bad("values", input, format!("shape [{vt}, {vd}] differs from keys [{t_rows}, {d}]")));
+    }
+    let (n, qd, queries) = required(&map, "queries", input)?;
+    if qd != d {
+        return Err(bad("queries", input, format!("head_dim {qd} differs from the keys' {d}")));
+    }
+    if n == 0 {
+        return Err(bad("queries", input, "no reference queries (n = 0)"));
+    }
+    let bias = match f32_tensor(&map, "bias", input)? {
+        None => None,
+        Some((shape, v)) if shape == [t_rows] => Some(v),
+        Some((shape, _)) => return Err(bad("bias", input, format!("expected shape [{t_rows}], got {shape:?}"))),
+    };
+    let test = match matrix(&map, "test_queries", input)? {
+        None => None,
+        Some((_, td, v)) if td == d => Some(v),
+        Some((_, td, _)) => return Err(bad("test_queries", input, format!("head_dim {td} differs from the keys' {d}"))),
+    };
+    let positions: Vec<u32> = match map.get("positions") {
+        None => (0..t_rows as u32).collect(),
+        Some((shape, TensorData::I64(p))) if shape.as_slice() == [t_rows] => {
+            p.iter().map(|&x| u32::try_from(x).map_err(|_| bad("positions", input, format!("position {x} out of range")))).collect::<Result<_>>()?
+        }
+        Some(_) => return Err(bad("positions", input, format!("expected an integer tensor of shape [{t_rows}]"))),
+    };
+    let scale = match f32_tensor(&map, "scale", input)? {
+        None => 1.0 / (d as f32).sqrt(),
+        Some((_, v)) if v.len() == 1 => v[0],
+        Some((shape, _)) => return Err(bad("scale", input, format!("expected a scalar, got shape {shape:?}"))),
+    };
+    let head = HeadInput { layer: 0, kv_head: 0, d, keys, values, positions: &positions, bias, queries: Some(queries), scale };
+
+    let mut cfg = AmConfig::from_name(&opts.method)?.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
+    cfg.inner_par = true;
+    if opts.golden_precision {
+        cfg.precision = Precision::F64;
+    }
+    let method = AmCompressor::new(cfg);
+    let t0 = Instant::now();
+    let out = method.compress_head(&head, opts.budget, opts.seed)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let eval = test.map(|tq| evaluate_head(&head, &out, tq));
+
+    let t = out.indices.len();
+    let indices: Vec<i64> = out.indices.iter().map(|&i| i as i64).collect();
+    let rel = eval.as_ref().map(|e| [e.mean_rel_l2 as f32]);
+    let mass = eval.as_ref().map(|e| [e.mean_mass_err as f32]);
+    let mut tensors = vec![
+        OutTensor::I64 { name: "indices", shape: vec![t], data: &indices },
+        OutTensor::F32 { name: "keys", shape: vec![t, d], data: &out.keys },
+        OutTensor::F32 { name: "beta", shape: vec![t], data: &out.beta },
+        OutTensor::F32 { name: "values", shape: vec![t, d], data: &out.values },
+    ];
+    if let (Some(r), Some(m)) = (rel.as_ref(), mass.as_ref()) {
+        tensors.push(OutTensor::F32 { name: "rel_l2", shape: vec![1], data: r });
+        tensors.push(OutTensor::F32 { name: "mass_err", shape: vec![1], data: m });
+    }
+    let mut meta = HashMap::new();
+    meta.insert("method".to_string(), method.name().to_string());
+    meta.insert("budget".to_string(), opts.budget.to_string());
+    meta.insert("seed".to_string(), opts.seed.to_string());
+    meta.insert("nnls".to_string(), opts.nnls.name().to_string());
+    meta.insert("strict_parity".to_string(), opts.strict_parity.to_string());
+    meta.insert("seconds".to_string(), format!("{seconds}"));
+    meta.insert("generator".to_string(), format!("kvcompact {} compact-head", env!("CARGO_PKG_VERSION")));
+    if let Some(e) = &eval {
+        meta.insert("rel_l2".to_string(), format!("{:e}", e.mean_rel_l2));
+        meta.insert("mass_err".to_string(), format!("{:e}", e.mean_mass_err));
+        meta.insert("test_queries".to_string(), e.queries.to_string());
+    }
+    save_safetensors(output, &tensors, Some(meta))?;
+    Ok(OracleReport {
+        rel_l2: eval.as_ref().map(|e| e.mean_rel_l2),
+        mass_err: eval.as_ref().map(|e| e.mean_mass_err),
+        seconds,
+        kept: t,
+        eval,
+        stats: out.stats,
+    })
+}
