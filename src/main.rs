@@ -47,6 +47,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: QfiltersCmd,
     },
+    /// Compute non-uniform per-head budgets for a model by a sensitivity sweep on a context.
+    Budgets(BudgetsArgs),
     /// Compact one head from a safetensors file (the oracle contract for other implementations).
     CompactHead(CompactHeadArgs),
 }
@@ -96,6 +98,26 @@ struct CompactArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct BudgetsArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Context to run the sweep on (default: the shipped demo document).
+    #[arg(long)]
+    context: Option<PathBuf>,
+    #[arg(long, default_value_t = 20.0)]
+    ratio: f64,
+    #[arg(long, default_value = "am-highest")]
+    method: String,
+    #[arg(long, default_value_t = 2048)]
+    n_queries: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output JSON file of proportions {"L{layer}H{kv_head}": p}.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -310,6 +332,7 @@ fn run_cmd(cmd: Cmd) -> Result<()> {
         Cmd::Compact(a) => cmd_compact(a),
         Cmd::CompactHead(a) => cmd_compact_head(a),
         Cmd::Demo(a) => cmd_demo(a),
+        Cmd::Budgets(a) => cmd_budgets(a),
         Cmd::Eval(a) => {
             let dir = model_dir(&ModelArg { model: a.model.clone() })?;
             Ok(kvcompact::eval::run(&dir, &a)?)
@@ -744,5 +767,31 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     for r in &rows {
         println!("\nQ: {}\n  full:      {}\n  compacted: {}", r["question"].as_str().unwrap_or(""), r["full"].as_str().unwrap_or(""), r["compacted"].as_str().unwrap_or(""));
     }
+    Ok(())
+}
+
+fn cmd_budgets(a: BudgetsArgs) -> Result<()> {
+    use kvcompact::document::{sensitivity_budgets, CompactOptions, ContextLayout};
+    let ctx = a.context.clone().unwrap_or_else(|| demo_file("article.txt"));
+    let text = read_prompt(&PromptArg { prompt: None, prompt_file: Some(ctx) })?;
+    let dir = model_dir(&a.model)?;
+    let (model, tok) = load(&dir)?;
+    let layout = ContextLayout::build(&tok, &text, tok.has_chat_template())?;
+    let method = kvcompact::compact::compressor_from_name(&a.method)?;
+    let opts = CompactOptions { ratio: a.ratio, n_queries: a.n_queries, seed: a.seed, ..Default::default() };
+    let (props, at_r, at_2r) = sensitivity_budgets(&model, &tok, &layout, &method, &opts)?;
+    let sorted: std::collections::BTreeMap<_, _> = props.iter().collect();
+    let tmp = kvcompact::weights::tmp_path(&a.out);
+    std::fs::write(&tmp, serde_json::to_string_pretty(&sorted)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let nkv = model.config.n_kv_heads;
+    let mut rank: Vec<usize> = (0..at_r.len()).collect();
+    rank.sort_by(|&x, &y| props[&format!("L{}H{}", y / nkv, y % nkv)].total_cmp(&props[&format!("L{}H{}", x / nkv, x % nkv)]));
+    println!("most sensitive heads (rel_l2 at {}x → {}x):", a.ratio, 2.0 * a.ratio);
+    for &i in rank.iter().take(8) {
+        let key = format!("L{}H{}", i / nkv, i % nkv);
+        println!("  {key:>7}: {:.4} → {:.4}  proportion {:.4}", at_r[i], at_2r[i], props[&key]);
+    }
+    println!("wrote {} ({} heads)", a.out.display(), props.len());
     Ok(())
 }

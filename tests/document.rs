@@ -148,3 +148,44 @@ fn budgets_water_fill() {
     assert!(head_budgets(2, 2, 100, 10.0, Some(&p), 1.0).is_err());
     assert!(head_budgets(2, 2, 100, 0.5, None, 1.0).is_err());
 }
+
+#[test]
+fn online_compaction_bounds_the_cache_during_generation() {
+    let (m, tok) = setup("llama-gqa");
+    let method = compressor_from_name("am-highest").unwrap();
+    let opts = CompactOptions { ratio: 4.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let mut policy = kvcompact::document::OnlineCompaction::new(&tok, &method, 40, 8, false, opts).unwrap();
+    let prompt = tok.encode("The lighthouse", true).unwrap();
+    let mut st = m.new_state(32);
+    let mut cache = m.new_cache();
+    let mut sampler = kvcompact::sampling::Sampler::new(0.0, 1.0, 0);
+    let gopts = kvcompact::generate::GenOptions { max_tokens: 60, stop_at_eos: false };
+    let out = kvcompact::generate::generate_with_policy(&m, &mut st, &mut cache, &prompt, &[], &mut sampler, &gopts, Some(&mut policy), |_| Ok(())).unwrap();
+    assert_eq!(out.tokens.len(), 60);
+    assert!(policy.reports.len() >= 2, "expected repeated compactions, got {}", policy.reports.len());
+    // Physical rows stay bounded while the logical length keeps growing.
+    assert!(cache.max_len() < 40, "{}", cache.max_len());
+    assert_eq!(cache.next_pos(), prompt.len() + 59);
+    cache.check().unwrap();
+    // Re-compacted rows carry their earlier β into the new one: some bias is non-zero.
+    assert!(cache.meta(0, 0).bias.as_ref().unwrap().iter().any(|&b| b != 0.0));
+    assert!(kvcompact::document::OnlineCompaction::new(&tok, &method, 10, 9, false, CompactOptions::default()).is_err());
+}
+
+#[test]
+fn sensitivity_budgets_are_proportions_over_every_head() {
+    let (m, tok) = setup("llama-mha");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let method = compressor_from_name("am-highest").unwrap();
+    let opts = CompactOptions { ratio: 3.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let (p, a, b) = kvcompact::document::sensitivity_budgets(&m, &tok, &layout, &method, &opts).unwrap();
+    let heads = m.config.n_layers * m.config.n_kv_heads;
+    assert_eq!((p.len(), a.len(), b.len()), (heads, heads, heads));
+    let sum: f64 = p.values().sum();
+    assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+    assert!(p.values().all(|&x| x >= 0.5 / heads as f64 - 1e-12));
+    // The proportions drive a real compaction.
+    let with = CompactOptions { budgets: Some(p), ..opts };
+    let (c, _) = compact_context(&m, &tok, &layout, &method, &with).unwrap();
+    c.check().unwrap();
+}
