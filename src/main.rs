@@ -522,7 +522,7 @@ fn cmd_convert(a: ConvertArgs) -> Result<()> {
         DtypeArg::Bf16 => kvcompact::gguf::OutDtype::Bf16,
     };
     let s = kvcompact::gguf::convert_gguf(&a.gguf, &a.out, dtype)?;
-    eprintln!("{s:?}");
+    eprintln!("converted {} tensors: {:.1} MB of weights in {:.1} s", s.tensors, s.model_bytes as f64 / 1e6, s.seconds);
     println!("{}", a.out.display());
     Ok(())
 }

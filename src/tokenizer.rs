@@ -128,23 +128,29 @@ impl Tokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Tokenizer("this model has no chat template; run without --chat".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
-        env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
+        render_template(tpl, messages, add_generation_prompt, self.bos_token.as_deref().unwrap_or(""), self.eos_token.as_deref().unwrap_or(""))
     }
+}
+
+/// Render a Jinja chat template as transformers does (Python string methods via pycompat,
+/// `raise_exception` as an error).
+pub fn render_template(tpl: &str, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+    let ctx = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos,
+        eos_token => eos,
+    };
+    env.get_template("chat")
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
 }
 
 /// Built-in template for a model that stores none, chosen from its vocabulary.
@@ -196,5 +202,41 @@ impl TextStream {
         let new = text[self.printed..].to_string();
         self.printed = text.len();
         Ok(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv() -> Vec<Message> {
+        vec![Message::new("user", " Hi there ")]
+    }
+
+    #[test]
+    fn builtin_templates_render_their_formats() {
+        let l3 = render_template(LLAMA3_TEMPLATE, &conv(), true, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        assert_eq!(
+            l3,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let q = render_template(QWEN_TEMPLATE, &conv(), true, "", "<|im_end|>").unwrap();
+        assert_eq!(
+            q,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n Hi there <|im_end|>\n<|im_start|>assistant\n"
+        );
+        let c = render_template(CHATML_TEMPLATE, &conv(), false, "", "").unwrap();
+        assert_eq!(c, "<|im_start|>user\n Hi there <|im_end|>\n");
+        // A system message replaces Qwen's default one.
+        let sys = vec![Message::new("system", "S"), Message::new("user", "U")];
+        let q = render_template(QWEN_TEMPLATE, &sys, false, "", "").unwrap();
+        assert_eq!(q, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+    }
+
+    #[test]
+    fn template_errors_are_reported() {
+        let e = render_template("{{ raise_exception('no system role') }}", &conv(), false, "", "").unwrap_err().to_string();
+        assert!(e.contains("no system role"), "{e}");
+        assert!(render_template("{% if %}", &conv(), false, "", "").is_err());
     }
 }
