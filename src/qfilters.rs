@@ -434,22 +434,27 @@ pub fn calibrate(model: &Model, corpus: &Corpus, rows: usize, seed: u64, progres
     Ok((QFilters { n_layers: c.n_layers, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, filters, metadata }, warnings))
 }
 
-/// The shipped corpus as (name, text) documents.
+/// The shipped corpus as one document (the essays joined by blank lines), so that sequences run
+/// to 2048 positions as long contexts do (spec §7 pitfall 5).
 pub fn shipped_docs() -> Vec<(String, String)> {
-    SHIPPED_CORPUS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect()
+    let names: Vec<&str> = SHIPPED_CORPUS.iter().map(|x| x.0).collect();
+    let text: Vec<&str> = SHIPPED_CORPUS.iter().map(|x| x.1.trim()).collect();
+    vec![(names.join(" + "), text.join("\n\n"))]
 }
 
-/// Filters for `model`: from `path` if given; else `<model dir>/qfilters.safetensors` if it
-/// exists and matches; else calibrated on the shipped corpus (sequences of up to 2048 tokens) and
-/// saved there when the directory is writable.
-pub fn load_or_calibrate(model: &Model, path: Option<&Path>, progress: bool) -> Result<QFilters> {
+/// Filters for `model`: from `path` if given; else from `cache_to` or
+/// `<model dir>/qfilters.safetensors` when one exists and matches the model; else calibrated on
+/// the shipped corpus (sequences of up to 2048 tokens) and saved to `cache_to` (if given).
+pub fn load_or_calibrate(model: &Model, path: Option<&Path>, cache_to: Option<&Path>, progress: bool) -> Result<QFilters> {
     if let Some(p) = path {
         return QFilters::load(p, model);
     }
     let default = model.dir.join(DEFAULT_FILTERS_FILE);
-    if default.exists() {
-        if let Ok(f) = QFilters::load(&default, model) {
-            return Ok(f);
+    for p in cache_to.into_iter().chain(std::iter::once(default.as_path())) {
+        if p.exists() {
+            if let Ok(f) = QFilters::load(p, model) {
+                return Ok(f);
+            }
         }
     }
     let tok = Tokenizer::load(&model.dir, &model.config)?;
@@ -458,8 +463,10 @@ pub fn load_or_calibrate(model: &Model, path: Option<&Path>, progress: bool) -> 
     let t0 = Instant::now();
     let (f, _) = calibrate(model, &corpus, 3000, 0, progress)?;
     tracing::info!("calibrated Q-Filters on the shipped corpus in {:.1} s", t0.elapsed().as_secs_f64());
-    if f.save(&default).is_err() {
-        tracing::debug!("could not cache the filters at {}", default.display());
+    if let Some(p) = cache_to {
+        if let Err(e) = f.save(p) {
+            tracing::warn!("could not save the filters to {}: {e}", p.display());
+        }
     }
     Ok(f)
 }
@@ -621,11 +628,15 @@ impl CachePolicy for StreamingCache {
 }
 
 /// The streaming policy behind `generate --method M --max-cache-tokens N --window W --sinks S`:
-/// `qfilters` (filters from `filters`, else [`load_or_calibrate`]), `knorm`, `streaming-llm`
+/// `qfilters` (filters from `filters`, else [`load_or_calibrate`], caching them as
+/// `<model dir>/qfilters.safetensors`), `knorm`, `streaming-llm`
 /// (recency: with S sinks this is StreamingLLM) or `random`.
 pub fn streaming_policy(method: &str, filters: Option<&Path>, model: &Model, max_cache_tokens: usize, window: usize, sinks: usize) -> Result<Box<dyn CachePolicy>> {
     let scorer: Box<dyn Scorer> = match method {
-        "qfilters" => Box::new(QFilterScorer::new(Arc::new(load_or_calibrate(model, filters, true)?))),
+        "qfilters" => {
+            let cache = model.dir.join(DEFAULT_FILTERS_FILE);
+            Box::new(QFilterScorer::new(Arc::new(load_or_calibrate(model, filters, Some(&cache), true)?)))
+        },
         "knorm" => Box::new(KNorm),
         "streaming-llm" => Box::new(StreamingLlm { n_sink: 0 }),
         "random" => Box::new(RandomEvict),
