@@ -133,19 +133,9 @@ impl KvCache {
     /// Append rows to one head: `keys`/`values` are [n, head_dim], `positions` [n], new rows
     /// get bias 0. Positions must continue the head's increasing order.
     pub fn append(&mut self, layer: usize, head: usize, keys: &[f32], values: &[f32], positions: &[u32]) {
-        let hd = self.head_dim;
-        debug_assert_eq!(keys.len(), positions.len() * hd);
-        debug_assert_eq!(values.len(), positions.len() * hd);
-        let i = self.idx(layer, head);
-        let m = &mut self.meta[i];
-        debug_assert!(m.positions.last().zip(positions.first()).is_none_or(|(a, b)| a < b));
-        m.positions.extend_from_slice(positions);
-        if let Some(b) = m.bias.as_mut() {
-            b.resize(m.positions.len(), 0.0);
-        }
-        let s = &mut self.store[i];
-        s.keys.extend_from_slice(keys);
-        s.values.extend_from_slice(values);
+        debug_assert_eq!(keys.len(), positions.len() * self.head_dim);
+        debug_assert_eq!(values.len(), positions.len() * self.head_dim);
+        self.append_strided(layer, head, keys, values, self.head_dim, 0, positions);
     }
 
     /// Append n rows taken from token-major buffers [n, row_stride] (all KV heads side by side),
