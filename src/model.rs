@@ -460,7 +460,7 @@ impl RunState {
 }
 
 /// HF's RoPE inverse frequencies, in f32 as transformers computes them, after scaling.
-fn rope_inv_freq(c: &Config) -> Vec<f32> {
+pub fn rope_inv_freq(c: &Config) -> Vec<f32> {
     let dim = c.head_dim;
     let base = c.rope_theta as f64;
     let mut inv: Vec<f32> = (0..dim / 2)

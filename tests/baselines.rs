@@ -368,3 +368,35 @@ fn registry_knows_every_method_and_rejects_unknown_names() {
     let e = method_from_name("nope").err().unwrap().to_string();
     assert!(e.contains("am-omp") && e.contains("expected-attention"), "{e}");
 }
+
+#[test]
+fn rope_helpers_undo_the_models_rotation() {
+    // At layer 0 the pre-RoPE query of a token does not depend on its position, so rotating the
+    // captured post-RoPE queries back must give the same vector at every position. Every tiny
+    // model (default, llama3-scaled, theta 1e6) is checked.
+    use kvcompact::compact::evict::{rope_inv_freq, rope_rotate};
+    for name in ["llama-gqa", "llama-mha", "mistral", "qwen2-bias", "qwen3-qknorm"] {
+        let m = Model::load(&golden(&format!("tiny/{name}"))).unwrap();
+        let c = &m.config;
+        let inv = rope_inv_freq(c);
+        let mut cache = m.new_cache();
+        let mut st = m.new_state(64);
+        st.capture = Some(kvcompact::model::Capture::queries());
+        m.forward(&mut st, &mut cache, &[42; 150], Logits::None).unwrap();
+        let q = &st.capture.as_ref().unwrap().queries[0];
+        let (hd, qd) = (c.head_dim, c.q_dim());
+        let mut first: Option<Vec<f32>> = None;
+        for p in [0usize, 1, 17, 149] {
+            let mut v = q[p * qd..p * qd + hd].to_vec();
+            rope_rotate(&mut v, p as u32, &inv, true);
+            match &first {
+                None => first = Some(v),
+                Some(f) => {
+                    for (a, b) in f.iter().zip(&v) {
+                        assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{name} position {p}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -332,3 +332,21 @@ fn attention_agreement_on_smollm2() {
     assert!(qf_wins * 2 > heads, "Q-Filters should beat K-norm on most heads: {qf_wins}/{heads}");
     assert!(flipped_neg * 2 > heads);
 }
+
+#[test]
+fn calibrate_command_writes_filters_from_text_files() {
+    use kvcompact::qfilters::{calibrate_cmd, CalibrateArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, kvcompact::qfilters::SHIPPED_CORPUS[2].1).unwrap();
+    let out = dir.path().join("f.safetensors");
+    let model = golden("tiny/llama-mha");
+    let args = CalibrateArgs { model: None, text: vec![text], self_generate: false, samples: 4, seq_len: 200, rows: 100, seed: 1, check_power: true, out: out.clone() };
+    calibrate_cmd(&model, &args).unwrap();
+    let m = Model::load(&model).unwrap();
+    let f = QFilters::load(&out, &m).unwrap();
+    assert_eq!(f.metadata["n_sequences"], "4");
+    assert!(f.metadata["corpus"].contains("t.txt"));
+    let missing = CalibrateArgs { text: vec![dir.path().join("nope.txt")], ..args };
+    assert!(calibrate_cmd(&model, &missing).unwrap_err().to_string().contains("nope.txt"));
+}

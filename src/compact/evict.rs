@@ -28,7 +28,6 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::{CompactedHead, Compressor, HeadInput, HeadStats};
-use crate::config::{Config, RopeScaling};
 use crate::Result;
 
 /// The whole cached head that the span is part of (template rows before and after included).
@@ -228,16 +227,32 @@ pub fn span_attention(input: &HeadInput, ctx: &HeadContext, queries: &[f32], qpo
     let kt = MatRef::from_row_major_slice(rows.keys, n, d).transpose();
     for b0 in (0..m).step_by(QBLOCK) {
         let bl = QBLOCK.min(m - b0);
+        // Causal: no query of the block sees past the rows visible to its latest query.
+        let nb = match qpos {
+            Some(p) => {
+                let last = p[b0..b0 + bl].iter().copied().max().unwrap_or(0);
+                rows.positions.partition_point(|&x| x <= last)
+            }
+            None => n,
+        };
+        if nb == 0 {
+            w.iter_mut().for_each(|x| *x = 0.0);
+            for i in 0..bl {
+                sink(b0 + i, &w);
+            }
+            continue;
+        }
         let qm = MatRef::from_row_major_slice(&queries[b0 * d..(b0 + bl) * d], bl, d);
-        let lm = MatMut::from_row_major_slice_mut(&mut logits[..bl * n], bl, n);
-        matmul(lm, Accum::Replace, qm, kt, scale, Par::Seq);
+        let lm = MatMut::from_row_major_slice_mut(&mut logits[..bl * nb], bl, nb);
+        matmul(lm, Accum::Replace, qm, kt.subcols(0, nb), scale, Par::Seq);
         for i in 0..bl {
-            let row = &mut logits[i * n..(i + 1) * n];
+            let row = &mut logits[i * nb..(i + 1) * nb];
             // Visible rows: positions ≤ the query's (all without positions).
             let vis = match qpos {
                 Some(p) => rows.positions.partition_point(|&x| x <= p[b0 + i]),
                 None => n,
-            };
+            }
+            .min(nb);
             let mut mx = f32::NEG_INFINITY;
             for j in 0..vis {
                 row[j] += rows.bias.map_or(0.0, |b| b[j]);
@@ -285,30 +300,8 @@ pub fn group_queries<'a>(input: &HeadInput<'a>, ctx: &HeadContext<'a>) -> Option
 // ---------------------------------------------------------------------------------------------
 // RoPE helpers (rotate-half layout, as the model applies it)
 
-/// HF RoPE inverse frequencies [head_dim/2] after scaling; the same rule as the forward pass.
-pub fn rope_inv_freq(c: &Config) -> Vec<f32> {
-    let dim = c.head_dim;
-    let base = c.rope_theta as f64;
-    let mut inv: Vec<f32> = (0..dim / 2).map(|i| (1.0f64 / base.powf(((2 * i) as f32 / dim as f32) as f64)) as f32).collect();
-    match c.rope_scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            let old = original_max_position_embeddings as f32;
-            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
-            for f in inv.iter_mut() {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                if wavelen > low_wavelen {
-                    *f /= factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                }
-            }
-        }
-    }
-    inv
-}
+/// RoPE inverse frequencies exactly as the forward pass uses them.
+pub use crate::model::rope_inv_freq;
 
 /// Rotate `x` [d] (rotate-half pairs (i, i + d/2)) by the RoPE angle of `pos`, or back by it
 /// with `inverse`: pre-RoPE → post-RoPE and post → pre.

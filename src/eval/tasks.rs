@@ -68,9 +68,9 @@ pub struct QaDoc {
 pub fn shipped_qa() -> Result<Vec<QaDoc>> {
     let mut docs: Vec<QaDoc> = Vec::new();
     for (name, json, text) in [
-        ("data/qa/orchard-station.json", include_str!("../../data/qa/orchard-station.json"), include_str!("../../data/demo/article.txt")),
         ("data/qa/ferry-timetable.json", include_str!("../../data/qa/ferry-timetable.json"), include_str!("../../data/qa/ferry-timetable.txt")),
         ("data/qa/glassworks.json", include_str!("../../data/qa/glassworks.json"), include_str!("../../data/qa/glassworks.txt")),
+        ("data/qa/orchard-station.json", include_str!("../../data/qa/orchard-station.json"), include_str!("../../data/demo/article.txt")),
     ] {
         let mut d: QaDoc = serde_json::from_str(json).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
         d.document = text.to_string();
