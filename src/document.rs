@@ -457,20 +457,7 @@ fn compress_and_install(
     let (nkv, hd) = (c.n_kv_heads, c.head_dim);
     let cache_ro: &KvCache = cache;
     let input_of = |i: usize| -> HeadInput<'_> {
-        let (l, h) = (i / nkv, i % nkv);
-        let rows = span.rows[i].clone();
-        let (keys, values, bias, positions) = cache_ro.head(l, h);
-        HeadInput {
-            layer: l,
-            kv_head: h,
-            d: hd,
-            keys: &keys[rows.start * hd..rows.end * hd],
-            values: &values[rows.start * hd..rows.end * hd],
-            positions: &positions[rows.clone()],
-            bias: bias.map(|b| &b[rows.clone()]),
-            queries: Some(&train[i][..]),
-            scale: c.attn_scale(),
-        }
+        HeadInput::from_cache(cache_ro, i / nkv, i % nkv, span.rows[i].clone(), Some(&train[i][..]), c.attn_scale())
     };
     let tc = Instant::now();
     let inputs: Vec<HeadInput> = heads.iter().map(|&i| input_of(i)).collect();

@@ -60,6 +60,32 @@ pub struct HeadInput<'a> {
     pub scale: f32,                 // attention logit scale (1/sqrt(d) for our models)
 }
 
+impl<'a> HeadInput<'a> {
+    /// Rows `rows` of (layer, kv_head) of `cache` as a method's input; attention scale 1/√d.
+    pub fn from_cache(
+        cache: &'a crate::kv_cache::KvCache,
+        layer: usize,
+        kv_head: usize,
+        rows: std::ops::Range<usize>,
+        queries: Option<&'a [f32]>,
+        scale: f32,
+    ) -> HeadInput<'a> {
+        let d = cache.head_dim;
+        let (keys, values, bias, positions) = cache.head(layer, kv_head);
+        HeadInput {
+            layer,
+            kv_head,
+            d,
+            keys: &keys[rows.start * d..rows.end * d],
+            values: &values[rows.start * d..rows.end * d],
+            positions: &positions[rows.clone()],
+            bias: bias.map(|b| &b[rows]),
+            queries,
+            scale,
+        }
+    }
+}
+
 impl HeadInput<'_> {
     /// Rows T (0 when d = 0; [`HeadInput::validate`] rejects that).
     pub fn rows(&self) -> usize {

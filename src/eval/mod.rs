@@ -517,22 +517,8 @@ fn prepare(env: &Env, s: &Sample) -> Result<SampleCtx> {
 
 /// The span input of head i (layer-major) of the prefilled cache.
 fn span_input<'a>(model: &Model, sc: &'a SampleCtx, i: usize, queries: Option<&'a [f32]>) -> HeadInput<'a> {
-    let c = &model.config;
-    let (nkv, hd) = (c.n_kv_heads, c.head_dim);
-    let (l, h) = (i / nkv, i % nkv);
-    let rows = sc.layout.article_rows();
-    let (keys, values, bias, positions) = sc.full.head(l, h);
-    HeadInput {
-        layer: l,
-        kv_head: h,
-        d: hd,
-        keys: &keys[rows.start * hd..rows.end * hd],
-        values: &values[rows.start * hd..rows.end * hd],
-        positions: &positions[rows.clone()],
-        bias: bias.map(|b| &b[rows.clone()]),
-        queries,
-        scale: c.attn_scale(),
-    }
+    let nkv = model.config.n_kv_heads;
+    HeadInput::from_cache(&sc.full, i / nkv, i % nkv, sc.layout.article_rows(), queries, model.config.attn_scale())
 }
 
 fn head_context<'a>(env: &'a Env, sc: &'a SampleCtx, i: usize) -> HeadContext<'a> {

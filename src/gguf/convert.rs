@@ -485,15 +485,7 @@ pub fn hf_config_json(gguf: &GgufFile, dtype: OutDtype) -> Result<Json, GgufErro
         "vocab_size": p.vocab,
     });
     if let Json::Object(m) = &mut c {
-        for (key, name) in [
-            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-        ] {
-            if let Some(id) = gguf.get_u64(key)? {
-                m.insert(name.into(), json!(id));
-            }
-        }
+        insert_special_ids(gguf, m)?;
     }
     Ok(c)
 }
@@ -501,6 +493,12 @@ pub fn hf_config_json(gguf: &GgufFile, dtype: OutDtype) -> Result<Json, GgufErro
 /// `generation_config.json`: the special ids generation needs.
 pub fn generation_config_json(gguf: &GgufFile) -> Result<Json, GgufError> {
     let mut m = Map::new();
+    insert_special_ids(gguf, &mut m)?;
+    Ok(Json::Object(m))
+}
+
+/// bos/eos/pad ids from the GGUF tokenizer metadata, under their HF config names.
+fn insert_special_ids(gguf: &GgufFile, m: &mut Map<String, Json>) -> Result<(), GgufError> {
     for (key, name) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -510,7 +508,7 @@ pub fn generation_config_json(gguf: &GgufFile) -> Result<Json, GgufError> {
             m.insert(name.into(), json!(id));
         }
     }
-    Ok(Json::Object(m))
+    Ok(())
 }
 
 /// `tokenizer_config.json`: chat template, special-token strings, BOS/EOS policy, max length.
