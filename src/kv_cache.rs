@@ -8,6 +8,12 @@
 //!   sequence: the RoPE position the next token gets. The counter is independent of the
 //!   physical row counts, which may differ per head (ragged) after compaction or eviction.
 //!
+//! - A **slim** cache (Slim Attention, see [`crate::slim`]) stores, for each layer that runs
+//!   slim, only the pre-RoPE keys of all KV heads side by side ([`SlimStore`], [rows, kv_dim]);
+//!   the values are rebuilt from them. [`SlimMeta`] holds what those layers share: one position
+//!   and one RoPE cos/sin row per token, and each layer's [`SlimMode`]. Layers that are not slim
+//!   use the per-head storage above.
+//!
 //! Invariant (checked by [`KvCache::check`]): in every head, positions are strictly increasing
 //! and all below `next_pos`; keys, values, positions (and bias, if present) have one entry per row.
 
@@ -46,6 +52,35 @@ pub struct HeadRows {
     pub bias: Option<Vec<f32>>, // [rows]
 }
 
+/// How one layer of a slim cache holds its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlimMode {
+    /// Not decided yet: the first prefill validates the layer on its real keys.
+    Pending,
+    /// Pre-RoPE keys only ([`SlimStore`]); values rebuilt from them.
+    Slim,
+    /// A normal per-head K/V cache (the layer failed a slim gate).
+    Full,
+}
+
+/// K-only storage of one slim layer.
+#[derive(Debug, Clone, Default)]
+pub struct SlimStore {
+    pub k_raw: Vec<f32>, // [rows, kv_dim] k0 = x·W_K (no bias, no RoPE), all KV heads side by side
+}
+
+/// Metadata shared by the slim layers of a cache. A slim layer's rows are the first
+/// `k_raw.len() / kv_dim` entries of `positions` (all slim layers hold the same tokens).
+#[derive(Debug, Clone, Default)]
+pub struct SlimMeta {
+    pub positions: Vec<u32>,       // [rows] absolute position of each token, increasing
+    pub rope: Vec<f32>,            // [rows, head_dim] cos (first half) | sin (second half) at that position
+    pub modes: Vec<SlimMode>,      // [n_layers]
+    pub val_err: Vec<Option<f64>>, // [n_layers] rel. error of V rebuilt on the first prefill
+    pub val_tokens: usize,         // tokens that validation used
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub n_layers: usize,
@@ -53,6 +88,8 @@ pub struct KvCache {
     pub head_dim: usize,
     store: Vec<HeadStore>, // [n_layers * n_kv_heads]
     meta: Vec<HeadMeta>,   // [n_layers * n_kv_heads]
+    slim_store: Vec<SlimStore>, // [n_layers] when slim, else empty
+    slim_meta: Option<SlimMeta>,
     next_pos: usize,
 }
 
@@ -65,7 +102,77 @@ impl KvCache {
             head_dim,
             store: vec![HeadStore::default(); n],
             meta: vec![HeadMeta::default(); n],
+            slim_store: Vec::new(),
+            slim_meta: None,
             next_pos: 0,
+        }
+    }
+
+    /// A cache whose layers may run slim (each decided on the first prefill).
+    pub fn new_slim(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvCache {
+        let mut c = KvCache::new(n_layers, n_kv_heads, head_dim);
+        c.slim_store = vec![SlimStore::default(); n_layers];
+        c.slim_meta = Some(SlimMeta {
+            modes: vec![SlimMode::Pending; n_layers],
+            val_err: vec![None; n_layers],
+            ..Default::default()
+        });
+        c
+    }
+
+    pub fn is_slim(&self) -> bool {
+        self.slim_meta.is_some()
+    }
+
+    /// The layer's slim mode, or None for a normal cache.
+    pub fn slim_mode(&self, layer: usize) -> Option<SlimMode> {
+        self.slim_meta.as_ref().map(|m| m.modes[layer])
+    }
+
+    pub fn slim_meta(&self) -> Option<&SlimMeta> {
+        self.slim_meta.as_ref()
+    }
+
+    /// Record a layer's decision (and the validation error it was based on).
+    pub fn set_slim_mode(&mut self, layer: usize, mode: SlimMode, err: Option<f64>, tokens: usize) {
+        let m = self.slim_meta.as_mut().expect("set_slim_mode on a slim cache");
+        m.modes[layer] = mode;
+        m.val_err[layer] = err;
+        m.val_tokens = tokens;
+    }
+
+    /// Register a chunk's tokens with the slim layers: positions [n] and their RoPE rows
+    /// (`cos`, `sin`: [n, head_dim/2]). Called once per chunk, before the layers append keys.
+    pub fn slim_push_positions(&mut self, positions: &[u32], cos: &[f32], sin: &[f32]) {
+        let half = self.head_dim / 2;
+        let m = self.slim_meta.as_mut().expect("slim_push_positions on a slim cache");
+        m.positions.extend_from_slice(positions);
+        for i in 0..positions.len() {
+            m.rope.extend_from_slice(&cos[i * half..(i + 1) * half]);
+            m.rope.extend_from_slice(&sin[i * half..(i + 1) * half]);
+        }
+    }
+
+    /// Append pre-RoPE key rows [n, kv_dim] to a slim layer.
+    pub fn slim_append(&mut self, layer: usize, k_raw: &[f32]) {
+        let kvd = self.n_kv_heads * self.head_dim;
+        let s = &mut self.slim_store[layer].k_raw;
+        if s.capacity() < s.len() + k_raw.len() {
+            let rows = (s.len() + k_raw.len()).div_ceil(kvd).div_ceil(GROW_ROWS) * GROW_ROWS;
+            s.reserve_exact(rows * kvd - s.len());
+        }
+        s.extend_from_slice(k_raw);
+    }
+
+    /// A slim layer's pre-RoPE keys [rows, kv_dim] and the shared metadata.
+    pub fn slim_layer(&self, layer: usize) -> (&[f32], &SlimMeta) {
+        (&self.slim_store[layer].k_raw, self.slim_meta.as_ref().expect("slim_layer on a slim cache"))
+    }
+
+    fn slim_rows(&self, layer: usize) -> usize {
+        match self.slim_mode(layer) {
+            Some(SlimMode::Slim) => self.slim_store[layer].k_raw.len() / (self.n_kv_heads * self.head_dim),
+            _ => 0,
         }
     }
 
@@ -82,16 +189,17 @@ impl KvCache {
 
     /// Physical rows held by one (layer, KV head).
     pub fn len(&self, layer: usize, head: usize) -> usize {
-        self.meta[self.idx(layer, head)].len()
+        self.meta[self.idx(layer, head)].len() + self.slim_rows(layer)
     }
 
     /// Largest physical row count over all heads.
     pub fn max_len(&self) -> usize {
-        self.meta.iter().map(HeadMeta::len).max().unwrap_or(0)
+        let slim = (0..self.n_layers).map(|l| self.slim_rows(l)).max().unwrap_or(0);
+        self.meta.iter().map(HeadMeta::len).max().unwrap_or(0).max(slim)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.meta.iter().all(HeadMeta::is_empty)
+        self.meta.iter().all(HeadMeta::is_empty) && self.slim_store.iter().all(|s| s.k_raw.is_empty())
     }
 
     pub fn meta(&self, layer: usize, head: usize) -> &HeadMeta {
@@ -180,6 +288,11 @@ impl KvCache {
                 self.next_pos
             )));
         }
+        if self.slim_mode(layer) == Some(SlimMode::Slim) {
+            return Err(Error::Invalid(format!(
+                "KvCache::replace_head: layer {layer} is a slim (K-only) layer; its heads cannot be replaced one by one"
+            )));
+        }
         let i = self.idx(layer, head);
         self.store[i] = HeadStore { keys: rows.keys, values: rows.values };
         self.meta[i] = HeadMeta { positions: rows.positions, bias: rows.bias };
@@ -191,6 +304,11 @@ impl KvCache {
     pub fn truncate_to(&mut self, pos: usize) {
         for l in 0..self.n_layers {
             self.truncate_layer_to(l, pos);
+        }
+        if let Some(m) = self.slim_meta.as_mut() {
+            let keep = m.positions.partition_point(|&p| (p as usize) < pos);
+            m.positions.truncate(keep);
+            m.rope.truncate(keep * self.head_dim);
         }
         self.next_pos = self.next_pos.min(pos);
     }
@@ -210,6 +328,13 @@ impl KvCache {
             self.store[i].keys.truncate(keep * hd);
             self.store[i].values.truncate(keep * hd);
         }
+        if let Some(m) = self.slim_meta.as_ref() {
+            let kvd = self.n_kv_heads * hd;
+            let s = &mut self.slim_store[layer].k_raw;
+            let rows = s.len() / kvd;
+            let keep = m.positions[..rows].partition_point(|&p| (p as usize) < pos);
+            s.truncate(keep * kvd);
+        }
     }
 
     /// Forget everything.
@@ -217,16 +342,29 @@ impl KvCache {
         self.truncate_to(0);
     }
 
-    /// Bytes held for keys, values, positions and biases (what the cache really costs).
+    /// Bytes held for keys, values, positions and biases (what the cache really costs); for
+    /// slim layers the pre-RoPE keys, plus one position and RoPE row per token they share.
     pub fn bytes(&self) -> usize {
         let rows: usize = self.meta.iter().map(HeadMeta::len).sum();
         let bias_rows: usize = self.meta.iter().filter_map(|m| m.bias.as_ref()).map(Vec::len).sum();
-        rows * (2 * self.head_dim * 4 + 4) + bias_rows * 4
+        rows * (2 * self.head_dim * 4 + 4) + bias_rows * 4 + self.slim_bytes()
+    }
+
+    /// The slim part of [`KvCache::bytes`]: K-only rows, and the shared positions / RoPE rows
+    /// when any layer is slim.
+    pub fn slim_bytes(&self) -> usize {
+        let k: usize = self.slim_store.iter().map(|s| s.k_raw.len() * 4).sum();
+        let shared = match &self.slim_meta {
+            Some(m) if m.modes.contains(&SlimMode::Slim) => m.positions.len() * 4 + m.rope.len() * 4,
+            _ => 0,
+        };
+        k + shared
     }
 
     /// Total rows over all (layer, KV head).
     pub fn total_rows(&self) -> usize {
-        self.meta.iter().map(HeadMeta::len).sum()
+        let slim: usize = (0..self.n_layers).map(|l| self.slim_rows(l) * self.n_kv_heads).sum();
+        self.meta.iter().map(HeadMeta::len).sum::<usize>() + slim
     }
 
     /// Verify the invariants; used by tests and after loading a cache from disk.
@@ -247,6 +385,24 @@ impl KvCache {
             }
             if m.positions.last().is_some_and(|&p| p as usize >= self.next_pos) {
                 return bad(format!("a position is ≥ the logical length {}", self.next_pos));
+            }
+        }
+        if let Some(m) = &self.slim_meta {
+            let kvd = self.n_kv_heads * hd;
+            let bad = |msg: String| Err(Error::Invalid(format!("slim KV cache: {msg}")));
+            if m.rope.len() != m.positions.len() * hd {
+                return bad("RoPE rows differ from positions".into());
+            }
+            if m.positions.windows(2).any(|w| w[0] >= w[1]) {
+                return bad("positions are not strictly increasing".into());
+            }
+            for (l, s) in self.slim_store.iter().enumerate() {
+                if s.k_raw.len() % kvd != 0 || s.k_raw.len() / kvd > m.positions.len() {
+                    return bad(format!("layer {l} holds {} key floats for {} positions", s.k_raw.len(), m.positions.len()));
+                }
+                if m.modes[l] != SlimMode::Slim && !s.k_raw.is_empty() {
+                    return bad(format!("layer {l} is not slim but holds K-only rows"));
+                }
             }
         }
         Ok(())

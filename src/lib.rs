@@ -23,6 +23,7 @@ pub mod linalg;
 pub mod model;
 pub mod qfilters;
 pub mod sampling;
+pub mod slim;
 pub mod tokenizer;
 pub mod weights;
 

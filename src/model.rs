@@ -18,7 +18,8 @@ use rayon::prelude::*;
 
 use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{HeadMeta, HeadStore, KvCache, SlimMode};
+use crate::slim::{SlimOptions, SlimWeights};
 use crate::weights::{MatrixView, WDtype, Weights};
 
 /// Default number of tokens per forward chunk.
@@ -30,6 +31,8 @@ const BLOCK_ATTN_MIN_TOKENS: usize = 8;
 const ATTN_BLOCK_TOKENS: usize = 64;
 /// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
 const WIDEN_TILE_ROWS: usize = 256;
+/// Key columns per task of the slim decode product K̄ = S·K_raw (fixed: thread-count independent).
+const SLIM_COL_BLOCK: usize = 64;
 
 /// Which logits a forward call should produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,8 @@ pub struct Model {
     pub weights: Weights,
     pub dir: PathBuf,
     inv_freq: Vec<f32>, // [head_dim/2] RoPE inverse frequencies after scaling
+    /// Slim-attention weights, once [`Model::enable_slim`] has prepared them.
+    pub slim: Option<SlimWeights>,
 }
 
 /// Activation buffers for up to `max_batch` tokens; shapes use B = max_batch.
@@ -67,6 +72,8 @@ pub struct RunState {
     positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
     base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
     wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
+    slim_s: Vec<f32>,    // [nh, rows] slim decode softmax weights (grown on demand)
+    slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums, column-blocked
     /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
     pub logits: Vec<f32>,
     /// When set, what it enables is recorded on every forward call.
@@ -100,11 +107,23 @@ impl Model {
         let config = Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::load(dir, &config)?;
         let inv_freq = rope_inv_freq(&config);
-        Ok(Model { config, weights, dir: dir.into(), inv_freq })
+        Ok(Model { config, weights, dir: dir.into(), inv_freq, slim: None })
+    }
+
+    /// Prepare Slim Attention (W_KV per layer in f64, load-time gates); from now on
+    /// [`Model::new_cache`] returns K-only caches. Refuses models where it cannot apply.
+    pub fn enable_slim(&mut self, opts: SlimOptions) -> Result<&SlimWeights> {
+        let sw = crate::slim::prepare(&self.config, &self.weights, opts)?;
+        Ok(self.slim.insert(sw))
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim)
+        let c = &self.config;
+        if self.slim.is_some() {
+            KvCache::new_slim(c.n_layers, c.n_kv_heads, c.head_dim)
+        } else {
+            KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim)
+        }
     }
 
     pub fn new_state(&self, max_batch: usize) -> RunState {
@@ -128,6 +147,8 @@ impl Model {
             positions: vec![0; b],
             base: vec![0; c.n_kv_heads],
             wtile: vec![0.0; wide],
+            slim_s: Vec::new(),
+            slim_kbar: Vec::new(),
             logits: Vec::with_capacity(c.vocab_size),
             capture: None,
         }
@@ -159,6 +180,9 @@ impl Model {
                 got: format!("{} × {} × {}", cache.n_layers, cache.n_kv_heads, cache.head_dim),
             });
         }
+        if cache.is_slim() && self.slim.is_none() {
+            return Err(Error::Invalid("a slim (K-only) cache needs a model with slim attention enabled".into()));
+        }
         state.logits.clear();
         let n_chunks = tokens.len().div_ceil(state.max_batch);
         for (ci, chunk) in tokens.chunks(state.max_batch).enumerate() {
@@ -184,6 +208,10 @@ impl Model {
         let pos0 = cache.next_pos();
         self.embed(st, tokens);
         self.prepare_positions(st, n, pos0);
+        if cache.is_slim() {
+            let half = self.config.head_dim / 2;
+            cache.slim_push_positions(&st.positions[..n], &st.cos[..n * half], &st.sin[..n * half]);
+        }
         for l in 0..self.config.n_layers {
             self.layer(l, st, cache, n);
         }
@@ -224,9 +252,8 @@ impl Model {
         let lw = &self.weights.layers[l];
         let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
-        let (nh, nkv, group) = (c.n_heads, c.n_kv_heads, c.group_size());
+        let (nh, nkv) = (c.n_heads, c.n_kv_heads);
         let eps = c.rms_norm_eps;
-        let pos0 = st.positions[0] as usize;
 
         // --- attention block ---
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
@@ -234,8 +261,16 @@ impl Model {
         self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
         self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
         add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
-        add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
         add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
+        // Slim layers cache k0 = x·W_K (before the bias and RoPE); decide a pending layer first.
+        let slim = match cache.slim_mode(l) {
+            Some(SlimMode::Pending) => self.decide_slim(l, st, cache, n),
+            mode => mode == Some(SlimMode::Slim),
+        };
+        if slim {
+            cache.slim_append(l, &st.kv_k[..n * kvd]);
+        }
+        add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
         let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
         rope_heads(&mut st.q[..n * qd], nh, hd, cos, sin, lw.q_norm.as_deref(), eps);
         rope_heads(&mut st.kv_k[..n * kvd], nkv, hd, cos, sin, lw.k_norm.as_deref(), eps);
@@ -244,34 +279,17 @@ impl Model {
             cap.queries[l].extend_from_slice(&st.q[..n * qd]);
         }
 
-        // Append this chunk's keys/values to each KV head; remember where the chunk starts.
-        cache.reserve(l, n);
-        for h in 0..nkv {
-            st.base[h] = cache.len(l, h);
-            cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
-        }
-
-        // Causal attention: token i of the chunk sees its head's rows up to base + i
-        // (everything cached earlier has a smaller position), minus any sliding window.
-        if n >= BLOCK_ATTN_MIN_TOKENS {
-            self.attention_blocks(l, st, cache, n);
+        if slim {
+            self.attention_slim(l, st, cache, n);
         } else {
-            let scale = c.attn_scale();
-            let window = c.sliding_window;
-            let q = &st.q[..n * qd];
+            // Append this chunk's keys/values to each KV head; remember where the chunk starts.
+            cache.reserve(l, n);
+            for h in 0..nkv {
+                st.base[h] = cache.len(l, h);
+                cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
+            }
             let (stores, metas) = cache.layer(l);
-            let base = &st.base[..];
-            st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
-                let (i, g) = (idx / nkv, idx % nkv);
-                let visible = base[g] + i + 1;
-                let start = window_start(window, pos0 + i, &metas[g].positions[..visible]);
-                let rows = visible - start;
-                let keys = &stores[g].keys[start * hd..visible * hd];
-                let values = &stores[g].values[start * hd..visible * hd];
-                let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
-                let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-                k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
-            });
+            self.attention(st, stores, metas, n);
         }
         self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
@@ -297,18 +315,44 @@ impl Model {
         }
     }
 
-    /// Multi-token causal attention in blocks of [`ATTN_BLOCK_TOKENS`] query tokens per KV head,
-    /// as two GEMMs per block: S = scale·Q_blk·Kᵀ (+β), masked row softmax, O = P·V. One task per
-    /// (KV head, block), each sequential inside, so results do not depend on the thread count.
-    /// S is [G·block, rows visible to the block], never [T, T].
-    fn attention_blocks(&self, l: usize, st: &mut RunState, cache: &KvCache, n: usize) {
+    /// Causal attention of the chunk's queries st.q [n, nh·hd] over one layer's heads into
+    /// st.att: token i sees its head's rows up to st.base[g] + i (everything cached earlier has a
+    /// smaller position), minus any sliding window.
+    fn attention(&self, st: &mut RunState, stores: &[HeadStore], metas: &[HeadMeta], n: usize) {
+        if n >= BLOCK_ATTN_MIN_TOKENS {
+            return self.attention_blocks(st, stores, metas, n);
+        }
         let c = &self.config;
         let (hd, qd, nkv, group) = (c.head_dim, c.q_dim(), c.n_kv_heads, c.group_size());
         let scale = c.attn_scale();
         let window = c.sliding_window;
         let pos0 = st.positions[0] as usize;
         let q = &st.q[..n * qd];
-        let (stores, metas) = cache.layer(l);
+        let base = &st.base[..];
+        st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
+            let (i, g) = (idx / nkv, idx % nkv);
+            let visible = base[g] + i + 1;
+            let start = window_start(window, pos0 + i, &metas[g].positions[..visible]);
+            let rows = visible - start;
+            let keys = &stores[g].keys[start * hd..visible * hd];
+            let values = &stores[g].values[start * hd..visible * hd];
+            let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
+            let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
+            k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+        });
+    }
+
+    /// Multi-token causal attention in blocks of [`ATTN_BLOCK_TOKENS`] query tokens per KV head,
+    /// as two GEMMs per block: S = scale·Q_blk·Kᵀ (+β), masked row softmax, O = P·V. One task per
+    /// (KV head, block), each sequential inside, so results do not depend on the thread count.
+    /// S is [G·block, rows visible to the block], never [T, T].
+    fn attention_blocks(&self, st: &mut RunState, stores: &[HeadStore], metas: &[HeadMeta], n: usize) {
+        let c = &self.config;
+        let (hd, qd, nkv, group) = (c.head_dim, c.q_dim(), c.n_kv_heads, c.group_size());
+        let scale = c.attn_scale();
+        let window = c.sliding_window;
+        let pos0 = st.positions[0] as usize;
+        let q = &st.q[..n * qd];
         let base = &st.base[..];
         let row_w = group * hd; // one token's G query heads
         st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
@@ -356,6 +400,132 @@ impl Model {
                 row[g * row_w..(g + 1) * row_w].copy_from_slice(src);
             }
         });
+    }
+
+    /// First prefill of a slim cache at layer `l`: keep the layer slim if it passed the load gate
+    /// and V rebuilt from this chunk's keys k0 = x·W_K (st.kv_k, before bias and RoPE) matches the
+    /// V computed from X (st.kv_v) within `max_rel_err`; otherwise it keeps a normal K/V cache from now on.
+    fn decide_slim(&self, l: usize, st: &RunState, cache: &mut KvCache, n: usize) -> bool {
+        let sw = self.slim.as_ref().expect("a slim cache implies slim weights (checked in forward)");
+        let Some(layer) = sw.layers[l].as_ref() else {
+            cache.set_slim_mode(l, SlimMode::Full, None, n);
+            return false;
+        };
+        let kvd = self.config.kv_dim();
+        let mut v = vec![0.0f32; n * kvd];
+        layer.values_from_unbiased_par(&st.kv_k[..n * kvd], n, &mut v);
+        let err = crate::slim::rel_fro(&v, &st.kv_v[..n * kvd]);
+        let ok = err <= sw.opts.max_rel_err; // false for NaN
+        cache.set_slim_mode(l, if ok { SlimMode::Slim } else { SlimMode::Full }, Some(err), n);
+        if !ok {
+            tracing::info!(layer = l, rel_err = err, tokens = n, "slim attention: layer keeps a normal K/V cache");
+        }
+        ok
+    }
+
+    /// Attention of a slim layer whose pre-RoPE keys (this chunk's included) are in the cache.
+    ///
+    /// - Chunks of ≥ [`BLOCK_ATTN_MIN_TOKENS`] (prefill): per-head rotated keys and values are
+    ///   materialised for the blocked attention — earlier rows rebuilt from the cache, the chunk's
+    ///   own rows straight from X (so a first prefill is exactly the standard path).
+    /// - Fewer tokens (decode), the paper's option 2: per head, logits with b_K added and RoPE
+    ///   applied on read, softmax s, then k̄0 = s·K0 over the full key width, and the head's
+    ///   output k̄0·W_KV,h + b_V,h. K is read once per token for the logits and once for k̄0.
+    fn attention_slim(&self, l: usize, st: &mut RunState, cache: &KvCache, n: usize) {
+        let c = &self.config;
+        let (hd, qd, kvd, nh, nkv, half) = (c.head_dim, c.q_dim(), c.kv_dim(), c.n_heads, c.n_kv_heads, c.head_dim / 2);
+        let group = c.group_size();
+        let layer = self.slim.as_ref().and_then(|s| s.layers[l].as_ref()).expect("slim layer has weights");
+        let (k_raw, meta) = cache.slim_layer(l);
+        let rows = k_raw.len() / kvd;
+        let base = rows - n;
+        if n >= BLOCK_ATTN_MIN_TOKENS {
+            let mut v_old = vec![0.0f32; base * kvd];
+            layer.values_from_unbiased_par(&k_raw[..base * kvd], base, &mut v_old);
+            let (kv_k, kv_v) = (&st.kv_k, &st.kv_v);
+            let stores: Vec<HeadStore> = (0..nkv)
+                .into_par_iter()
+                .map(|g| {
+                    let (mut keys, mut values) = (Vec::with_capacity(rows * hd), Vec::with_capacity(rows * hd));
+                    for r in 0..base {
+                        let at = keys.len();
+                        keys.extend_from_slice(&k_raw[r * kvd + g * hd..r * kvd + (g + 1) * hd]);
+                        if let Some(b) = &layer.b_k {
+                            keys[at..].iter_mut().zip(&b[g * hd..(g + 1) * hd]).for_each(|(k, b)| *k += b);
+                        }
+                        let rope = &meta.rope[r * hd..(r + 1) * hd];
+                        k::rope_rotate_half(&mut keys[at..], &rope[..half], &rope[half..]);
+                        values.extend_from_slice(&v_old[r * kvd + g * hd..r * kvd + (g + 1) * hd]);
+                    }
+                    for i in 0..n {
+                        keys.extend_from_slice(&kv_k[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
+                        values.extend_from_slice(&kv_v[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
+                    }
+                    HeadStore { keys, values }
+                })
+                .collect();
+            let metas: Vec<HeadMeta> =
+                (0..nkv).map(|_| HeadMeta { positions: meta.positions[..rows].to_vec(), bias: None }).collect();
+            st.base[..nkv].fill(base);
+            return self.attention_blocks(st, &stores, &metas, n);
+        }
+
+        let scale = c.attn_scale();
+        let pos0 = st.positions[0] as usize;
+        let RunState { q, att, slim_s, slim_kbar, .. } = st;
+        for i in 0..n {
+            let visible = base + i + 1;
+            let start = window_start(c.sliding_window, pos0 + i, &meta.positions[..visible]);
+            let m = visible - start;
+            let qi = &q[i * qd..(i + 1) * qd];
+            // S [nh, m]: softmax of the logits, RoPE applied to each raw key as it is read.
+            slim_s.resize(nh * m, 0.0);
+            slim_s.par_chunks_mut(m).enumerate().for_each_init(
+                || vec![0.0f32; hd],
+                |kb, (h, srow)| {
+                    let (qh, col) = (&qi[h * hd..(h + 1) * hd], (h / group) * hd);
+                    let bk = layer.b_k.as_deref().map(|b| &b[col..col + hd]);
+                    for (t, sv) in srow.iter_mut().enumerate() {
+                        let r = start + t;
+                        let rope = &meta.rope[r * hd..(r + 1) * hd];
+                        let mut key = &k_raw[r * kvd + col..r * kvd + col + hd];
+                        if let Some(b) = bk {
+                            kb.iter_mut().zip(key).zip(b).for_each(|((o, k), b)| *o = k + b);
+                            key = &kb[..];
+                        }
+                        *sv = scale * k::rope_dot(qh, key, &rope[..half], &rope[half..]);
+                    }
+                    k::softmax_inplace(srow);
+                },
+            );
+            // K̄ [nh, kvd] = S·K_raw[start..visible], in fixed column blocks (block b is stored
+            // as [nh, width_b] at offset nh·b·SLIM_COL_BLOCK).
+            slim_kbar.resize(nh * kvd, 0.0);
+            let sm = MatRef::from_row_major_slice(&slim_s[..nh * m], nh, m);
+            let kr = MatRef::from_row_major_slice(&k_raw[start * kvd..visible * kvd], m, kvd);
+            slim_kbar.par_chunks_mut(nh * SLIM_COL_BLOCK).enumerate().for_each(|(b, blk)| {
+                let w = blk.len() / nh;
+                let om = MatMut::from_row_major_slice_mut(blk, nh, w);
+                faer::linalg::matmul::matmul(om, Accum::Replace, sm, kr.subcols(b * SLIM_COL_BLOCK, w), 1.0f32, Par::Seq);
+            });
+            // Head h: k̄0_h·W_KV,h + b_V,h (k̄0 = Σ s·k0 excludes b_K), a GEMV over W_KVᵀ's
+            // rows h·hd..(h+1)·hd.
+            let kbar = &slim_kbar[..];
+            att[i * qd..(i + 1) * qd].par_chunks_mut(hd).enumerate().for_each_init(
+                || vec![0.0f32; kvd],
+                |x, (h, out)| {
+                    for (b, blk) in kbar.chunks(nh * SLIM_COL_BLOCK).enumerate() {
+                        let w = blk.len() / nh;
+                        x[b * SLIM_COL_BLOCK..b * SLIM_COL_BLOCK + w].copy_from_slice(&blk[h * w..(h + 1) * w]);
+                    }
+                    let w = &layer.w_kv_t[h * hd * kvd..(h + 1) * hd * kvd];
+                    k::gemv(k::WeightRef::F32(w), hd, kvd, x, out);
+                    if let Some(bv) = &layer.b_v {
+                        out.iter_mut().zip(&bv[h * hd..(h + 1) * hd]).for_each(|(a, b)| *a += b);
+                    }
+                },
+            );
+        }
     }
 
     /// Layer `l`'s queries for the residual rows st.x [n, d] (after q_norm and RoPE, as the

@@ -5,6 +5,7 @@
 //! | [`dot`], [`axpy`] | AVX2+FMA, 4 f32x8 accumulators | [`dot_ref`], [`axpy_ref`] |
 //! | [`rmsnorm`] | AVX2 sum of squares + vector scale | [`rmsnorm_ref`] |
 //! | [`rope_rotate_half`] | AVX2, bit-identical to the twin | [`rope_rotate_half_ref`] |
+//! | [`rope_dot`] (slim attention: score a pre-RoPE key) | AVX2+FMA, rotation in registers | [`rope_dot_ref`] |
 //! | [`softmax_inplace`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp) | [`softmax_inplace_ref`], [`silu_mul_ref`] |
 //! | [`argmax`] | AVX2 max + compare/movemask, exact | [`argmax_ref`] |
 //! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C | [`gemv_ref`] |
@@ -38,7 +39,7 @@ pub use activ::{argmax, argmax_ref, silu_mul, silu_mul_ref, softmax_inplace, sof
 pub use attn::{attend_group, attend_group_ref};
 pub use gemv::{gemv, gemv_par, gemv_ref, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};
-pub use rope::{rope_rotate_half, rope_rotate_half_ref};
+pub use rope::{rope_dot, rope_dot_ref, rope_rotate_half, rope_rotate_half_ref};
 pub use vecops::{axpy, axpy_ref, dot, dot_ref};
 
 /// What the run-time dispatch detected: `"avx2+fma+f16c"`, `"avx2+fma"`

@@ -85,3 +85,78 @@ fn rot(
     let nb = avx._mm256_add_ps(avx._mm256_mul_ps(b, c), avx._mm256_mul_ps(a, s));
     (na, nb)
 }
+
+/// Naive twin of [`rope_dot`].
+pub fn rope_dot_ref(q: &[f32], k: &[f32], cos: &[f32], sin: &[f32]) -> f32 {
+    let h = check(k, cos, sin);
+    assert_eq!(q.len(), k.len(), "rope_dot: q and k lengths differ");
+    let mut s = 0.0f32;
+    for i in 0..h {
+        let (a, b) = (k[i], k[i + h]);
+        s += q[i] * (a * cos[i] - b * sin[i]);
+        s += q[i + h] * (b * cos[i] + a * sin[i]);
+    }
+    s
+}
+
+/// `<q, RoPE(k)>` with the rotation applied on read: `q, k: [d]`, `cos, sin: [d/2]` of k's
+/// position. Slim attention caches pre-RoPE keys (V is rebuilt from them), so scoring rotates
+/// each cached key as it is read instead of storing a rotated copy.
+///
+/// The AVX2 path rotates 8 pairs in registers and accumulates with FMA in two accumulators;
+/// it differs from [`rope_dot_ref`] by rounding only.
+pub fn rope_dot(q: &[f32], k: &[f32], cos: &[f32], sin: &[f32]) -> f32 {
+    let h = check(k, cos, sin);
+    assert_eq!(q.len(), k.len(), "rope_dot: q and k lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = v3() {
+        struct Op<'a>(x86::V3, &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+        impl pulp::NullaryFnOnce for Op<'_> {
+            type Output = f32;
+            #[inline(always)]
+            fn call(self) -> f32 {
+                let Op(simd, q, k, cos, sin) = self;
+                let h = k.len() / 2;
+                let (klo, khi) = k.split_at(h); // [h] each
+                let (qlo, qhi) = q.split_at(h);
+                let (kl8, klt) = pulp::as_arrays::<8, f32>(klo);
+                let (kh8, kht) = pulp::as_arrays::<8, f32>(khi);
+                let (ql8, qlt) = pulp::as_arrays::<8, f32>(qlo);
+                let (qh8, qht) = pulp::as_arrays::<8, f32>(qhi);
+                let (c8, ct) = pulp::as_arrays::<8, f32>(&cos[..h]);
+                let (s8, stl) = pulp::as_arrays::<8, f32>(&sin[..h]);
+                let z = simd.avx._mm256_setzero_ps();
+                let (mut acc_lo, mut acc_hi) = (z, z);
+                let mut step = |a, b, c, s, ql, qh| {
+                    let (ra, rb) = rot(simd, a, b, c, s);
+                    acc_lo = simd.fma._mm256_fmadd_ps(ql, ra, acc_lo);
+                    acc_hi = simd.fma._mm256_fmadd_ps(qh, rb, acc_hi);
+                };
+                for i in 0..kl8.len() {
+                    step(
+                        x86::ld(&kl8[i]),
+                        x86::ld(&kh8[i]),
+                        x86::ld(&c8[i]),
+                        x86::ld(&s8[i]),
+                        x86::ld(&ql8[i]),
+                        x86::ld(&qh8[i]),
+                    );
+                }
+                if !klt.is_empty() {
+                    step(
+                        x86::ld_part(simd, klt),
+                        x86::ld_part(simd, kht),
+                        x86::ld_part(simd, ct),
+                        x86::ld_part(simd, stl),
+                        x86::ld_part(simd, qlt),
+                        x86::ld_part(simd, qht),
+                    );
+                }
+                x86::hsum4(simd, [acc_lo, acc_hi, z, z])
+            }
+        }
+        return simd.vectorize(Op(simd, q, k, cos, sin));
+    }
+    let _ = h;
+    rope_dot_ref(q, k, cos, sin)
+}

@@ -157,6 +157,33 @@ proptest! {
     }
 
     #[test]
+    fn rope_dot_matches_ref_and_rotated_dot(
+        half_d in 1usize..=67,
+        pos in 0u32..5000,
+        seed in any::<u64>(),
+    ) {
+        let d = 2 * half_d;
+        let mut rng = Rng(seed | 1);
+        let q: Vec<f32> = (0..d).map(|_| rng.f() * 3.0).collect();
+        let k: Vec<f32> = (0..d).map(|_| rng.f() * 3.0).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..half_d)
+            .map(|i| {
+                let ang = pos as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+                (ang.cos() as f32, ang.sin() as f32)
+            })
+            .unzip();
+        // Reference: rotate k explicitly, then an f64 dot; tolerance from the |terms| sum.
+        let mut kr = k.clone();
+        rope_rotate_half_ref(&mut kr, &cos, &sin);
+        let (exact, abs) = dot_f64(&q, &kr);
+        let tol = (3.0 * d as f64 + 10.0) * EPS as f64 * (abs + 3.0 * q.iter().zip(&k).map(|(a, b)| (a * b).abs() as f64).sum::<f64>()) + 1e-30;
+        let fast = rope_dot(&q, &k, &cos, &sin) as f64;
+        let slow = rope_dot_ref(&q, &k, &cos, &sin) as f64;
+        prop_assert!((fast - exact).abs() <= tol, "fast {fast} exact {exact} tol {tol}");
+        prop_assert!((slow - exact).abs() <= tol, "ref {slow} exact {exact} tol {tol}");
+    }
+
+    #[test]
     fn softmax_matches_ref_and_sums_to_one(
         x in len_strategy().prop_flat_map(|n| proptest::collection::vec(-30.0f32..30.0, n)),
         offset in prop_oneof![Just(0.0f32), -60.0f32..10.0],
