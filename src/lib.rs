@@ -24,6 +24,7 @@ pub mod model;
 pub mod qfilters;
 pub mod sampling;
 pub mod slim;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

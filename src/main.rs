@@ -39,6 +39,9 @@ enum Cmd {
     },
     /// Measure prefill and decode speed on the loaded weights (medians over --reps).
     Bench(BenchArgs),
+    /// Write a Llama checkpoint with seeded random weights (benchmarks at widths no small real
+    /// model has, e.g. multi-head attention for --slim).
+    SynthModel(SynthArgs),
     /// Prefill a context, compact its KV cache (Attention Matching), save the compacted cache.
     Compact(CompactArgs),
     /// The main job: prefill a document, compact it with Attention Matching, and answer questions
@@ -191,6 +194,47 @@ struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    slim: SlimArg,
+}
+
+#[derive(Args, Clone, Copy)]
+struct SlimArg {
+    /// Slim Attention: cache keys only and rebuild values from them (multi-head-attention
+    /// models; refused with the numbers otherwise). Exact to f32 working precision per layer.
+    #[arg(long)]
+    slim: bool,
+    /// With --slim: layers whose cond(W_K) exceeds this keep a normal K/V cache.
+    #[arg(long, default_value_t = kvcompact::slim::DEFAULT_MAX_COND, requires = "slim")]
+    slim_max_cond: f64,
+    /// With --slim: layers whose values, rebuilt from the first prefill's keys, differ from the
+    /// true values by more than this (relative Frobenius) keep a normal K/V cache.
+    #[arg(long, default_value_t = kvcompact::slim::DEFAULT_MAX_REL_ERR, requires = "slim")]
+    slim_max_rel_err: f64,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output directory (config.json + model.safetensors, f32).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    /// KV heads (default: --heads, i.e. multi-head attention).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    #[arg(long, default_value_t = 2816)]
+    ff: usize,
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    #[arg(long, default_value_t = 16384)]
+    max_pos: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -265,6 +309,8 @@ struct GenerateArgs {
     /// Q-Filters file (from `kvcompact qfilters calibrate`).
     #[arg(long)]
     filters: Option<PathBuf>,
+    #[command(flatten)]
+    slim: SlimArg,
 }
 
 #[derive(Args)]
@@ -333,6 +379,22 @@ fn run_cmd(cmd: Cmd) -> Result<()> {
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Convert(a) => cmd_convert(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::SynthModel(a) => {
+            let spec = kvcompact::synth::SynthSpec {
+                hidden: a.hidden,
+                heads: a.heads,
+                kv_heads: a.kv_heads.unwrap_or(a.heads),
+                layers: a.layers,
+                ff: a.ff,
+                vocab: a.vocab,
+                max_pos: a.max_pos,
+                seed: a.seed,
+            };
+            let bytes = kvcompact::synth::write_llama(&a.out, &spec)?;
+            eprintln!("wrote {:.1} MB of f32 weights", bytes as f64 / 1e6);
+            println!("{}", a.out.display());
+            Ok(())
+        }
         Cmd::Compact(a) => cmd_compact(a),
         Cmd::CompactHead(a) => cmd_compact_head(a),
         Cmd::Demo(a) => cmd_demo(a),
@@ -414,7 +476,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     let text = read_prompt(&a.prompt)?;
     let dir = model_dir(&a.model)?;
-    let (model, tok) = load(&dir)?;
+    let (mut model, tok) = load(&dir)?;
+    if a.slim.slim && (a.cache.is_some() || a.max_cache_tokens.is_some()) {
+        bail!("--slim cannot be combined with --cache or --max-cache-tokens: compaction and eviction work per KV head, while a slim layer's values are rebuilt from the keys of all heads");
+    }
+    enable_slim(&mut model, &a.slim)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
     let (mut cache, ids) = match &a.cache {
         Some(path) => {
@@ -479,10 +545,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "prefill_tok_s": out.prefill_tok_s(),
             "decode_tok_s": out.decode_tok_s(),
             "stop": out.stop,
+            "kv_bytes": cache.bytes(),
+            "slim": slim_report(&model, &cache),
         });
         println!("{j}");
     } else {
         println!();
+        print_slim_cache(&model, &cache);
         if let Some(o) = &online {
             let secs: f64 = o.reports.iter().map(|r| r.total_seconds).sum();
             eprintln!("online compactions: {} ({:.1} s); cache now {} rows per head at most, logical length {}", o.reports.len(), secs, cache.max_len(), cache.next_pos());
@@ -534,6 +603,75 @@ fn cmd_convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--slim`: prepare W_KV per layer (refusing models where slim cannot apply) and print the
+/// load-time report to stderr.
+fn enable_slim(model: &mut Model, a: &SlimArg) -> Result<()> {
+    if !a.slim {
+        return Ok(());
+    }
+    if !(a.slim_max_cond >= 1.0) || !(a.slim_max_rel_err >= 0.0) {
+        bail!("--slim-max-cond must be ≥ 1 and --slim-max-rel-err ≥ 0");
+    }
+    let t0 = Instant::now();
+    let opts = kvcompact::slim::SlimOptions { max_cond: a.slim_max_cond, max_rel_err: a.slim_max_rel_err };
+    let sw = model.enable_slim(opts)?;
+    for r in &sw.reports {
+        eprintln!(
+            "slim layer {:>2}: cond(W_K) {:>10.3e}  max|W_KV| {:>9.3e}  f64 residual {:.1e}  {}",
+            r.layer,
+            r.cond,
+            r.max_abs_wkv,
+            r.residual,
+            r.reason.as_deref().map_or("ok".to_string(), |why| format!("normal cache: {why}"))
+        );
+    }
+    let n_ok = sw.reports.iter().filter(|r| r.slim).count();
+    eprintln!("slim: W_KV solved in f64 for {} layers in {:.2} s; {n_ok} pass the cond gate", sw.reports.len(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The per-layer outcome of a slim cache (None for a normal cache), for JSON output.
+fn slim_report(model: &Model, cache: &kvcompact::kv_cache::KvCache) -> serde_json::Value {
+    let (Some(sw), Some(meta)) = (&model.slim, cache.slim_meta()) else {
+        return serde_json::Value::Null;
+    };
+    let c = &model.config;
+    // What bytes() would report for the same rows in a standard cache (keys, values, positions).
+    let full = cache.max_len() * c.n_layers * c.n_kv_heads * (2 * c.head_dim * 4 + 4);
+    serde_json::json!({
+        "layers": sw.reports.iter().zip(&meta.modes).zip(&meta.val_err).map(|((r, m), e)| serde_json::json!({
+            "layer": r.layer, "cond": r.cond, "max_abs_wkv": r.max_abs_wkv, "mode": m, "rebuild_rel_err": e,
+            "reason": r.reason})).collect::<Vec<_>>(),
+        "slim_layers": meta.modes.iter().filter(|&&m| m == kvcompact::kv_cache::SlimMode::Slim).count(),
+        "validation_tokens": meta.val_tokens,
+        "kv_bytes": cache.bytes(),
+        "standard_kv_bytes": full,
+    })
+}
+
+/// stderr summary of a slim cache: which layers run K-only, what they were validated on, bytes.
+fn print_slim_cache(model: &Model, cache: &kvcompact::kv_cache::KvCache) {
+    let v = slim_report(model, cache);
+    if v.is_null() {
+        return;
+    }
+    let layers = v["layers"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let failed: Vec<String> = layers
+        .iter()
+        .filter(|l| l["mode"] != "slim")
+        .map(|l| format!("{} ({})", l["layer"], l["rebuild_rel_err"].as_f64().map_or("cond gate".into(), |e| format!("rebuild error {e:.1e}"))))
+        .collect();
+    eprintln!(
+        "slim cache: {} of {} layers K-only (validated on {} prefill tokens){}; KV {:.2} MiB vs {:.2} MiB for a standard cache",
+        v["slim_layers"],
+        layers.len(),
+        v["validation_tokens"],
+        if failed.is_empty() { String::new() } else { format!("; normal cache in layers {}", failed.join(", ")) },
+        v["kv_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        v["standard_kv_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+    );
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -547,7 +685,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
     }
     let dir = model_dir(&a.model)?;
-    let model = Model::load(&dir)?;
+    let mut model = Model::load(&dir)?;
+    enable_slim(&mut model, &a.slim)?;
     let c = &model.config;
     if a.prompt_tokens + a.gen_tokens > c.max_position_embeddings {
         bail!("--prompt-tokens + --gen-tokens exceeds the model's context of {}", c.max_position_embeddings);
@@ -589,9 +728,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "reps": a.reps,
                 "prefill_tok_s": pm, "prefill_min": pmin, "prefill_max": pmax,
                 "decode_tok_s": dm, "decode_min": dmin, "decode_max": dmax,
-                "weight_bytes": wbytes, "simd": kvcompact_kernels::simd_level()})
+                "weight_bytes": wbytes, "simd": kvcompact_kernels::simd_level(),
+                "kv_bytes": cache.bytes(), "kv_rows": cache.max_len(), "slim": slim_report(&model, &cache)})
         );
     } else {
+        print_slim_cache(&model, &cache);
         println!("model {} | weights {} ({:.0} MiB) | threads {} | simd {}", dir.display(), model.weights.dtype().name(), wbytes as f64 / (1 << 20) as f64, threads, kvcompact_kernels::simd_level());
         println!("prefill {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}, {} reps)", a.prompt_tokens, pm, pmin, pmax, a.reps);
         println!("decode  {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}) = {:.1} GB/s of weights", a.gen_tokens, dm, dmin, dmax, dm * wbytes as f64 / 1e9);

@@ -186,3 +186,26 @@ fn tiny_model_generates_and_writes_logits_via_cli() {
     let (lshape, _) = &l["logits"];
     assert_eq!(lshape, &vec![tshape[0], 384]);
 }
+
+#[test]
+fn slim_refusals_and_cli() {
+    let gqa = golden("tiny/llama-gqa");
+    let mha = golden("tiny/llama-mha");
+    expect_error(
+        &["generate", "--model", s(&gqa), "--prompt", "hi", "--slim"],
+        &["slim attention not applicable", "h_kv·(d_k+d_v)", "(GQA)", "bytes per token"],
+    );
+    expect_error(&["bench", "--model", s(&gqa), "--slim", "--reps", "1"], &["slim attention not applicable"]);
+    expect_error(
+        &["generate", "--model", s(&mha), "--prompt", "hi", "--slim", "--max-cache-tokens", "8"],
+        &["--slim cannot be combined"],
+    );
+    expect_error(&["generate", "--model", s(&mha), "--prompt", "hi", "--slim", "--slim-max-cond", "nan"], &["--slim-max-cond"]);
+    // A working slim run reports its layers and bytes in JSON.
+    let (code, out, err) = kvc(&["generate", "--model", s(&mha), "--prompt", "hello there", "--max-tokens", "4", "--slim", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["slim"]["layers"].as_array().unwrap().len(), 4);
+    assert!(v["slim"]["kv_bytes"].as_u64().unwrap() < v["slim"]["standard_kv_bytes"].as_u64().unwrap());
+    assert!(err.contains("slim layer  0: cond(W_K)"), "{err}");
+}
