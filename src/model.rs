@@ -31,8 +31,6 @@ const BLOCK_ATTN_MIN_TOKENS: usize = 8;
 const ATTN_BLOCK_TOKENS: usize = 64;
 /// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
 const WIDEN_TILE_ROWS: usize = 256;
-/// Key columns per task of the slim decode product K̄ = S·K_raw (fixed: thread-count independent).
-const SLIM_COL_BLOCK: usize = 64;
 
 /// Which logits a forward call should produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +70,9 @@ pub struct RunState {
     positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
     base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
     wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
-    slim_s: Vec<f32>,    // [nh, rows] slim decode softmax weights (grown on demand)
-    slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums, column-blocked
+    slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
+    slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
+    slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
     /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
     pub logits: Vec<f32>,
     /// When set, what it enables is recorded on every forward call.
@@ -148,6 +147,7 @@ impl Model {
             base: vec![0; c.n_kv_heads],
             wtile: vec![0.0; wide],
             slim_s: Vec::new(),
+            slim_part: Vec::new(),
             slim_kbar: Vec::new(),
             logits: Vec::with_capacity(c.vocab_size),
             capture: None,
@@ -430,7 +430,8 @@ impl Model {
     ///   own rows straight from X (so a first prefill is exactly the standard path).
     /// - Fewer tokens (decode), the paper's option 2: per head, logits with b_K added and RoPE
     ///   applied on read, softmax s, then k̄0 = s·K0 over the full key width, and the head's
-    ///   output k̄0·W_KV,h + b_V,h. K is read once per token for the logits and once for k̄0.
+    ///   output k̄0·W_KV,h + b_V,h. Done flash-decoding style in row blocks, so K streams from
+    ///   memory once per token, in order.
     fn attention_slim(&self, l: usize, st: &mut RunState, cache: &KvCache, n: usize) {
         let c = &self.config;
         let (hd, qd, kvd, nh, nkv, half) = (c.head_dim, c.q_dim(), c.kv_dim(), c.n_heads, c.n_kv_heads, c.head_dim / 2);
@@ -472,51 +473,67 @@ impl Model {
 
         let scale = c.attn_scale();
         let pos0 = st.positions[0] as usize;
-        let RunState { q, att, slim_s, slim_kbar, .. } = st;
+        // Rows per block: about 512 KiB of keys, so a block read for the scores is still in L2
+        // for the weighted sum. Depends only on the model, so results do not depend on threads.
+        let rb = ((1usize << 19) / (kvd * 4)).clamp(32, 1024);
+        let RunState { q, att, slim_s, slim_kbar, slim_part, .. } = st;
         for i in 0..n {
             let visible = base + i + 1;
             let start = window_start(c.sliding_window, pos0 + i, &meta.positions[..visible]);
             let m = visible - start;
+            let nb = m.div_ceil(rb);
             let qi = &q[i * qd..(i + 1) * qd];
-            // S [nh, m]: softmax of the logits, RoPE applied to each raw key as it is read.
-            slim_s.resize(nh * m, 0.0);
-            slim_s.par_chunks_mut(m).enumerate().for_each_init(
+            // Flash-decoding over row blocks: per block, scores of every head (rows read in order,
+            // RoPE applied on read), unnormalised softmax (max, sum), and the partial weighted
+            // sum P_b·K_b [nh, kvd]; the blocks are merged below in a fixed order.
+            slim_s.resize(nb * nh * rb, 0.0);
+            slim_part.resize(nb * (nh * kvd + 2 * nh), 0.0);
+            slim_part.par_chunks_mut(nh * kvd + 2 * nh).zip(slim_s.par_chunks_mut(nh * rb)).enumerate().for_each_init(
                 || vec![0.0f32; hd],
-                |kb, (h, srow)| {
-                    let (qh, col) = (&qi[h * hd..(h + 1) * hd], (h / group) * hd);
-                    let bk = layer.b_k.as_deref().map(|b| &b[col..col + hd]);
-                    for (t, sv) in srow.iter_mut().enumerate() {
-                        let r = start + t;
+                |kb, (b, (part, sblk))| {
+                    let r0 = start + b * rb;
+                    let r1 = (r0 + rb).min(visible);
+                    let len = r1 - r0;
+                    for t in 0..len {
+                        let r = r0 + t;
                         let rope = &meta.rope[r * hd..(r + 1) * hd];
-                        let mut key = &k_raw[r * kvd + col..r * kvd + col + hd];
-                        if let Some(b) = bk {
-                            kb.iter_mut().zip(key).zip(b).for_each(|((o, k), b)| *o = k + b);
-                            key = &kb[..];
+                        let row = &k_raw[r * kvd..(r + 1) * kvd];
+                        for h in 0..nh {
+                            let col = (h / group) * hd;
+                            let mut key = &row[col..col + hd];
+                            if let Some(b) = layer.b_k.as_deref() {
+                                kb.iter_mut().zip(key).zip(&b[col..col + hd]).for_each(|((o, k), b)| *o = k + b);
+                                key = &kb[..];
+                            }
+                            sblk[h * len + t] = scale * k::rope_dot(&qi[h * hd..(h + 1) * hd], key, &rope[..half], &rope[half..]);
                         }
-                        *sv = scale * k::rope_dot(qh, key, &rope[..half], &rope[half..]);
                     }
-                    k::softmax_inplace(srow);
+                    let (acc, stats) = part.split_at_mut(nh * kvd);
+                    for h in 0..nh {
+                        let (mx, sum) = k::exp_shift_sum(&mut sblk[h * len..(h + 1) * len]);
+                        stats[2 * h] = mx;
+                        stats[2 * h + 1] = sum;
+                    }
+                    let pm = MatRef::from_row_major_slice(&sblk[..nh * len], nh, len);
+                    let km = MatRef::from_row_major_slice(&k_raw[r0 * kvd..r1 * kvd], len, kvd);
+                    let om = MatMut::from_row_major_slice_mut(acc, nh, kvd);
+                    faer::linalg::matmul::matmul(om, Accum::Replace, pm, km, 1.0f32, Par::Seq);
                 },
             );
-            // K̄ [nh, kvd] = S·K_raw[start..visible], in fixed column blocks (block b is stored
-            // as [nh, width_b] at offset nh·b·SLIM_COL_BLOCK).
+            // Merge the blocks per head (k̄0_h = Σ_b e^{max_b − M}·P_b K_b / Σ_b e^{max_b − M}·sum_b),
+            // then the head's output k̄0_h·W_KV,h + b_V,h: a GEMV over W_KVᵀ's rows h·hd..(h+1)·hd.
             slim_kbar.resize(nh * kvd, 0.0);
-            let sm = MatRef::from_row_major_slice(&slim_s[..nh * m], nh, m);
-            let kr = MatRef::from_row_major_slice(&k_raw[start * kvd..visible * kvd], m, kvd);
-            slim_kbar.par_chunks_mut(nh * SLIM_COL_BLOCK).enumerate().for_each(|(b, blk)| {
-                let w = blk.len() / nh;
-                let om = MatMut::from_row_major_slice_mut(blk, nh, w);
-                faer::linalg::matmul::matmul(om, Accum::Replace, sm, kr.subcols(b * SLIM_COL_BLOCK, w), 1.0f32, Par::Seq);
-            });
-            // Head h: k̄0_h·W_KV,h + b_V,h (k̄0 = Σ s·k0 excludes b_K), a GEMV over W_KVᵀ's
-            // rows h·hd..(h+1)·hd.
-            let kbar = &slim_kbar[..];
-            att[i * qd..(i + 1) * qd].par_chunks_mut(hd).enumerate().for_each_init(
-                || vec![0.0f32; kvd],
-                |x, (h, out)| {
-                    for (b, blk) in kbar.chunks(nh * SLIM_COL_BLOCK).enumerate() {
-                        let w = blk.len() / nh;
-                        x[b * SLIM_COL_BLOCK..b * SLIM_COL_BLOCK + w].copy_from_slice(&blk[h * w..(h + 1) * w]);
+            let parts = &slim_part[..];
+            let stride = nh * kvd + 2 * nh;
+            att[i * qd..(i + 1) * qd].par_chunks_mut(hd).zip(slim_kbar.par_chunks_mut(kvd)).enumerate().for_each(
+                |(h, (out, x))| {
+                    let stat = |b: usize| (parts[b * stride + nh * kvd + 2 * h], parts[b * stride + nh * kvd + 2 * h + 1]);
+                    let mx = (0..nb).map(|b| stat(b).0).fold(f32::NEG_INFINITY, f32::max);
+                    let total: f32 = (0..nb).map(|b| (stat(b).0 - mx).exp() * stat(b).1).sum();
+                    x.fill(0.0);
+                    for b in 0..nb {
+                        let w = (stat(b).0 - mx).exp() / total;
+                        k::axpy(w, &parts[b * stride + h * kvd..b * stride + (h + 1) * kvd], x);
                     }
                     let w = &layer.w_kv_t[h * hd * kvd..(h + 1) * hd * kvd];
                     k::gemv(k::WeightRef::F32(w), hd, kvd, x, out);

@@ -351,3 +351,26 @@ fn default_model_is_refused_with_the_numbers() {
     );
 }
 
+
+#[test]
+fn long_context_decode_merges_row_blocks() {
+    // kv_dim 256 → 512-row blocks in the slim decode; 700 cached rows span two blocks.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = kvcompact::synth::SynthSpec { hidden: 256, heads: 4, kv_heads: 4, layers: 2, ff: 64, vocab: 64, max_pos: 1024, seed: 5 };
+    kvcompact::synth::write_llama(tmp.path(), &spec).unwrap();
+    let plain = Model::load(tmp.path()).unwrap();
+    let open = SlimOptions { max_cond: 1e12, max_rel_err: f64::INFINITY };
+    let m = slim_model(tmp.path(), open);
+    let cond = m.slim.as_ref().unwrap().reports.iter().map(|r| r.cond).fold(0.0, f64::max);
+    let all: Vec<u32> = (0..712u32).map(|i| 3 + (i * 37 + 11) % 60).collect();
+    let (prompt, forced) = all.split_at(700);
+    let want = run(&plain, prompt, forced, 256);
+    let got = run(&m, prompt, forced, 256);
+    let err = rel_max(&got, &want);
+    println!("2 layers, max cond {cond:.2e}: max |Δlogit| / max |logit| = {err:.2e}");
+    assert!(err <= 16.0 * cond * 2f64.powi(-24), "error {err:.3e} vs cond {cond:.3e}");
+    let go = |threads: usize| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| run(&m, prompt, forced, 256))
+    };
+    assert!(go(1).iter().zip(&go(2)).all(|(x, y)| x.to_bits() == y.to_bits()), "1- and 2-thread slim logits differ");
+}

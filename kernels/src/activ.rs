@@ -46,6 +46,41 @@ pub fn softmax_inplace(x: &mut [f32]) {
     softmax_inplace_ref(x)
 }
 
+/// Naive twin of [`exp_shift_sum`]; uses libm `exp`.
+pub fn exp_shift_sum_ref(x: &mut [f32]) -> (f32, f32) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return (m, 0.0);
+    }
+    let mut s = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    (m, s)
+}
+
+/// Unnormalised softmax for blockwise (flash-style) attention: `x[i] = exp(x[i] - max)`,
+/// returning `(max, sum)`. Blocks are merged later by rescaling with `exp(max_b - max)`.
+/// A row whose max is `-inf` becomes zeros and returns `(-inf, 0)`. Same exp and summation
+/// as [`softmax_inplace`] (which is this followed by a scale by `1/sum`).
+pub fn exp_shift_sum(x: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = v3() {
+        struct Op<'a>(x86::V3, &'a mut [f32]);
+        impl pulp::NullaryFnOnce for Op<'_> {
+            type Output = (f32, f32);
+            #[inline(always)]
+            fn call(self) -> (f32, f32) {
+                exp_shift_v3(self.0, self.1)
+            }
+        }
+        return simd.vectorize(Op(simd, x));
+    }
+    exp_shift_sum_ref(x)
+}
+
 /// Max ignoring NaN: `max_ps(v, acc)` returns `acc` when `v` is NaN.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -76,11 +111,31 @@ fn max_no_nan_v3(simd: x86::V3, x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn softmax_v3(simd: x86::V3, x: &mut [f32]) {
+    let (m, s) = exp_shift_v3(simd, x);
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    let avx = simd.avx;
+    let (x8, xt) = pulp::as_arrays_mut::<8, f32>(x);
+    let inv = 1.0 / s;
+    let vinv = x86::splat(simd, inv);
+    for v in x8.iter_mut() {
+        x86::st(v, avx._mm256_mul_ps(x86::ld(v), vinv));
+    }
+    for v in xt.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// AVX2 body of [`exp_shift_sum`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn exp_shift_v3(simd: x86::V3, x: &mut [f32]) -> (f32, f32) {
     let avx = simd.avx;
     let m = max_no_nan_v3(simd, x);
     if m == f32::NEG_INFINITY {
         x.fill(0.0);
-        return;
+        return (m, 0.0);
     }
     let vm = x86::splat(simd, m);
     let (x8, xt) = pulp::as_arrays_mut::<8, f32>(x);
@@ -99,15 +154,7 @@ pub(crate) fn softmax_v3(simd: x86::V3, x: &mut [f32]) {
         xt.copy_from_slice(&buf[..xt.len()]);
         acc = avx._mm256_add_ps(acc, e);
     }
-    let s = pulp::Simd::reduce_sum_f32s(simd, pulp::cast(acc));
-    let inv = 1.0 / s;
-    let vinv = x86::splat(simd, inv);
-    for v in x8.iter_mut() {
-        x86::st(v, avx._mm256_mul_ps(x86::ld(v), vinv));
-    }
-    for v in xt.iter_mut() {
-        *v *= inv;
-    }
+    (m, pulp::Simd::reduce_sum_f32s(simd, pulp::cast(acc)))
 }
 
 /// Naive twin of [`silu_mul`]; uses libm `exp`.

@@ -6,7 +6,7 @@
 //! | [`rmsnorm`] | AVX2 sum of squares + vector scale | [`rmsnorm_ref`] |
 //! | [`rope_rotate_half`] | AVX2, bit-identical to the twin | [`rope_rotate_half_ref`] |
 //! | [`rope_dot`] (slim attention: score a pre-RoPE key) | AVX2+FMA, rotation in registers | [`rope_dot_ref`] |
-//! | [`softmax_inplace`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp) | [`softmax_inplace_ref`], [`silu_mul_ref`] |
+//! | [`softmax_inplace`], [`exp_shift_sum`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp) | [`softmax_inplace_ref`], [`exp_shift_sum_ref`], [`silu_mul_ref`] |
 //! | [`argmax`] | AVX2 max + compare/movemask, exact | [`argmax_ref`] |
 //! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C | [`gemv_ref`] |
 //! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
@@ -35,7 +35,9 @@ pub mod rope;
 mod simd;
 pub mod vecops;
 
-pub use activ::{argmax, argmax_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref};
+pub use activ::{
+    argmax, argmax_ref, exp_shift_sum, exp_shift_sum_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref,
+};
 pub use attn::{attend_group, attend_group_ref};
 pub use gemv::{gemv, gemv_par, gemv_ref, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};

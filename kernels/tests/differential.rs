@@ -184,6 +184,23 @@ proptest! {
     }
 
     #[test]
+    fn exp_shift_sum_matches_ref_and_softmax(x in len_strategy().prop_flat_map(vec_of)) {
+        let x: Vec<f32> = x.iter().map(|v| v * 20.0).collect();
+        let (mut a, mut b, mut c) = (x.clone(), x.clone(), x.clone());
+        let (ma, sa) = exp_shift_sum(&mut a);
+        let (mb, sb) = exp_shift_sum_ref(&mut b);
+        prop_assert_eq!(ma, mb);
+        prop_assert!((sa - sb).abs() <= 1e-5 * sb, "sum {sa} vs {sb}");
+        for (p, q) in a.iter().zip(&b) {
+            prop_assert!((p - q).abs() <= 4.0 * EPS * q.abs() + 1e-30, "{p} vs {q}");
+        }
+        // softmax is exp_shift_sum scaled by 1/sum, bit for bit.
+        softmax_inplace(&mut c);
+        let inv = 1.0 / sa;
+        prop_assert!(a.iter().zip(&c).all(|(p, q)| (p * inv).to_bits() == q.to_bits()));
+    }
+
+    #[test]
     fn softmax_matches_ref_and_sums_to_one(
         x in len_strategy().prop_flat_map(|n| proptest::collection::vec(-30.0f32..30.0, n)),
         offset in prop_oneof![Just(0.0f32), -60.0f32..10.0],
