@@ -27,8 +27,10 @@ pub const DEFAULT_MAX_BATCH: usize = 256;
 /// Chunks of at least this many tokens use the blocked GEMM attention; fewer use the
 /// per-token kernel (decode).
 const BLOCK_ATTN_MIN_TOKENS: usize = 8;
-/// Query tokens per attention block (S is [G·block, visible rows]).
+/// Query tokens per attention block.
 const ATTN_BLOCK_TOKENS: usize = 64;
+/// Key rows per step of the flash-style prefill attention (S is [G·64, 256]).
+const ATTN_KEY_BLOCK: usize = 256;
 /// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
 const WIDEN_TILE_ROWS: usize = 256;
 
@@ -342,10 +344,12 @@ impl Model {
         });
     }
 
-    /// Multi-token causal attention in blocks of [`ATTN_BLOCK_TOKENS`] query tokens per KV head,
-    /// as two GEMMs per block: S = scale·Q_blk·Kᵀ (+β), masked row softmax, O = P·V. One task per
-    /// (KV head, block), each sequential inside, so results do not depend on the thread count.
-    /// S is [G·block, rows visible to the block], never [T, T].
+    /// Multi-token causal attention, flash style: per KV head, blocks of [`ATTN_BLOCK_TOKENS`]
+    /// query tokens (all G query heads of the group together) sweep the visible keys in blocks of
+    /// [`ATTN_KEY_BLOCK`] rows: S = scale·Q_blk·K_blkᵀ (+β), masked, unnormalised softmax
+    /// ([`k::exp_shift_sum`]), running max/sum per query row with rescaling, O += P·V_blk, and one
+    /// division at the end. S is [G·64, 256], never [T, T] nor [64, T]. One task per (KV head,
+    /// query block) with a fixed block order inside, so results do not depend on the thread count.
     fn attention_blocks(&self, st: &mut RunState, stores: &[HeadStore], metas: &[HeadMeta], n: usize) {
         let c = &self.config;
         let (hd, qd, nkv, group) = (c.head_dim, c.q_dim(), c.n_kv_heads, c.group_size());
@@ -357,8 +361,8 @@ impl Model {
         let row_w = group * hd; // one token's G query heads
         st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
             head_out.par_chunks_mut(ATTN_BLOCK_TOKENS * row_w).enumerate().for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(qbuf, sbuf): &mut (Vec<f32>, Vec<f32>), (bi, out)| {
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(qbuf, sbuf, stats): &mut (Vec<f32>, Vec<f32>, Vec<(f32, f32, usize, usize)>), (bi, out)| {
                     let t0 = bi * ATTN_BLOCK_TOKENS;
                     let nt = out.len() / row_w;
                     let rows_q = nt * group;
@@ -368,27 +372,61 @@ impl Model {
                         let at = (t0 + ti) * qd + g * row_w;
                         qbuf.extend_from_slice(&q[at..at + row_w]);
                     }
-                    sbuf.resize(rows_q * cols, 0.0);
-                    let keys = MatRef::from_row_major_slice(&stores[g].keys[..cols * hd], cols, hd);
-                    let qm = MatRef::from_row_major_slice(&qbuf[..], rows_q, hd);
-                    let sm = MatMut::from_row_major_slice_mut(&mut sbuf[..], rows_q, cols);
-                    faer::linalg::matmul::matmul(sm, Accum::Replace, qm, keys.transpose(), scale, Par::Seq);
-                    let bias = metas[g].bias.as_deref();
-                    for (r, srow) in sbuf.chunks_mut(cols).enumerate() {
+                    // Per query row: running max, running sum, and its visible key range.
+                    stats.clear();
+                    for r in 0..rows_q {
                         let ti = r / group;
                         let visible = base[g] + t0 + ti + 1;
                         let start = window_start(window, pos0 + t0 + ti, &metas[g].positions[..visible]);
-                        if let Some(b) = bias {
-                            srow[start..visible].iter_mut().zip(&b[start..visible]).for_each(|(x, bb)| *x += bb);
-                        }
-                        srow[..start].fill(0.0);
-                        srow[visible..].fill(0.0);
-                        k::softmax_inplace(&mut srow[start..visible]);
+                        stats.push((f32::NEG_INFINITY, 0.0, start, visible));
                     }
-                    let vals = MatRef::from_row_major_slice(&stores[g].values[..cols * hd], cols, hd);
-                    let pm = MatRef::from_row_major_slice(&sbuf[..], rows_q, cols);
-                    let om = MatMut::from_row_major_slice_mut(out, rows_q, hd);
-                    faer::linalg::matmul::matmul(om, Accum::Replace, pm, vals, 1.0f32, Par::Seq);
+                    let first = stats.iter().map(|s| s.2).min().unwrap_or(0);
+                    out.fill(0.0);
+                    let qm = MatRef::from_row_major_slice(&qbuf[..], rows_q, hd);
+                    let bias = metas[g].bias.as_deref();
+                    let mut k0 = first / ATTN_KEY_BLOCK * ATTN_KEY_BLOCK;
+                    while k0 < cols {
+                        let k1 = (k0 + ATTN_KEY_BLOCK).min(cols);
+                        let w = k1 - k0;
+                        sbuf.resize(rows_q * w, 0.0);
+                        let keys = MatRef::from_row_major_slice(&stores[g].keys[k0 * hd..k1 * hd], w, hd);
+                        let sm = MatMut::from_row_major_slice_mut(&mut sbuf[..], rows_q, w);
+                        faer::linalg::matmul::matmul(sm, Accum::Replace, qm, keys.transpose(), scale, Par::Seq);
+                        for (r, srow) in sbuf.chunks_mut(w).enumerate() {
+                            let (m_run, l_run, start, visible) = stats[r];
+                            // This row's visible part of the key block, in block coordinates.
+                            let (a, b) = (start.clamp(k0, k1) - k0, visible.clamp(k0, k1) - k0);
+                            if let Some(bb) = bias {
+                                srow[a..b].iter_mut().zip(&bb[k0 + a..k0 + b]).for_each(|(x, bb)| *x += bb);
+                            }
+                            srow[..a].fill(f32::NEG_INFINITY);
+                            srow[b..].fill(f32::NEG_INFINITY);
+                            let (m_blk, l_blk) = k::exp_shift_sum(srow);
+                            if m_blk == f32::NEG_INFINITY {
+                                continue; // nothing visible here: srow is zeros, O unchanged
+                            }
+                            let m_new = m_run.max(m_blk);
+                            let (keep, take) = ((m_run - m_new).exp(), (m_blk - m_new).exp());
+                            if keep != 1.0 {
+                                out[r * hd..(r + 1) * hd].iter_mut().for_each(|o| *o *= keep);
+                            }
+                            if take != 1.0 {
+                                srow.iter_mut().for_each(|p| *p *= take);
+                            }
+                            stats[r].0 = m_new;
+                            stats[r].1 = l_run * keep + l_blk * take;
+                        }
+                        let vals = MatRef::from_row_major_slice(&stores[g].values[k0 * hd..k1 * hd], w, hd);
+                        let pm = MatRef::from_row_major_slice(&sbuf[..], rows_q, w);
+                        let om = MatMut::from_row_major_slice_mut(&mut *out, rows_q, hd);
+                        faer::linalg::matmul::matmul(om, Accum::Add, pm, vals, 1.0f32, Par::Seq);
+                        k0 = k1;
+                    }
+                    for (r, orow) in out.chunks_mut(hd).enumerate() {
+                        let l = stats[r].1;
+                        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                        orow.iter_mut().for_each(|o| *o *= inv);
+                    }
                 },
             );
         });
