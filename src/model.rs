@@ -259,9 +259,19 @@ impl Model {
 
         // --- attention block ---
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
-        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
-        self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
-        self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+        if n == 1 {
+            // One token: the three projections in one fork/join.
+            let xn = &st.xn[..d];
+            k::gemv_multi_par(&mut [
+                self.gemv_task(&lw.wq, xn, &mut st.q[..qd]),
+                self.gemv_task(&lw.wk, xn, &mut st.kv_k[..kvd]),
+                self.gemv_task(&lw.wv, xn, &mut st.kv_v[..kvd]),
+            ]);
+        } else {
+            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
+            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+        }
         add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
         add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
         // Slim layers cache k0 = x·W_K (before the bias and RoPE); decide a pending layer first.
@@ -299,8 +309,17 @@ impl Model {
 
         // --- MLP block (SwiGLU) ---
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
-        self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
-        self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+        if n == 1 {
+            // One token: gate and up in one fork/join.
+            let xn = &st.xn[..d];
+            k::gemv_multi_par(&mut [
+                self.gemv_task(&lw.w_gate, xn, &mut st.gate[..ff]),
+                self.gemv_task(&lw.w_up, xn, &mut st.up[..ff]),
+            ]);
+        } else {
+            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
+            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+        }
         add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
         add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
         st.gate[..n * ff]
@@ -640,6 +659,11 @@ impl Model {
     /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
     pub fn residual<'s>(&self, st: &'s mut RunState, n: usize) -> &'s mut [f32] {
         &mut st.x[..n * self.config.hidden_size]
+    }
+
+    /// A one-token `y = W x` for [`k::gemv_multi_par`].
+    fn gemv_task<'a>(&'a self, wm: &MatrixView, x: &'a [f32], y: &'a mut [f32]) -> k::GemvTask<'a> {
+        k::GemvTask { w: self.weights.view(wm), rows: wm.rows, cols: wm.cols, x, y }
     }
 
     /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.

@@ -98,6 +98,11 @@ impl TensorStore {
         // SAFETY: the map is read-only and we never write the file while it is mapped; files
         // we write ourselves are replaced by rename, never truncated in place.
         let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let mmap = if std::env::var("KVCOMPACT_HUGEPAGES").is_ok_and(|v| v == "0") {
+            mmap
+        } else {
+            huge_copy(mmap).map_err(|e| Error::io(path, e))?
+        };
         let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::Safetensors {
                 path: path.into(),
@@ -252,6 +257,33 @@ impl TensorStore {
             WDtype::F16 => WeightRef::F16(bytemuck::cast_slice(bytes)),
         }
     }
+}
+
+/// On Linux, the file's bytes copied into an anonymous read-only map advised for
+/// transparent huge pages (2 MiB): decode streams every weight once per token, and with 4 KiB
+/// page-cache pages the TLB misses and the hardware prefetcher's stop at every page boundary
+/// cost ~10-15% of the bandwidth (measured on SmolLM2-135M decode). The copy is a few hundred
+/// ms at load and the file map is dropped, so one copy stays resident — but it is private
+/// memory (not shared between processes, not evictable), so it is only made when the file is
+/// under a quarter of MemAvailable; `KVCOMPACT_HUGEPAGES=0` keeps the plain file map.
+/// Elsewhere, or when the kernel refuses the advice, the file map itself.
+fn huge_copy(file_map: Mmap) -> std::io::Result<Mmap> {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kib| kib * 1024)
+        });
+        if file_map.len() >= HUGE && available.is_some_and(|a| file_map.len() < a / 4) {
+            let mut anon = memmap2::MmapOptions::new().len(file_map.len()).map_anon()?;
+            if anon.advise(memmap2::Advice::HugePage).is_ok() {
+                anon.copy_from_slice(&file_map);
+                return anon.make_read_only();
+            }
+        }
+    }
+    Ok(file_map)
 }
 
 /// Index of the first NaN/inf in little-endian `bytes` of `dtype` (an all-ones exponent).

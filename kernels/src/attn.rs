@@ -138,6 +138,7 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
         let mut j0 = 0;
         while j0 < n {
             let nb = KB.min(n - j0);
+            prefetch_rows(keys, (j0 + PF_ROWS) * d, nb * d);
             let kblk = &keys[j0 * d..(j0 + nb) * d]; // [nb, d]
             for (i, q) in qs.chunks_exact(d).enumerate() {
                 let s = scores8(simd, q, kblk, nb, d); // [KB], lanes >= nb are 0
@@ -173,6 +174,7 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
         let mut j0 = 0;
         while j0 < n {
             let nb = KB.min(n - j0);
+            prefetch_rows(values, (j0 + PF_ROWS) * d, nb * d);
             let vblk = &values[j0 * d..(j0 + nb) * d]; // [nb, d]
             let d8 = d / 8;
             // Per key row of the block: (8-lane chunks [d/8], tail [d%8]).
@@ -202,6 +204,26 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
             }
             j0 += nb;
         }
+    }
+}
+
+/// Key/value rows ahead of the current block that are prefetched (decode
+/// reads a layer's K/V once per token, from DRAM: the weights streamed since
+/// the last visit evicted them).
+#[cfg(target_arch = "x86_64")]
+const PF_ROWS: usize = 4 * KB;
+
+/// Prefetch the cache lines of `rows[start..start + len]` (clamped to the slice).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_rows(rows: &[f32], start: usize, len: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let end = (start + len).min(rows.len());
+    let mut i = start;
+    while i < end {
+        // SAFETY: prefetch is a hint and never faults; the address is in bounds anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(i).cast()) };
+        i += 16; // one 64-byte line
     }
 }
 

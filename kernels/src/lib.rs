@@ -39,7 +39,7 @@ pub use activ::{
     argmax, argmax_ref, exp_shift_sum, exp_shift_sum_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref,
 };
 pub use attn::{attend_group, attend_group_ref};
-pub use gemv::{gemv, gemv_par, gemv_ref, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
+pub use gemv::{gemv, gemv_multi_par, gemv_par, gemv_ref, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};
 pub use rope::{rope_dot, rope_dot_ref, rope_rotate_half, rope_rotate_half_ref};
 pub use vecops::{axpy, axpy_ref, dot, dot_ref};

@@ -478,6 +478,41 @@ fn gemv_par_bit_identical_across_thread_counts() {
     }
 }
 
+/// gemv_multi_par over tasks of mixed shapes and dtypes (some below the
+/// parallel threshold, parts straddling task boundaries) is bit-identical to
+/// gemv of each task, at 1, 2 and 3 threads.
+#[test]
+fn gemv_multi_par_bit_identical_to_gemv() {
+    let mut rng = Rng(9);
+    let shapes = [(576usize, 579usize), (3, 579), (192, 579), (1, 8), (700, 33)];
+    let w32: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| (0..r * c).map(|_| rng.f()).collect()).collect();
+    let wb: Vec<Vec<u16>> = w32.iter().map(|w| to_bf16_bits(w)).collect();
+    let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| (0..c).map(|_| rng.f()).collect()).collect();
+    let weight = |i: usize| if i % 2 == 0 { WeightRef::F32(&w32[i]) } else { WeightRef::Bf16(&wb[i]) };
+    let want: Vec<Vec<f32>> = (0..shapes.len())
+        .map(|i| {
+            let mut y = vec![0.0; shapes[i].0];
+            gemv(weight(i), shapes[i].0, shapes[i].1, &xs[i], &mut y);
+            y
+        })
+        .collect();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; r]).collect();
+        let mut tasks: Vec<GemvTask> = ys
+            .iter_mut()
+            .enumerate()
+            .map(|(i, y)| GemvTask { w: weight(i), rows: shapes[i].0, cols: shapes[i].1, x: &xs[i], y })
+            .collect();
+        pool.install(|| gemv_multi_par(&mut tasks));
+        for i in 0..shapes.len() {
+            let a: Vec<u32> = want[i].iter().map(|v| v.to_bits()).collect();
+            let b: Vec<u32> = ys[i].iter().map(|v| v.to_bits()).collect();
+            assert_eq!(a, b, "task {i} with {threads} threads");
+        }
+    }
+}
+
 #[test]
 fn weight_ref_metadata() {
     let a = [0.0f32; 6];
