@@ -107,17 +107,22 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Progress lines on stderr unless `quiet`.
+fn progress(quiet: bool) -> impl Fn(String) {
+    move |msg| {
+        if !quiet {
+            eprintln!("kvcompact: {msg}");
+        }
+    }
+}
+
 /// Return the default model directory, fetching and converting it first if it is not complete.
 pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
     let dir = default_model_dir();
     if is_complete(&dir) {
         return Ok(dir);
     }
-    let say = |msg: String| {
-        if !quiet {
-            eprintln!("kvcompact: {msg}");
-        }
-    };
+    let say = progress(quiet);
     let t0 = Instant::now();
     let home = models_home();
     std::fs::create_dir_all(&home).map_err(|e| Error::io(&home, e))?;
@@ -233,11 +238,7 @@ pub fn ensure_minilm(quiet: bool) -> Result<PathBuf> {
     if is_minilm_complete(&dir) {
         return Ok(dir);
     }
-    let say = |msg: String| {
-        if !quiet {
-            eprintln!("kvcompact: {msg}");
-        }
-    };
+    let say = progress(quiet);
     let t0 = Instant::now();
     let home = models_home();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
