@@ -352,6 +352,23 @@ mod tests {
     }
 
     #[test]
+    fn applicability_checks_give_the_reason() {
+        let cfg = |arch: &str, heads: usize, kv: usize, hd: usize| {
+            let v = serde_json::json!({"model_type": arch, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64, "vocab_size": 10});
+            Config::from_json(&v, std::path::Path::new("config.json")).unwrap()
+        };
+        assert!(check_applicable(&cfg("llama", 4, 4, 16)).is_ok());
+        let gqa = check_applicable(&cfg("llama", 4, 2, 16)).unwrap_err().to_string();
+        assert!(gqa.contains("= 2·(16+16) = 64 values per token, which is ≤ d_model = 64 (GQA)"), "{gqa}");
+        let wide = check_applicable(&cfg("llama", 4, 2, 24)).unwrap_err().to_string();
+        assert!(wide.contains("only square W_K"), "{wide}");
+        let qk = check_applicable(&cfg("qwen3", 4, 4, 16)).unwrap_err().to_string();
+        assert!(qk.contains("q/k norm"), "{qk}");
+    }
+
+    #[test]
     fn solve_reproduces_w_v_and_reports_cond() {
         let d = 48;
         let (wk, wv) = (fill(d * d, 7), fill(d * d, 11));
