@@ -9,7 +9,7 @@
 //!   real weights for the slim-attention conditioning tests; same marker scheme.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -341,146 +341,60 @@ fn pip_download(dir: &Path, requirement: &str, file_name: &str) -> Result<PathBu
 }
 
 // ---------------------------------------------------------------------------------------------
-// Minimal zip reader: end-of-central-directory → central directory → one member, stored or
-// DEFLATE, streamed to disk with its size and CRC-32 checked. Zip64 and encryption are refused.
-
-const EOCD_SIG: u32 = 0x0605_4b50;
-const CDIR_SIG: u32 = 0x0201_4b50;
-const LOCAL_SIG: u32 = 0x0403_4b50;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-struct ZipEntry {
-    method: u16,
-    flags: u16,
-    crc: u32,
-    compressed: u64,
-    uncompressed: u64,
-    local_offset: u64,
-}
+// Wheel extraction with the `zip` crate: one member, stored or DEFLATE, streamed to disk with its
+// size and CRC-32 checked. Encrypted members and other compression methods are refused.
 
 fn zip_err(zip: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Fetch(format!("{}: {msg}", zip.display()))
 }
 
-fn find_member(zip: &Path, f: &mut File, member: &str) -> Result<ZipEntry> {
-    let len = f.metadata().map_err(|e| Error::io(zip, e))?.len();
-    // EOCD is 22 bytes plus a comment of at most 65535 bytes.
-    let tail_len = len.min(22 + 65535);
-    let mut tail = vec![0u8; tail_len as usize];
-    f.seek(SeekFrom::Start(len - tail_len))
-        .map_err(|e| Error::io(zip, e))?;
-    f.read_exact(&mut tail).map_err(|e| Error::io(zip, e))?;
-    let eocd = (0..tail.len().saturating_sub(21))
-        .rev()
-        .find(|&i| le32(&tail, i) == EOCD_SIG)
-        .ok_or_else(|| zip_err(zip, "not a zip file (no end-of-central-directory record)"))?;
-    let n_entries = le16(&tail, eocd + 10);
-    let cd_size = le32(&tail, eocd + 12) as u64;
-    let cd_offset = le32(&tail, eocd + 16) as u64;
-    if n_entries == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
-        return Err(zip_err(zip, "zip64 archives are not supported"));
-    }
-    let eocd_pos = len - tail_len + eocd as u64;
-    if cd_offset + cd_size > eocd_pos {
-        return Err(zip_err(zip, "central directory lies outside the file"));
-    }
-    let mut cd = vec![0u8; cd_size as usize];
-    f.seek(SeekFrom::Start(cd_offset))
-        .map_err(|e| Error::io(zip, e))?;
-    f.read_exact(&mut cd).map_err(|e| Error::io(zip, e))?;
-
-    let mut at = 0usize;
-    for _ in 0..n_entries {
-        if at + 46 > cd.len() || le32(&cd, at) != CDIR_SIG {
-            return Err(zip_err(zip, "corrupt central directory"));
-        }
-        let name_len = le16(&cd, at + 28) as usize;
-        let extra_len = le16(&cd, at + 30) as usize;
-        let comment_len = le16(&cd, at + 32) as usize;
-        let name = cd
-            .get(at + 46..at + 46 + name_len)
-            .ok_or_else(|| zip_err(zip, "corrupt central directory"))?;
-        if name == member.as_bytes() {
-            let e = ZipEntry {
-                flags: le16(&cd, at + 8),
-                method: le16(&cd, at + 10),
-                crc: le32(&cd, at + 16),
-                compressed: le32(&cd, at + 20) as u64,
-                uncompressed: le32(&cd, at + 24) as u64,
-                local_offset: le32(&cd, at + 42) as u64,
-            };
-            if e.compressed == 0xffff_ffff
-                || e.uncompressed == 0xffff_ffff
-                || e.local_offset == 0xffff_ffff
-            {
-                return Err(zip_err(
-                    zip,
-                    format!("{member}: zip64 entries are not supported"),
-                ));
-            }
-            return Ok(e);
-        }
-        at += 46 + name_len + extra_len + comment_len;
-    }
-    Err(zip_err(zip, format!("member {member} not found")))
-}
-
 /// Extract `member` of the zip at `zip` to `dest` (overwritten), checking its size and CRC-32.
 /// Returns (bytes, sha256 hex of the extracted data).
 pub fn extract_zip_member(zip: &Path, member: &str, dest: &Path) -> Result<(u64, String)> {
-    let mut f = File::open(zip).map_err(|e| Error::io(zip, e))?;
-    let e = find_member(zip, &mut f, member)?;
-    if e.flags & 1 != 0 {
-        return Err(zip_err(zip, format!("{member} is encrypted")));
-    }
-    let mut local = [0u8; 30];
-    f.seek(SeekFrom::Start(e.local_offset))
-        .map_err(|er| Error::io(zip, er))?;
-    f.read_exact(&mut local).map_err(|er| Error::io(zip, er))?;
-    if le32(&local, 0) != LOCAL_SIG {
-        return Err(zip_err(zip, format!("{member}: bad local header")));
-    }
-    let data_start = e.local_offset + 30 + le16(&local, 26) as u64 + le16(&local, 28) as u64;
-    let file_len = f.metadata().map_err(|er| Error::io(zip, er))?.len();
-    if data_start + e.compressed > file_len {
-        return Err(zip_err(
-            zip,
-            format!("{member}: data runs past the end of the file"),
-        ));
-    }
-    f.seek(SeekFrom::Start(data_start))
-        .map_err(|er| Error::io(zip, er))?;
-    let raw = (&mut f).take(e.compressed);
-    // One byte more than promised is read, so an entry that inflates past its size is caught.
-    let mut reader: Box<dyn Read> = match e.method {
-        0 => Box::new(raw.take(e.uncompressed + 1)),
-        8 => Box::new(flate2::read::DeflateDecoder::new(raw).take(e.uncompressed + 1)),
-        m => {
+    let f = File::open(zip).map_err(|e| Error::io(zip, e))?;
+    let mut archive = zip::ZipArchive::new(BufReader::new(f)).map_err(|e| zip_err(zip, e))?;
+    let index = archive
+        .index_for_name(member)
+        .ok_or_else(|| zip_err(zip, format!("member {member} not found")))?;
+    // Vet the entry from its header before any decompressor is set up.
+    {
+        let raw = archive
+            .by_index_raw(index)
+            .map_err(|e| zip_err(zip, format!("{member}: {e}")))?;
+        if raw.encrypted() {
+            return Err(zip_err(zip, format!("{member} is encrypted")));
+        }
+        let m = raw.compression();
+        if m != zip::CompressionMethod::Stored && m != zip::CompressionMethod::Deflated {
             return Err(zip_err(
                 zip,
-                format!("{member}: compression method {m} is not supported (only 0 and 8)"),
-            ))
+                format!(
+                    "{member}: compression method {m} is not supported (only Stored and Deflated)"
+                ),
+            ));
         }
-    };
+    }
+    let mut entry = archive
+        .by_index(index)
+        .map_err(|e| zip_err(zip, format!("{member}: {e}")))?;
+    let (expected_len, expected_crc) = (entry.size(), entry.crc32());
+    // One byte more than promised is read, so an entry that inflates past its size is caught.
+    let mut reader = (&mut entry).take(expected_len + 1);
 
     let out = File::create(dest).map_err(|er| Error::io(dest, er))?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
+    // The zip crate checks the CRC-32 at the end of the data too, but only as an opaque I/O
+    // error; computing it here keeps the mismatch message precise.
     let mut crc = flate2::Crc::new();
     let mut sha = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|er| zip_err(zip, format!("{member}: {er}")))?;
+        let n = match reader.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) if total == expected_len && crc.sum() != expected_crc => break,
+            Err(er) => return Err(zip_err(zip, format!("{member}: {er}"))),
+        };
         if n == 0 {
             break;
         }
@@ -493,19 +407,16 @@ pub fn extract_zip_member(zip: &Path, member: &str, dest: &Path) -> Result<(u64,
         .into_inner()
         .map_err(|er| Error::io(dest, er.into_error()))?;
     out.sync_all().map_err(|er| Error::io(dest, er))?;
-    if total != e.uncompressed {
+    if total != expected_len {
         return Err(zip_err(
             zip,
-            format!(
-                "{member}: {total} bytes extracted, the directory says {}",
-                e.uncompressed
-            ),
+            format!("{member}: {total} bytes extracted, the directory says {expected_len}"),
         ));
     }
-    if crc.sum() != e.crc {
+    if crc.sum() != expected_crc {
         return Err(zip_err(
             zip,
-            format!("{member}: CRC-32 {:08x} != {:08x}", crc.sum(), e.crc),
+            format!("{member}: CRC-32 {:08x} != {:08x}", crc.sum(), expected_crc),
         ));
     }
     Ok((total, hex(&sha.finalize())))
@@ -515,6 +426,10 @@ pub fn extract_zip_member(zip: &Path, member: &str, dest: &Path) -> Result<(u64,
 mod tests {
     use super::*;
     use std::io::Write;
+
+    const EOCD_SIG: u32 = 0x0605_4b50;
+    const CDIR_SIG: u32 = 0x0201_4b50;
+    const LOCAL_SIG: u32 = 0x0403_4b50;
 
     /// A one-member zip (stored or deflated), enough to exercise the reader.
     fn zip_with(name: &str, data: &[u8], method: u16, crc_override: Option<u32>) -> Vec<u8> {
@@ -596,6 +511,145 @@ mod tests {
         z.truncate(l - 30); // cut into the central directory
         std::fs::write(&junk, z).unwrap();
         assert!(extract_zip_member(&junk, "a", &dir.path().join("o")).is_err());
+    }
+
+    /// Offset of the central directory of a zip built by `zip_with` (read from its EOCD).
+    fn cd_start(z: &[u8]) -> usize {
+        let e = z.len() - 22;
+        assert_eq!(&z[e..e + 4], EOCD_SIG.to_le_bytes());
+        u32::from_le_bytes(z[e + 16..e + 20].try_into().unwrap()) as usize
+    }
+
+    /// Deterministic, moderately compressible text.
+    fn wordy(n: usize) -> Vec<u8> {
+        const WORDS: [&str; 8] = [
+            "key ", "value ", "cache ", "head ", "layer ", "token\n", "slim ", "rank ",
+        ];
+        let mut x = 0x2545_f491_u32;
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            v.extend(WORDS[(x % 8) as usize].as_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
+    #[test]
+    fn extracts_a_deflated_member_written_by_the_zip_crate() {
+        use zip::write::SimpleFileOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let data = wordy(300_000);
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let stored =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let deflated =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("pkg/__init__.py", stored).unwrap();
+        w.write_all(b"# empty\n").unwrap();
+        w.start_file("pkg/model.gguf", deflated).unwrap();
+        w.write_all(&data).unwrap();
+        w.start_file("pkg/README", deflated).unwrap();
+        w.write_all(b"readme readme readme").unwrap();
+        let bytes = w.finish().unwrap().into_inner();
+        let zip = dir.path().join("w.zip");
+        std::fs::write(&zip, &bytes).unwrap();
+        {
+            let mut a = zip::ZipArchive::new(std::io::Cursor::new(&bytes)).unwrap();
+            let m = a.by_name("pkg/model.gguf").unwrap();
+            assert_eq!(m.compression(), zip::CompressionMethod::Deflated);
+            assert!(
+                m.compressed_size() < data.len() as u64 / 2,
+                "member really is deflated"
+            );
+        }
+        // `dest` exists and is longer than the member: it must be overwritten, not patched.
+        let out = dir.path().join("out.bin");
+        std::fs::write(&out, vec![0xaau8; 1_000_000]).unwrap();
+        let (n, sha) = extract_zip_member(&zip, "pkg/model.gguf", &out).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        assert_eq!(sha, hex(&Sha256::digest(&data)));
+        let (n, _) = extract_zip_member(&zip, "pkg/__init__.py", &out).unwrap();
+        assert_eq!(
+            (n, std::fs::read(&out).unwrap()),
+            (8, b"# empty\n".to_vec())
+        );
+        assert!(
+            matches!(extract_zip_member(&zip, "pkg/", &out), Err(Error::Fetch(m)) if m.contains("member pkg/ not found"))
+        );
+    }
+
+    #[test]
+    fn refuses_encrypted_members_and_other_methods() {
+        let dir = tempfile::tempdir().unwrap();
+        let zip = dir.path().join("e.zip");
+        let out = dir.path().join("o");
+        let mut z = zip_with("a", b"abc", 0, None);
+        let cd = cd_start(&z);
+        assert_eq!(&z[cd..cd + 4], CDIR_SIG.to_le_bytes());
+        z[6] |= 1; // local header flags: encrypted
+        z[cd + 8] |= 1; // central directory flags
+        std::fs::write(&zip, z).unwrap();
+        let r = extract_zip_member(&zip, "a", &out);
+        assert!(
+            matches!(&r, Err(Error::Fetch(m)) if m.contains("a is encrypted") && m.contains(&*zip.to_string_lossy())),
+            "{r:?}"
+        );
+        std::fs::write(&zip, zip_with("a", b"abc", 12, None)).unwrap(); // bzip2
+        let r = extract_zip_member(&zip, "a", &out);
+        assert!(
+            matches!(&r, Err(Error::Fetch(m)) if m.contains("not supported")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn corrupt_archives_give_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = wordy(2_000);
+        let good = zip_with("m", &data, 8, None);
+        let zip = dir.path().join("c.zip");
+        let out = dir.path().join("o");
+        let name = zip.to_string_lossy().into_owned();
+        let one_line_fetch = |r: &Result<(u64, String)>| match r {
+            Err(Error::Fetch(m)) => m.starts_with(&name) && !m.contains('\n'),
+            _ => false,
+        };
+
+        // A damaged deflate stream.
+        let mut z = good.clone();
+        let payload = 30 + 1..cd_start(&z);
+        for b in &mut z[payload.start + 10..payload.end - 10] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&zip, &z).unwrap();
+        let r = extract_zip_member(&zip, "m", &out);
+        assert!(one_line_fetch(&r), "{r:?}");
+
+        // Every single-byte corruption: an error, or (a field the reader ignores) the exact data.
+        for i in 0..good.len() {
+            let mut z = good.clone();
+            z[i] ^= 0xff;
+            std::fs::write(&zip, &z).unwrap();
+            match extract_zip_member(&zip, "m", &out) {
+                Ok((n, sha)) => {
+                    assert_eq!(n, data.len() as u64, "byte {i}");
+                    assert_eq!(std::fs::read(&out).unwrap(), data, "byte {i}");
+                    assert_eq!(sha, hex(&Sha256::digest(&data)), "byte {i}");
+                }
+                r => assert!(one_line_fetch(&r), "byte {i}: {r:?}"),
+            }
+        }
+
+        // Every truncation.
+        for len in 0..good.len() {
+            std::fs::write(&zip, &good[..len]).unwrap();
+            let r = extract_zip_member(&zip, "m", &out);
+            assert!(one_line_fetch(&r), "length {len}: {r:?}");
+        }
     }
 
     #[test]

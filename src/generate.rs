@@ -3,10 +3,53 @@
 
 use std::time::Instant;
 
+use std::path::Path;
+
+use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
 use crate::model::{Logits, Model, RunState};
 use crate::sampling::Sampler;
+use crate::tokenizer::{Message, Tokenizer};
+
+/// Load the model in `dir` and its tokenizer.
+pub fn load(dir: &Path) -> Result<(Model, Tokenizer)> {
+    let model = Model::load(dir)?;
+    let tok = Tokenizer::load(dir, &model.config)?;
+    Ok((model, tok))
+}
+
+/// The text `generate` feeds the model: with `chat`, an optional system turn, `text` as a user
+/// turn and the assistant header, rendered with the model's chat template; otherwise `text`.
+pub fn render_prompt(tok: &Tokenizer, text: &str, chat: bool, system: Option<&str>) -> Result<String> {
+    if !chat {
+        return Ok(text.to_string());
+    }
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(Message::new("system", s));
+    }
+    msgs.push(Message::new("user", text));
+    tok.render_chat(&msgs, true)
+}
+
+/// Tokenize a rendered prompt (adding the model's special tokens unless `chat`, whose template
+/// already holds them) and check that it fits the model's context with `reserve` positions left.
+pub fn encode_prompt(model: &Model, tok: &Tokenizer, text: &str, chat: bool, reserve: usize) -> Result<Vec<u32>> {
+    let ids = tok.encode(text, !chat)?;
+    if ids.is_empty() {
+        return Err(Error::Invalid("the prompt is empty after tokenization".into()));
+    }
+    let max = model.config.max_position_embeddings;
+    if ids.len() + reserve > max {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens; with {} to generate it exceeds the model's context of {} tokens",
+            ids.len(),
+            reserve,
+            max
+        )));
+    }
+    Ok(ids)
+}
 
 #[derive(Debug, Clone)]
 pub struct GenOptions {

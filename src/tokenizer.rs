@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Arch, Config};
+use crate::model::config::{Arch, Config};
 use crate::error::{Error, Result};
 
 /// ChatML with no default system message (SmolLM-style models without a stored template).

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::am::{AmCompressor, AmConfig, BetaSolver, Precision};
+use super::am::{AmCompressor, BetaSolver, Precision};
 use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
-use crate::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 use crate::{Error, Result};
 
 /// Options of `compact-head` (the CLI flags).
@@ -132,7 +132,7 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
     };
     let head = HeadInput { layer: 0, kv_head: 0, d, keys, values, positions: &positions, bias, queries: Some(queries), scale };
 
-    let mut cfg = AmConfig::from_name(&opts.method)?.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
+    let mut cfg = super::registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
     cfg.inner_par = true;
     if opts.golden_precision {
         cfg.precision = Precision::F64;

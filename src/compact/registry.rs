@@ -3,25 +3,29 @@
 //! | name | what | file |
 //! |---|---|---|
 //! | `am-omp`, `am-highest`, `baseline` | Attention Matching family | [`super::am`] |
-//! | `qfilters` | −⟨k, f⟩ with calibrated filters | [`crate::qfilters`] |
-//! | `streaming-llm` | 4 sinks + most recent | [`super::streaming_llm`] |
-//! | `h2o` | accumulated causal attention, 50 % recent | [`super::h2o`] |
-//! | `snapkv` | last-64-query window, avg pool 5 | [`super::snapkv`] |
-//! | `pyramidkv` | SnapKV with linearly falling layer budgets (β = 20) | [`super::pyramidkv`] |
-//! | `tova` | last token's attention, averaged over the layer | [`super::tova`] |
-//! | `knorm` | −‖k‖ | [`super::knorm`] |
-//! | `expected-attention` | Gaussian future-query attention × ‖v‖ | [`super::expected_attention`] |
-//! | `random` | seeded uniform | [`super::random`] |
+//! | `qfilters` | −⟨k, f⟩ with calibrated filters | [`super::qfilters`] |
+//! | `streaming-llm` | 4 sinks + most recent | [`super::evict::streaming_llm`] |
+//! | `h2o` | accumulated causal attention, 50 % recent | [`super::evict::h2o`] |
+//! | `snapkv` | last-64-query window, avg pool 5 | [`super::evict::snapkv`] |
+//! | `pyramidkv` | SnapKV with linearly falling layer budgets (β = 20) | [`super::evict::pyramidkv`] |
+//! | `tova` | last token's attention, averaged over the layer | [`super::evict::tova`] |
+//! | `knorm` | −‖k‖ | [`super::evict::knorm`] |
+//! | `expected-attention` | Gaussian future-query attention × ‖v‖ | [`super::evict::expected_attention`] |
+//! | `random` | seeded uniform | [`super::evict::random`] |
 //!
 //! `full` (no compression) is a name the evaluation understands, not a compressor.
+//!
+//! This is the one door: every command (`compact`, `compact-head`, `demo`, `budgets`,
+//! `generate --max-cache-tokens`, `eval`) resolves `--method` here, so a name means the same
+//! thing everywhere. A command that cannot yet run a family refuses it with [`require_am`]'s
+//! message instead of calling the name unknown.
 
 use std::sync::Arc;
 
-use super::evict::Evict;
-use super::{
-    AmCompressor, AmConfig, Compressor, ExpectedAttention, H2o, KNorm, PyramidKv, RandomEvict, SnapKv, StreamingLlm, Tova,
-};
-use crate::qfilters::{QFilterScorer, QFilters};
+use super::am::{AmCompressor, AmConfig};
+use super::evict::{Evict, ExpectedAttention, H2o, KNorm, PyramidKv, RandomEvict, SnapKv, StreamingLlm, Tova};
+use super::method::Compressor;
+use super::qfilters::{QFilterScorer, QFilters};
 use crate::{Error, Result};
 
 /// Every method name `kvcompact eval` accepts, in the order results are reported.
@@ -41,10 +45,52 @@ pub const METHODS: &[&str] = &[
     "full",
 ];
 
+/// The Attention Matching names, aliases included (see [`AmConfig::from_name`]).
+pub const AM_METHODS: &[&str] = &["am-omp", "am-highest", "am-omp-fast", "baseline"];
+
+/// What kind of method a name is; decides what a command can do with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Fitted β and values from reference queries (`am-*`, `baseline`).
+    AttentionMatching,
+    /// Keep rows by a budget-independent score (the baselines and `qfilters`).
+    Eviction,
+    /// No compression (a reference point of the evaluation).
+    Full,
+}
+
+/// The family of a method name, or a one-line error listing every name.
+pub fn family(name: &str) -> Result<Family> {
+    if name == "full" {
+        return Ok(Family::Full);
+    }
+    if AmConfig::from_name(name).is_ok() {
+        return Ok(Family::AttentionMatching);
+    }
+    if METHODS.contains(&name) {
+        return Ok(Family::Eviction);
+    }
+    Err(Error::Invalid(format!("unknown method {name:?} (expected one of {}, am-omp-fast)", METHODS.join(", "))))
+}
+
 /// Whether `name` is an Attention Matching method (fitted β / values, reference queries).
 pub fn is_am(name: &str) -> bool {
-    matches!(name, "am-omp" | "am-highest" | "baseline") || name.starts_with("am-")
+    matches!(family(name), Ok(Family::AttentionMatching))
 }
+
+/// The Attention Matching method `name` for `command`, which fits with reference queries; an
+/// eviction name or `full` is refused with a one-line error that says where it does run.
+pub fn require_am(name: &str, command: &str) -> Result<AmCompressor> {
+    match family(name)? {
+        Family::AttentionMatching => compressor_from_name(name),
+        Family::Eviction => Err(Error::Invalid(format!(
+            "`kvcompact {command}` runs the Attention Matching methods ({}); {name:?} is an eviction method: `kvcompact eval --methods {name}` runs it",
+            AM_METHODS.join(", ")
+        ))),
+        Family::Full => Err(Error::Invalid(format!("`kvcompact {command}` compacts a cache; \"full\" keeps it whole"))),
+    }
+}
+
 
 /// Inputs some methods need to be built.
 #[derive(Debug, Clone, Default)]
@@ -76,7 +122,15 @@ pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compresso
         "full" => return Err(Error::Invalid("\"full\" keeps the whole cache; it is not a compressor".into())),
         _ => match AmConfig::from_name(name) {
             Ok(cfg) => Box::new(AmCompressor::new(cfg)),
-            Err(_) => return Err(Error::Invalid(format!("unknown method {name:?} (expected one of {})", METHODS.join(", ")))),
+            Err(_) => return Err(family(name).err().unwrap_or_else(|| Error::Invalid(format!("unknown method {name:?}")))),
         },
     })
 }
+
+/// Build a method from its CLI name: `am-highest` (aliases `am-hak`, `am-hak-basic`), `am-omp`
+/// (`am-omp-basic`), `am-omp-fast`, `baseline` (`am-baseline`). Knobs are public fields of
+/// [`AmConfig`]; start from [`AmConfig::from_name`] to change them.
+pub fn compressor_from_name(name: &str) -> Result<AmCompressor> {
+    Ok(AmCompressor::new(AmConfig::from_name(name)?))
+}
+

@@ -14,8 +14,6 @@
 
 use rayon::prelude::*;
 
-use super::reader::GgmlType;
-
 /// IEEE half → single, exact for every input, keeping NaN payloads (numpy `npy_halfbits_to_floatbits`).
 #[inline]
 pub fn f16_to_f32(h: u16) -> f32 {
@@ -40,6 +38,75 @@ pub fn f16_to_f32(h: u16) -> f32 {
 #[inline]
 fn le_f16(b: &[u8]) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// The ggml tensor types this crate can dequantise. Ids are ggml's `enum ggml_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    BF16,
+}
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::BF16 => 30,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::BF16 => "BF16",
+        }
+    }
+    /// Elements per block (1 for the plain float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+        }
+    }
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q8_0 => 34,
+        }
+    }
+    /// Bytes of one row of `n_cols` elements; `None` if `n_cols` is not a whole number of blocks.
+    pub fn row_bytes(self, n_cols: usize) -> Option<usize> {
+        if n_cols % self.block_size() != 0 {
+            return None;
+        }
+        (n_cols / self.block_size()).checked_mul(self.type_size())
+    }
 }
 
 /// Dequantise one row: `src` must hold exactly `ty.row_bytes(dst.len())` bytes. Extra or missing

@@ -16,7 +16,8 @@ pub use convert::{
     convert_gguf, converted_files, generation_config_json, hf_config_json, hf_tensor_plan,
     hf_tensor_values, tokenizer_config_json, ConvertSummary, HfTensor, OutDtype,
 };
-pub use reader::{GgmlType, GgufFile, TensorInfo, Value};
+pub use dequant::GgmlType;
+pub use reader::{GgufFile, TensorInfo, Value};
 pub use tokenizer_json::{tokenizer_from_gguf, tokenizer_json_from_gguf};
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use super::dequant::{dequantize_rows, GgmlType};
 use super::GgufError;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -22,74 +23,6 @@ pub const MAX_TENSOR_NAME: usize = 64;
 /// Deeper nesting than this is certainly hostile; bounding it keeps the recursive parser's stack small.
 const MAX_ARRAY_DEPTH: usize = 8;
 
-/// The ggml tensor types this crate can dequantise. Ids are ggml's `enum ggml_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    F32,
-    F16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
-    BF16,
-}
-
-impl GgmlType {
-    pub fn from_id(id: u32) -> Option<GgmlType> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
-    }
-    pub fn id(self) -> u32 {
-        match self {
-            GgmlType::F32 => 0,
-            GgmlType::F16 => 1,
-            GgmlType::Q4_0 => 2,
-            GgmlType::Q4_1 => 3,
-            GgmlType::Q8_0 => 8,
-            GgmlType::BF16 => 30,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "F32",
-            GgmlType::F16 => "F16",
-            GgmlType::Q4_0 => "Q4_0",
-            GgmlType::Q4_1 => "Q4_1",
-            GgmlType::Q8_0 => "Q8_0",
-            GgmlType::BF16 => "BF16",
-        }
-    }
-    /// Elements per block (1 for the plain float types).
-    pub fn block_size(self) -> usize {
-        match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
-        }
-    }
-    /// Bytes per block.
-    pub fn type_size(self) -> usize {
-        match self {
-            GgmlType::F32 => 4,
-            GgmlType::F16 | GgmlType::BF16 => 2,
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            GgmlType::Q8_0 => 34,
-        }
-    }
-    /// Bytes of one row of `n_cols` elements; `None` if `n_cols` is not a whole number of blocks.
-    pub fn row_bytes(self, n_cols: usize) -> Option<usize> {
-        if n_cols % self.block_size() != 0 {
-            return None;
-        }
-        (n_cols / self.block_size()).checked_mul(self.type_size())
-    }
-}
 
 /// A metadata value. Integers keep their stored width; read them through [`Value::as_u64`] /
 /// [`Value::as_i64`], because real files store counts as u32 where the spec says u64.
@@ -325,7 +258,7 @@ impl GgufFile {
     /// [`super::hf_tensor_values`] for HF layout).
     pub fn tensor_f32(&self, t: &TensorInfo) -> Vec<f32> {
         let mut out = vec![0f32; t.n_elements()];
-        super::dequant::dequantize_rows(t.ggml_type, self.tensor_data(t), t.n_cols(), &mut out);
+        dequantize_rows(t.ggml_type, self.tensor_data(t), t.n_cols(), &mut out);
         out
     }
 

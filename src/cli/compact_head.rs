@@ -1,0 +1,48 @@
+//! `kvcompact compact-head`: one head from a safetensors file, the oracle contract for other
+//! implementations (see `kvcompact::compact::oracle`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
+use kvcompact::compact::BetaSolver;
+
+/// Compact one head from a safetensors file (the oracle contract for other implementations).
+#[derive(clap::Args)]
+pub struct Args {
+    /// keys [T,d], values [T,d], queries [n,d] (f32); optional bias [T] and test_queries [m,d].
+    #[arg(long)]
+    pub input: PathBuf,
+    /// indices i64 [t], keys [t,d], beta [t], values [t,d] (+ errors when test queries are given).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// am-omp, am-highest, am-omp-fast or baseline.
+    #[arg(long, default_value = "am-omp")]
+    pub method: String,
+    #[arg(long)]
+    pub budget: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// reference (clamped LS + projected gradient) or active-set (Lawson–Hanson).
+    #[arg(long, default_value = "reference")]
+    pub nnls: String,
+    /// No conditioning guard; the reference's exact solver path.
+    #[arg(long)]
+    pub strict_parity: bool,
+}
+
+/// `kvcompact compact-head`.
+pub fn run(a: Args) -> Result<()> {
+    let opts = OracleOptions {
+        method: a.method,
+        budget: a.budget,
+        seed: a.seed,
+        nnls: BetaSolver::parse(&a.nnls)?,
+        strict_parity: a.strict_parity,
+        ..Default::default()
+    };
+    let r = compact_head_file(&a.input, &a.output, &opts)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}

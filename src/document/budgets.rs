@@ -1,0 +1,81 @@
+//! Per-head budgets: uniform, or the spec §11 water-fill of given proportions, and the
+//! proportions file (`{"L{layer}H{kv_head}": p}`). The sweep that produces proportions is
+//! `sensitivity.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Budgets per (layer, KV head) for an article of `t_article` rows compacted by `ratio`.
+/// Uniform without proportions; otherwise the spec §11 water-fill with cap `max_ratio`.
+pub fn head_budgets(n_layers: usize, n_kv: usize, t_article: usize, ratio: f64, props: Option<&HashMap<String, f64>>, max_ratio: f64) -> Result<Vec<usize>> {
+    if !(ratio >= 1.0) || !ratio.is_finite() {
+        return Err(Error::Invalid(format!("--ratio must be ≥ 1, got {ratio}")));
+    }
+    let t_keep = ((t_article as f64 / ratio).floor() as usize).clamp(1.min(t_article), t_article);
+    let h_tot = n_layers * n_kv;
+    let Some(props) = props else {
+        return Ok(vec![t_keep; h_tot]);
+    };
+    let mut p = vec![f64::NAN; h_tot];
+    for (k, &v) in props {
+        let parsed = k
+            .strip_prefix('L')
+            .and_then(|r| r.split_once('H'))
+            .and_then(|(l, h)| Some((l.parse::<usize>().ok()?, h.parse::<usize>().ok()?)));
+        let Some((l, h)) = parsed else {
+            return Err(Error::Invalid(format!("budget key {k:?} is not of the form L<layer>H<kv_head>")));
+        };
+        if l >= n_layers || h >= n_kv {
+            return Err(Error::Invalid(format!("budget key {k} is outside the model ({n_layers} layers × {n_kv} KV heads)")));
+        }
+        if !(v >= 0.0) || !v.is_finite() {
+            return Err(Error::Invalid(format!("budget {k} = {v} must be a finite proportion ≥ 0")));
+        }
+        p[l * n_kv + h] = v;
+    }
+    let listed: f64 = p.iter().filter(|x| !x.is_nan()).sum();
+    if !(listed > 0.0) {
+        return Err(Error::Invalid("budget proportions sum to 0".into()));
+    }
+    // Water-fill: cap every head at c, hand the excess to uncapped heads pro rata, repeat.
+    let rho = t_keep as f64 / t_article.max(1) as f64;
+    let cap = max_ratio / (rho * h_tot as f64);
+    let mut q: Vec<f64> = p.iter().map(|&x| if x.is_nan() { 0.0 } else { x / listed }).collect();
+    for _ in 0..h_tot {
+        let excess: f64 = q.iter().filter(|&&x| x > cap).map(|x| x - cap).sum();
+        if excess <= 1e-15 {
+            break;
+        }
+        let free: f64 = q.iter().filter(|&&x| x < cap).sum();
+        for x in q.iter_mut() {
+            if *x > cap {
+                *x = cap;
+            } else if free > 0.0 && *x < cap {
+                *x += excess * *x / free;
+            }
+        }
+    }
+    let total = (t_keep * h_tot) as f64;
+    Ok(p.iter()
+        .zip(&q)
+        .map(|(&orig, &x)| if orig.is_nan() { t_keep } else { ((x * total).floor() as usize).min(t_article) })
+        .collect())
+}
+
+
+/// Read per-head budget proportions `{"L{layer}H{kv_head}": p}` from a JSON file.
+pub fn read_proportions(path: &Path) -> Result<HashMap<String, f64>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: expected a JSON object of proportions {{\"L<layer>H<kv_head>\": p}}: {e}", path.display())))
+}
+
+/// Write proportions as pretty JSON with sorted keys, atomically (temporary file + rename).
+pub fn write_proportions(path: &Path, props: &HashMap<String, f64>) -> Result<()> {
+    let sorted: BTreeMap<_, _> = props.iter().collect();
+    let text = serde_json::to_string_pretty(&sorted).map_err(|e| Error::Invalid(e.to_string()))?;
+    let tmp = crate::tensor_file::tmp_path(path);
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

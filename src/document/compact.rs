@@ -1,0 +1,372 @@
+//! [`compact_context`]: prefill a context, compact its article span head by head with any
+//! [`Compressor`], evaluate each head on held-out queries, and install the result in the cache.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use super::budgets::head_budgets;
+use super::layout::ContextLayout;
+use super::queries::{extra_queries, group_queries, local, merge_extra, repeat_tokens, self_study_tokens, subsample, LayerRun, QuerySource, Queries};
+use crate::cache::{HeadRows, KvCache};
+use crate::compact::{compress_heads, evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
+use crate::error::{Error, Result};
+use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
+use crate::sampling::Rng;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Article rows kept per head ≈ article_len / ratio.
+    pub ratio: f64,
+    pub queries: QuerySource,
+    /// Reference queries per KV head (n in the spec; split evenly over the group's query heads).
+    pub n_queries: usize,
+    /// Held-out queries per KV head for the error summary.
+    pub n_test: usize,
+    pub on_policy: bool,
+    /// Compact the article in chunks of this many tokens, prefilling one chunk at a time.
+    pub chunk_tokens: Option<usize>,
+    /// Per-head budget proportions `{"L{l}H{h}": p}` (spec §11).
+    pub budgets: Option<HashMap<String, f64>>,
+    /// Water-fill cap: no head keeps more than this fraction of the article (spec §11: 0.75 in
+    /// the reference's main runs).
+    pub max_ratio_per_head: f64,
+    pub seed: u64,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        CompactOptions {
+            ratio: 20.0,
+            queries: QuerySource::Repeat,
+            n_queries: 4096,
+            n_test: 256,
+            on_policy: false,
+            chunk_tokens: None,
+            budgets: None,
+            max_ratio_per_head: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Per-layer summary: article-span errors on held-out queries, averaged over the layer's heads.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LayerSummary {
+    pub layer: usize,
+    pub rows_before: usize,
+    pub rows_after: usize,
+    pub mean_rel_l2: f64,
+    pub max_rel_l2: f64,
+    pub mean_mass_err: f64,
+    pub guard_trips: usize,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CompactReport {
+    pub method: String,
+    pub queries: String,
+    pub ratio: f64,
+    pub on_policy: bool,
+    pub context_tokens: usize,
+    pub article_tokens: usize,
+    pub chunks: usize,
+    pub n_queries_per_kv_head: usize,
+    /// Query tokens of the repeat source, when they had to be cut to fit the position range.
+    pub repeat_truncated_to: Option<usize>,
+    pub kv_bytes_before: usize,
+    pub kv_bytes_after: usize,
+    pub prefill_seconds: f64,
+    pub query_seconds: f64,
+    /// Sums over heads (per-thread time): attention statistics, selection, β fit, value fit.
+    pub attn_seconds: f64,
+    pub select_seconds: f64,
+    pub beta_seconds: f64,
+    pub values_seconds: f64,
+    /// Wall time of the compaction calls.
+    pub compact_seconds: f64,
+    pub eval_seconds: f64,
+    pub total_seconds: f64,
+    pub layers: Vec<LayerSummary>,
+    /// Held-out article-span rel_l2 per (layer, KV head), layer-major (mean over chunks).
+    pub head_rel_l2: Vec<f64>,
+    pub mean_rel_l2: f64,
+    pub mean_mass_err: f64,
+}
+
+/// The span being compacted: rows `rows[i]` of head i (layer-major), and the query tokens that
+/// follow the context to produce reference queries.
+pub(super) struct Span {
+    pub(super) rows: Vec<Range<usize>>, // [n_layers * n_kv]
+    pub(super) query_tokens: Vec<u32>,
+}
+
+/// Run the query tokens through the model layer by layer after `cache`, compacting each layer's
+/// span as it goes (on-policy) or after collecting every layer's queries (off-policy).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compact_span(
+    model: &Model,
+    st: &mut RunState,
+    cache: &mut KvCache,
+    span: &Span,
+    method: &dyn Compressor,
+    budgets: &[usize],
+    opts: &CompactOptions,
+    extra: Option<&Queries>,
+    evals: &mut [Vec<(HeadEval, bool)>],
+    report: &mut CompactReport,
+) -> Result<()> {
+    let c = &model.config;
+    let (nl, nkv, d, g, qd) = (c.n_layers, c.n_kv_heads, c.hidden_size, c.group_size(), c.q_dim());
+    let pos0 = cache.next_pos();
+    let nq = span.query_tokens.len();
+    let mb = st.max_batch();
+    let mut rng = Rng::new(opts.seed ^ 0x5155_4552_5953);
+    // Token subsample: ceil(n / G) query tokens per query head, and a disjoint test set.
+    let sel = subsample(nq, opts.n_queries.div_ceil(g).max(1), &mut rng, &[]);
+    let mut test_sel = subsample(nq, opts.n_test.div_ceil(g).max(1), &mut rng, &sel);
+    if test_sel.is_empty() {
+        // Every query token is used for fitting; evaluate on them rather than on nothing.
+        test_sel = subsample(nq, opts.n_test.div_ceil(g).max(1), &mut rng, &[]);
+    }
+    report.n_queries_per_kv_head = sel.len() * g + extra.map_or(0, |x| x.train[0].len() / c.head_dim);
+
+    let tq = Instant::now();
+    let mut hidden = vec![0.0f32; nq * d]; // [nq, d] query tokens' residual at the current layer
+    for (ci, chunk) in span.query_tokens.chunks(mb).enumerate() {
+        model.embed(st, chunk);
+        hidden[ci * mb * d..(ci * mb + chunk.len()) * d].copy_from_slice(model.residual(st, chunk.len()));
+    }
+    let mut train: Vec<Vec<f32>> = vec![Vec::new(); nl * nkv];
+    let mut test: Vec<Vec<f32>> = vec![Vec::new(); nl * nkv];
+    report.query_seconds += tq.elapsed().as_secs_f64();
+
+    let ctx = LayerRun { model, tokens: &span.query_tokens, pos0, sel: &sel, test_sel: &test_sel };
+    if !opts.on_policy {
+        let tq = Instant::now();
+        for l in 0..nl {
+            if nq > 0 {
+                ctx.run(l, st, cache, &mut hidden, Some((&mut train, &mut test)));
+            }
+        }
+        merge_extra(&mut train, &mut test, extra, 0..nl * nkv);
+        report.query_seconds += tq.elapsed().as_secs_f64();
+        let all: Vec<usize> = (0..nl * nkv).collect();
+        compress_and_install(model, cache, span, method, budgets, opts, &all, &train, &test, evals, report)?;
+    } else {
+        for l in 0..nl {
+            let tq = Instant::now();
+            // Layer l's queries come from H_l, which already reflects the compacted layers < l.
+            for (ci, chunk) in span.query_tokens.chunks(mb).enumerate() {
+                let (at, n) = (ci * mb, chunk.len());
+                model.prepare_positions(st, n, pos0 + at);
+                model.residual(st, n).copy_from_slice(&hidden[at * d..(at + n) * d]);
+                let q = model.layer_queries(l, st, n);
+                debug_assert_eq!(q.len(), n * qd);
+                group_queries(q, model, &local(&sel, at, n), &mut train[l * nkv..(l + 1) * nkv]);
+                group_queries(q, model, &local(&test_sel, at, n), &mut test[l * nkv..(l + 1) * nkv]);
+            }
+            merge_extra(&mut train, &mut test, extra, l * nkv..(l + 1) * nkv);
+            report.query_seconds += tq.elapsed().as_secs_f64();
+            let heads: Vec<usize> = (l * nkv..(l + 1) * nkv).collect();
+            compress_and_install(model, cache, span, method, budgets, opts, &heads, &train, &test, evals, report)?;
+            let tq = Instant::now();
+            if l + 1 < nl && nq > 0 {
+                ctx.run(l, st, cache, &mut hidden, None);
+            }
+            report.query_seconds += tq.elapsed().as_secs_f64();
+        }
+    }
+    Ok(())
+}
+
+/// original rows, and replace them in the cache: [before; compacted (β); after].
+#[allow(clippy::too_many_arguments)]
+fn compress_and_install(
+    model: &Model,
+    cache: &mut KvCache,
+    span: &Span,
+    method: &dyn Compressor,
+    budgets: &[usize],
+    opts: &CompactOptions,
+    heads: &[usize],
+    train: &[Vec<f32>],
+    test: &[Vec<f32>],
+    evals: &mut [Vec<(HeadEval, bool)>],
+    report: &mut CompactReport,
+) -> Result<()> {
+    let c = &model.config;
+    let (nkv, hd) = (c.n_kv_heads, c.head_dim);
+    let cache_ro: &KvCache = cache;
+    let input_of = |i: usize| -> HeadInput<'_> {
+        HeadInput::from_cache(cache_ro, i / nkv, i % nkv, span.rows[i].clone(), Some(&train[i][..]), c.attn_scale())
+    };
+    let tc = Instant::now();
+    let inputs: Vec<HeadInput> = heads.iter().map(|&i| input_of(i)).collect();
+    let bud: Vec<usize> = heads.iter().map(|&i| budgets[i].min(span.rows[i].len())).collect();
+    let out = compress_heads(method, &inputs, &bud, opts.seed)?;
+    report.compact_seconds += tc.elapsed().as_secs_f64();
+    let te = Instant::now();
+    for ((&i, inp), ch) in heads.iter().zip(&inputs).zip(&out) {
+        evals[i].push((evaluate_head(inp, ch, &test[i]), ch.stats.guard_tripped));
+    }
+    report.eval_seconds += te.elapsed().as_secs_f64();
+    drop(inputs);
+
+    for (&i, ch) in heads.iter().zip(out) {
+        let (l, h) = (i / nkv, i % nkv);
+        let s: &HeadStats = &ch.stats;
+        report.attn_seconds += s.attn_seconds;
+        report.select_seconds += s.select_seconds;
+        report.beta_seconds += s.beta_seconds;
+        report.values_seconds += s.values_seconds;
+        let rows = span.rows[i].clone();
+        let (keys, values, bias, positions) = cache.head(l, h);
+        let n_new = positions.len() - rows.len() + ch.len();
+        let mut new = HeadRows {
+            keys: Vec::with_capacity(n_new * hd),
+            values: Vec::with_capacity(n_new * hd),
+            positions: Vec::with_capacity(n_new),
+            bias: Some(Vec::with_capacity(n_new)),
+        };
+        let old_bias = |j: usize| bias.map_or(0.0, |b| b[j]);
+        let mut nb = Vec::with_capacity(n_new);
+        new.keys.extend_from_slice(&keys[..rows.start * hd]);
+        new.values.extend_from_slice(&values[..rows.start * hd]);
+        new.positions.extend_from_slice(&positions[..rows.start]);
+        nb.extend((0..rows.start).map(old_bias));
+        new.keys.extend_from_slice(&ch.keys);
+        new.values.extend_from_slice(&ch.values);
+        new.positions.extend(ch.indices.iter().map(|&k| positions[rows.start + k]));
+        nb.extend_from_slice(&ch.beta);
+        new.keys.extend_from_slice(&keys[rows.end * hd..]);
+        new.values.extend_from_slice(&values[rows.end * hd..]);
+        new.positions.extend_from_slice(&positions[rows.end..]);
+        nb.extend((rows.end..positions.len()).map(old_bias));
+        new.bias = Some(nb);
+        cache.replace_head(l, h, new)?;
+    }
+    Ok(())
+}
+/// Prefill `layout`, compact its article with `method`, and return the compacted cache.
+pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, method: &dyn Compressor, opts: &CompactOptions) -> Result<(KvCache, CompactReport)> {
+    let t_all = Instant::now();
+    let c = &model.config;
+    let (nl, nkv) = (c.n_layers, c.n_kv_heads);
+    if layout.article.is_empty() {
+        return Err(Error::Prompt("the context has no article tokens to compact".into()));
+    }
+    if layout.len() > c.max_position_embeddings {
+        return Err(Error::Prompt(format!(
+            "the context has {} tokens, more than the model's {} positions",
+            layout.len(),
+            c.max_position_embeddings
+        )));
+    }
+    let mut report = CompactReport {
+        method: method.name().into(),
+        queries: opts.queries.name().into(),
+        ratio: opts.ratio,
+        on_policy: opts.on_policy,
+        context_tokens: layout.len(),
+        article_tokens: layout.article.len(),
+        kv_bytes_before: layout.len() * c.kv_bytes_per_token() + layout.len() * nl * nkv * 4,
+        ..Default::default()
+    };
+    let chunk = opts.chunk_tokens.unwrap_or(layout.article.len()).max(1);
+    let chunks: Vec<&[u32]> = layout.article.chunks(chunk).collect();
+    report.chunks = chunks.len();
+    let mut st = model.new_state(DEFAULT_MAX_BATCH);
+    let mut cache = model.new_cache();
+    let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
+    let capture_ctx = matches!(opts.queries, QuerySource::Context | QuerySource::Mix | QuerySource::Random);
+    let tp = Instant::now();
+    model.forward(&mut st, &mut cache, &layout.prefix, Logits::None).or_else(|e| if layout.prefix.is_empty() { Ok(()) } else { Err(e) })?;
+    report.prefill_seconds += tp.elapsed().as_secs_f64();
+    for (ci, part) in chunks.iter().enumerate() {
+        let last = ci + 1 == chunks.len();
+        // Prefill the chunk (plus the template end after the last one when not chunked, so
+        // queries see the whole context as the reference does).
+        let tp = Instant::now();
+        let before: Vec<usize> = (0..nl * nkv).map(|i| cache.len(i / nkv, i % nkv)).collect();
+        if capture_ctx {
+            st.capture = Some(crate::model::Capture::queries());
+        }
+        model.forward(&mut st, &mut cache, part, Logits::None)?;
+        let captured = st.capture.take().map(|c| c.queries).unwrap_or_default();
+        let tail = if last && chunks.len() == 1 { &layout.suffix[..] } else { &[][..] };
+        if !tail.is_empty() {
+            model.forward(&mut st, &mut cache, tail, Logits::None)?;
+        }
+        report.prefill_seconds += tp.elapsed().as_secs_f64();
+
+        let rows: Vec<Range<usize>> = before.iter().map(|&b| b..b + part.len()).collect();
+        let tq = Instant::now();
+        let query_tokens = match opts.queries {
+            QuerySource::Repeat | QuerySource::Mix => {
+                let mut t = repeat_tokens(tok, layout.chat, part)?;
+                // A long article repeated after itself can overflow the position range; the
+                // repeat then stops where the positions run out (queries come from its start).
+                let room = c.max_position_embeddings.saturating_sub(cache.next_pos());
+                if t.len() > room {
+                    report.repeat_truncated_to = Some(room);
+                    t.truncate(room);
+                }
+                t
+            }
+            QuerySource::SelfStudy => self_study_tokens(model, tok, &cache, layout.chat, opts.seed, 192)?,
+            QuerySource::Context | QuerySource::Random => Vec::new(),
+        };
+        if cache.next_pos() + query_tokens.len() > c.max_position_embeddings {
+            return Err(Error::Prompt(format!(
+                "context plus query tokens ({} + {}) exceed the model's {} positions; use --chunk-tokens",
+                cache.next_pos(),
+                query_tokens.len(),
+                c.max_position_embeddings
+            )));
+        }
+        let share = if opts.queries == QuerySource::Mix { 0.5 } else { 1.0 };
+        let extra = extra_queries(model, &captured, opts.queries, opts.n_queries, opts.n_test, opts.seed, share);
+        report.query_seconds += tq.elapsed().as_secs_f64();
+        let budgets = head_budgets(nl, nkv, part.len(), opts.ratio, opts.budgets.as_ref(), opts.max_ratio_per_head)?;
+        let mut sub = opts.clone();
+        if opts.queries == QuerySource::Mix {
+            sub.n_queries = opts.n_queries / 2;
+        }
+        let span = Span { rows, query_tokens };
+        compact_span(model, &mut st, &mut cache, &span, method, &budgets, &sub, extra.as_ref(), &mut evals, &mut report)?;
+    }
+    if chunks.len() > 1 && !layout.suffix.is_empty() {
+        // Chunked: the template end is appended after the compacted chunks (spec §10 leaves it
+        // out; we keep it so the cache ends where a conversation expects it).
+        model.forward(&mut st, &mut cache, &layout.suffix, Logits::None)?;
+    }
+    cache.check()?;
+    report.kv_bytes_after = cache.bytes();
+    // Per-layer summary over heads (and chunks).
+    for l in 0..nl {
+        let es: Vec<&HeadEval> = (0..nkv).flat_map(|h| evals[l * nkv + h].iter().map(|(e, _)| e)).collect();
+        let trips = (0..nkv).flat_map(|h| evals[l * nkv + h].iter()).filter(|(_, g)| *g).count();
+        let n = es.len().max(1) as f64;
+        report.layers.push(LayerSummary {
+            layer: l,
+            rows_before: layout.len() * nkv,
+            rows_after: (0..nkv).map(|h| cache.len(l, h)).sum(),
+            mean_rel_l2: es.iter().map(|e| e.mean_rel_l2).sum::<f64>() / n,
+            max_rel_l2: es.iter().map(|e| e.max_rel_l2).fold(0.0, f64::max),
+            mean_mass_err: es.iter().map(|e| e.mean_mass_err).sum::<f64>() / n,
+            guard_trips: trips,
+        });
+    }
+    report.head_rel_l2 = evals
+        .iter()
+        .map(|v| v.iter().map(|(e, _)| e.mean_rel_l2).sum::<f64>() / v.len().max(1) as f64)
+        .collect();
+    let nlf = nl as f64;
+    report.mean_rel_l2 = report.layers.iter().map(|l| l.mean_rel_l2).sum::<f64>() / nlf;
+    report.mean_mass_err = report.layers.iter().map(|l| l.mean_mass_err).sum::<f64>() / nlf;
+    report.total_seconds = t_all.elapsed().as_secs_f64();
+    Ok((cache, report))
+}
+

@@ -1,0 +1,73 @@
+//! A context as the template before the article, the article, and the template after (spec §9).
+//! New tokens continue at the logical length after the suffix.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::{Message, Tokenizer};
+
+/// A context split into the template before the article, the article, and the template after.
+#[derive(Debug, Clone)]
+pub struct ContextLayout {
+    pub prefix: Vec<u32>,
+    pub article: Vec<u32>,
+    pub suffix: Vec<u32>,
+    /// Rendered with the chat template (the article is a user message).
+    pub chat: bool,
+}
+
+impl ContextLayout {
+    /// Tokenize `text` as the article; with `chat`, inside a user turn of the model's template.
+    pub fn build(tok: &Tokenizer, text: &str, chat: bool) -> Result<ContextLayout> {
+        if text.trim().is_empty() {
+            return Err(Error::Prompt("the context is empty".into()));
+        }
+        let article = tok.encode(text, false)?;
+        if !chat {
+            // BOS (or whatever the tokenizer adds to an empty string) is the only prefix.
+            let prefix = tok.encode("", true)?;
+            return Ok(ContextLayout { prefix, article, suffix: vec![], chat });
+        }
+        const MARK: &str = "\u{1}KVCOMPACT-ARTICLE\u{1}";
+        let rendered = tok.render_chat(&[Message::new("user", MARK)], false)?;
+        let at = rendered
+            .find(MARK)
+            .ok_or_else(|| Error::Tokenizer("the chat template dropped the user message".into()))?;
+        let prefix = tok.encode(&rendered[..at], false)?;
+        let suffix = tok.encode(&rendered[at + MARK.len()..], false)?;
+        Ok(ContextLayout { prefix, article, suffix, chat })
+    }
+
+    pub fn tokens(&self) -> Vec<u32> {
+        [&self.prefix[..], &self.article[..], &self.suffix[..]].concat()
+    }
+
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.article.len() + self.suffix.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of the article in a freshly prefilled cache.
+    pub fn article_rows(&self) -> Range<usize> {
+        self.prefix.len()..self.prefix.len() + self.article.len()
+    }
+}
+
+/// Tokens that follow a context to ask `text`: a new user turn and the assistant header in chat
+/// mode, or the raw text (after a blank line) otherwise.
+pub fn followup_tokens(tok: &Tokenizer, chat: bool, text: &str) -> Result<Vec<u32>> {
+    if !chat {
+        return tok.encode(&format!("\n\n{text}"), false);
+    }
+    // The continuation is what the template adds when a turn is appended to a conversation.
+    let a = Message::new("user", "A");
+    let one = tok.render_chat(std::slice::from_ref(&a), false)?;
+    let two = tok.render_chat(&[a, Message::new("user", text)], true)?;
+    let cont = two
+        .strip_prefix(&one)
+        .ok_or_else(|| Error::Tokenizer("the chat template does not extend a conversation by appending".into()))?;
+    tok.encode(cont, false)
+}

@@ -1,0 +1,78 @@
+//! Online compaction during generation (spec §12).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use super::compact::{compact_span, CompactOptions, CompactReport, Span};
+use super::queries::repeat_tokens;
+use crate::cache::KvCache;
+use crate::compact::{Compressor, HeadEval};
+use crate::error::{Error, Result};
+use crate::model::{Model, RunState, DEFAULT_MAX_BATCH};
+use crate::tokenizer::Tokenizer;
+
+
+/// Compacts all but the most recent rows of every head whenever the physical cache reaches
+/// `max_cache_tokens` rows: rows [0, len − keep_recent) are replaced by about 1/ratio as many,
+/// with earlier β carried as the prior bias (β_new = b + ln B). Reference queries come from
+/// repeating the tokens behind the compacted rows (the most recent `max_cache_tokens` of them).
+pub struct OnlineCompaction<'a> {
+    pub tok: &'a Tokenizer,
+    pub method: &'a dyn Compressor,
+    pub max_cache_tokens: usize,
+    pub keep_recent: usize,
+    pub chat: bool,
+    pub opts: CompactOptions,
+    /// Reports of the compactions done so far.
+    pub reports: Vec<CompactReport>,
+    state: Option<RunState>,
+}
+
+impl<'a> OnlineCompaction<'a> {
+    pub fn new(tok: &'a Tokenizer, method: &'a dyn Compressor, max_cache_tokens: usize, keep_recent: usize, chat: bool, opts: CompactOptions) -> Result<Self> {
+        if keep_recent + 2 > max_cache_tokens {
+            return Err(Error::Invalid(format!(
+                "--keep-recent {keep_recent} must leave room below --max-cache-tokens {max_cache_tokens}"
+            )));
+        }
+        if !(opts.ratio > 1.0) {
+            return Err(Error::Invalid(format!("online compaction needs --ratio > 1, got {}", opts.ratio)));
+        }
+        Ok(OnlineCompaction { tok, method, max_cache_tokens, keep_recent, chat, opts, reports: Vec::new(), state: None })
+    }
+}
+
+impl crate::generate::CachePolicy for OnlineCompaction<'_> {
+    fn after_step(&mut self, model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Result<()> {
+        if cache.max_len() < self.max_cache_tokens {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let c = &model.config;
+        let (nl, nkv) = (c.n_layers, c.n_kv_heads);
+        let rows: Vec<Range<usize>> = (0..nl * nkv).map(|i| 0..cache.len(i / nkv, i % nkv).saturating_sub(self.keep_recent)).collect();
+        // The text behind the compacted rows: every position before the protected window.
+        let cut = cache.next_pos().saturating_sub(self.keep_recent).min(tokens.len());
+        let from = cut.saturating_sub(self.max_cache_tokens);
+        let mut query_tokens = repeat_tokens(self.tok, self.chat, &tokens[from..cut])?;
+        let room = c.max_position_embeddings.saturating_sub(cache.next_pos());
+        query_tokens.truncate(room);
+        let budgets: Vec<usize> = rows.iter().map(|r| ((r.len() as f64 / self.opts.ratio) as usize).max(1).min(r.len())).collect();
+        let mut report = CompactReport { method: self.method.name().into(), queries: "repeat".into(), ratio: self.opts.ratio, ..Default::default() };
+        report.kv_bytes_before = cache.bytes();
+        let st = self.state.get_or_insert_with(|| model.new_state(DEFAULT_MAX_BATCH));
+        let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
+        let span = Span { rows, query_tokens };
+        compact_span(model, st, cache, &span, self.method, &budgets, &self.opts, None, &mut evals, &mut report)?;
+        cache.check()?;
+        report.kv_bytes_after = cache.bytes();
+        let es: Vec<&HeadEval> = evals.iter().flatten().map(|(e, _)| e).collect();
+        report.mean_rel_l2 = es.iter().map(|e| e.mean_rel_l2).sum::<f64>() / es.len().max(1) as f64;
+        report.mean_mass_err = es.iter().map(|e| e.mean_mass_err).sum::<f64>() / es.len().max(1) as f64;
+        report.total_seconds = t0.elapsed().as_secs_f64();
+        tracing::info!(rows = cache.max_len(), seconds = report.total_seconds, "online compaction");
+        self.reports.push(report);
+        Ok(())
+    }
+}
+

@@ -1,0 +1,110 @@
+//! What an evaluation runs: the options (one field per `kvcompact eval` flag) and the plan they
+//! resolve to (defaults for a full or a `--quick` run, with the user's overrides).
+
+use std::path::PathBuf;
+
+use super::tasks;
+use crate::compact::registry::{self, METHODS};
+use crate::error::{Error, Result};
+
+/// What `kvcompact eval` runs (the CLI flags of the same names fill it; see `cli/eval.rs`).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// HF-format model directory (default: the default model).
+    pub model: Option<PathBuf>,
+    /// Comma-separated methods (default: all): am-omp, am-highest, baseline, qfilters,
+    /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random, full.
+    pub methods: Vec<String>,
+    /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 2,5,10,20,50).
+    pub ratios: Vec<f64>,
+    /// Comma-separated tasks (default all): passkey, niah-multikey, variable-tracking, qa.
+    pub tasks: Vec<String>,
+    /// Samples (contexts) per task (default 3; --quick 4). QA has one sample per document.
+    pub samples: Option<usize>,
+    pub seed: u64,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Small CI run: passkey, ratios 10,20, methods am-highest, qfilters, knorm, streaming-llm,
+    /// full, 4 samples of 512 tokens (each overridable), and the ordering checks.
+    pub quick: bool,
+    /// Context lengths in tokens for the synthetic tasks, cycled over samples (default 512, which
+    /// keeps the default run within its time budget; the README table uses 512,1024). Capped to
+    /// what the model's context holds.
+    pub lengths: Vec<usize>,
+    /// Needle depths in [0, 1], cycled over samples (default 0.5,0.1,0.9,0.3,0.7).
+    pub depths: Vec<f64>,
+    /// Needles per niah-multikey context.
+    pub keys: usize,
+    /// Needles asked per niah-multikey context.
+    pub keys_asked: usize,
+    /// Questions asked per QA document.
+    pub qa_questions: usize,
+    /// QA documents: a JSON list of {title, document | document_file, questions: [{question,
+    /// answer_prefix, answers, max_new_tokens}]} (default: the shipped documents in data/qa).
+    pub qa_docs: Option<PathBuf>,
+    /// Q-Filters file (default: <out>/qfilters.safetensors or <model>/qfilters.safetensors if
+    /// present, else calibrated on the shipped corpus and saved as <out>/qfilters.safetensors).
+    pub filters: Option<PathBuf>,
+    /// Attention Matching reference queries per KV head (off-policy, shared by every AM method and ratio).
+    pub n_queries: usize,
+    /// Source of the AM reference queries: repeat, self-study, or ss-plus-repeat (half each).
+    pub am_queries: String,
+    /// Tokens per self-study answer (three prompts: summary, questions, facts).
+    pub self_study_tokens: usize,
+    /// Continuation tokens per question whose queries serve as test queries for the per-head errors.
+    pub n_test: usize,
+    /// Per-head budget proportions (JSON {"L{l}H{h}": p}) applied to every method (spec §11).
+    pub budgets: Option<PathBuf>,
+    /// Treat contexts as raw text (no chat template).
+    pub raw: bool,
+    /// Fail (exit 1) when an ordering check does not hold (checks run with --quick or --check).
+    pub check: bool,
+    /// No progress bar.
+    pub no_progress: bool,
+}
+
+/// The resolved run: defaults (full or quick) with the user's overrides.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub methods: Vec<String>,
+    pub ratios: Vec<f64>,
+    pub tasks: Vec<String>,
+    pub samples: usize,
+    pub lengths: Vec<usize>,
+    pub depths: Vec<f64>,
+    pub checks: bool,
+}
+
+impl Plan {
+    pub fn from_args(a: &EvalOptions) -> Result<Plan> {
+        let or = |v: &Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v.clone() };
+        let (dm, dr, dt, dl): (&[&str], &[f64], &[&str], &[usize]) = if a.quick {
+            (&["am-highest", "qfilters", "knorm", "streaming-llm", "full"], &[10.0, 20.0], &["passkey"], &[512])
+        } else {
+            (METHODS, &[2.0, 5.0, 10.0, 20.0, 50.0], tasks::TASKS, &[512])
+        };
+        let methods = or(&a.methods, dm);
+        for m in &methods {
+            registry::family(m)?;
+        }
+        let tasks = or(&a.tasks, dt);
+        for t in &tasks {
+            if !tasks::TASKS.contains(&t.as_str()) {
+                return Err(Error::Invalid(format!("unknown task {t:?} (expected one of {})", tasks::TASKS.join(", "))));
+            }
+        }
+        let ratios = if a.ratios.is_empty() { dr.to_vec() } else { a.ratios.clone() };
+        if let Some(r) = ratios.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
+            return Err(Error::Invalid(format!("--ratios: {r} is not a compression ratio ≥ 1")));
+        }
+        let depths = if a.depths.is_empty() { vec![0.5, 0.1, 0.9, 0.3, 0.7] } else { a.depths.clone() };
+        if depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
+            return Err(Error::Invalid("--depths must lie in [0, 1]".into()));
+        }
+        let lengths = if a.lengths.is_empty() { dl.to_vec() } else { a.lengths.clone() };
+        if lengths.contains(&0) {
+            return Err(Error::Invalid("--lengths must be positive".into()));
+        }
+        Ok(Plan { methods, ratios, tasks, samples: a.samples.unwrap_or(if a.quick { 4 } else { 3 }).max(1), lengths, depths, checks: a.quick || a.check })
+    }
+}

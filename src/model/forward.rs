@@ -1,0 +1,477 @@
+//! The forward pass: batched prefill and one-token decode over a [`KvCache`].
+//!
+//! [`Model`] is immutable (config + weights); [`RunState`] holds every activation buffer,
+//! allocated once for a maximum batch of `max_batch` tokens (llama2.c's `RunState`); the cache
+//! is passed in, so one model can serve many caches. Prompts longer than `max_batch` are run in
+//! chunks of `max_batch` tokens, each attending to the cache the previous chunks filled — the
+//! same path a chunked or compacted context takes.
+//!
+//! Numerics: weights stay in their stored dtype and are widened inside the kernels; every
+//! product and sum accumulates in f32. Multi-token linears go through faer's GEMM (bf16/f16
+//! weights widened one tile of rows at a time); one-token linears through the GEMV kernel.
+
+use std::path::{Path, PathBuf};
+
+use faer::{Accum, MatMut, MatRef, Par};
+use kvcompact_kernels as k;
+use rayon::prelude::*;
+
+use crate::model::config::Config;
+use crate::error::{Error, Result};
+use crate::cache::{KvCache, SlimMode};
+use crate::model::rope::rope_inv_freq;
+use crate::model::slim::{SlimOptions, SlimWeights};
+use crate::model::weights::{MatrixView, WDtype, Weights};
+
+/// Default number of tokens per forward chunk.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
+const WIDEN_TILE_ROWS: usize = 256;
+
+/// Which logits a forward call should produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (prefilling context only).
+    None,
+    /// The last token's logits: [vocab].
+    Last,
+    /// Every token's logits: [n_tokens, vocab].
+    All,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    pub dir: PathBuf,
+    pub(super) inv_freq: Vec<f32>, // [head_dim/2] RoPE inverse frequencies after scaling
+    /// Slim-attention weights, once [`Model::enable_slim`] has prepared them.
+    pub slim: Option<SlimWeights>,
+}
+
+/// Activation buffers for up to `max_batch` tokens; shapes use B = max_batch.
+pub struct RunState {
+    pub(super) max_batch: usize,
+    pub(super) x: Vec<f32>,     // [B, d] residual stream
+    pub(super) xn: Vec<f32>,    // [B, d] normalised residual
+    pub(super) q: Vec<f32>,     // [B, nh*hd]
+    pub(super) kv_k: Vec<f32>,  // [B, nkv*hd]
+    pub(super) kv_v: Vec<f32>,  // [B, nkv*hd]
+    pub(super) att: Vec<f32>,   // [B, nh*hd] attention output (before o_proj)
+    pub(super) att_hm: Vec<f32>, // [nkv, B, G*hd] the same, head-major, as the blocked attention writes it
+    pub(super) o: Vec<f32>,     // [B, d] o_proj / down_proj output
+    pub(super) gate: Vec<f32>,  // [B, ff]
+    pub(super) up: Vec<f32>,    // [B, ff]
+    pub(super) cos: Vec<f32>,   // [B, hd/2] RoPE table of the chunk's positions
+    pub(super) sin: Vec<f32>,   // [B, hd/2]
+    pub(super) positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
+    pub(super) base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
+    pub(super) wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
+    pub(super) slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
+    pub(super) slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
+    pub(super) slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
+    /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
+    pub logits: Vec<f32>,
+    /// When set, what it enables is recorded on every forward call.
+    pub capture: Option<Capture>,
+}
+
+/// Optional recordings of a forward pass, appended per call (tests, query extraction).
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    pub hidden_enabled: bool,
+    pub queries_enabled: bool,
+    pub hidden: Vec<Vec<f32>>,  // [n_layers][tokens, d] residual after each layer
+    pub final_norm: Vec<f32>,   // [tokens, d]
+    pub queries: Vec<Vec<f32>>, // [n_layers][tokens, nh*hd] post-RoPE (post q_norm) queries
+}
+
+impl Capture {
+    pub fn hidden() -> Capture {
+        Capture { hidden_enabled: true, ..Default::default() }
+    }
+    pub fn queries() -> Capture {
+        Capture { queries_enabled: true, ..Default::default() }
+    }
+}
+
+impl Model {
+    pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!("model directory {} does not exist", dir.display())));
+        }
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let weights = Weights::load(dir, &config)?;
+        let inv_freq = rope_inv_freq(&config);
+        Ok(Model { config, weights, dir: dir.into(), inv_freq, slim: None })
+    }
+
+    /// Prepare Slim Attention (W_KV per layer in f64, load-time gates); from now on
+    /// [`Model::new_cache`] returns K-only caches. Refuses models where it cannot apply.
+    pub fn enable_slim(&mut self, opts: SlimOptions) -> Result<&SlimWeights> {
+        let sw = crate::model::slim::prepare(&self.config, &self.weights, opts)?;
+        Ok(self.slim.insert(sw))
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        if self.slim.is_some() {
+            KvCache::new_slim(c.n_layers, c.n_kv_heads, c.head_dim)
+        } else {
+            KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim)
+        }
+    }
+
+    pub fn new_state(&self, max_batch: usize) -> RunState {
+        let c = &self.config;
+        let b = max_batch.max(1);
+        let wide = if self.weights.dtype() == WDtype::F32 { 0 } else { WIDEN_TILE_ROWS * c.hidden_size.max(c.intermediate_size).max(c.q_dim()) };
+        RunState {
+            max_batch: b,
+            x: vec![0.0; b * c.hidden_size],
+            xn: vec![0.0; b * c.hidden_size],
+            q: vec![0.0; b * c.q_dim()],
+            kv_k: vec![0.0; b * c.kv_dim()],
+            kv_v: vec![0.0; b * c.kv_dim()],
+            att: vec![0.0; b * c.q_dim()],
+            att_hm: vec![0.0; b * c.q_dim()],
+            o: vec![0.0; b * c.hidden_size],
+            gate: vec![0.0; b * c.intermediate_size],
+            up: vec![0.0; b * c.intermediate_size],
+            cos: vec![0.0; b * c.head_dim / 2],
+            sin: vec![0.0; b * c.head_dim / 2],
+            positions: vec![0; b],
+            base: vec![0; c.n_kv_heads],
+            wtile: vec![0.0; wide],
+            slim_s: Vec::new(),
+            slim_part: Vec::new(),
+            slim_kbar: Vec::new(),
+            logits: Vec::with_capacity(c.vocab_size),
+            capture: None,
+        }
+    }
+
+    /// Run `tokens` through the model, appending their keys/values to `cache` at positions
+    /// `cache.next_pos()..`, and leave the requested logits in `state.logits`.
+    pub fn forward(&self, state: &mut RunState, cache: &mut KvCache, tokens: &[u32], want: Logits) -> Result<()> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(Error::Prompt("no tokens to run".into()));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Prompt(format!("token id {t} is outside the vocabulary ({})", c.vocab_size)));
+        }
+        let end = cache.next_pos() + tokens.len();
+        if end > c.max_position_embeddings {
+            return Err(Error::Prompt(format!(
+                "{} tokens at position {} exceed the model's context of {} positions (max_position_embeddings)",
+                tokens.len(),
+                cache.next_pos(),
+                c.max_position_embeddings
+            )));
+        }
+        if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (c.n_layers, c.n_kv_heads, c.head_dim) {
+            return Err(Error::Shape {
+                op: "Model::forward",
+                expected: format!("cache of {} layers × {} KV heads × {}", c.n_layers, c.n_kv_heads, c.head_dim),
+                got: format!("{} × {} × {}", cache.n_layers, cache.n_kv_heads, cache.head_dim),
+            });
+        }
+        if cache.is_slim() && self.slim.is_none() {
+            return Err(Error::Invalid("a slim (K-only) cache needs a model with slim attention enabled".into()));
+        }
+        state.logits.clear();
+        let n_chunks = tokens.len().div_ceil(state.max_batch);
+        for (ci, chunk) in tokens.chunks(state.max_batch).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let chunk_want = match want {
+                Logits::All => Logits::All,
+                Logits::Last if last => Logits::Last,
+                _ => Logits::None,
+            };
+            self.forward_chunk(state, cache, chunk, chunk_want);
+        }
+        Ok(())
+    }
+
+    /// Convenience: logits of the last token.
+    pub fn forward_last<'s>(&self, state: &'s mut RunState, cache: &mut KvCache, tokens: &[u32]) -> Result<&'s [f32]> {
+        self.forward(state, cache, tokens, Logits::Last)?;
+        Ok(&state.logits)
+    }
+
+    fn forward_chunk(&self, st: &mut RunState, cache: &mut KvCache, tokens: &[u32], want: Logits) {
+        let n = tokens.len();
+        let pos0 = cache.next_pos();
+        self.embed(st, tokens);
+        self.prepare_positions(st, n, pos0);
+        if cache.is_slim() {
+            let half = self.config.head_dim / 2;
+            cache.slim_push_positions(&st.positions[..n], &st.cos[..n * half], &st.sin[..n * half]);
+        }
+        for l in 0..self.config.n_layers {
+            self.layer(l, st, cache, n);
+        }
+        cache.advance(n);
+        self.head(st, n, want);
+    }
+
+    /// Embedding rows of `tokens` into the residual stream st.x [n, d], widened to f32.
+    pub fn embed(&self, st: &mut RunState, tokens: &[u32]) {
+        let d = self.config.hidden_size;
+        let emb = self.weights.view(&self.weights.embed);
+        for (i, &t) in tokens.iter().enumerate() {
+            k::widen_rows(emb, t as usize, 1, d, &mut st.x[i * d..(i + 1) * d]);
+        }
+    }
+
+    /// Set the chunk's positions pos0..pos0+n and their RoPE cos/sin rows, shared by every
+    /// layer and head.
+    pub fn prepare_positions(&self, st: &mut RunState, n: usize, pos0: usize) {
+        let half = self.config.head_dim / 2;
+        for i in 0..n {
+            st.positions[i] = (pos0 + i) as u32;
+            let p = (pos0 + i) as f32;
+            for j in 0..half {
+                // f32 product as HF computes it; cos/sin of that angle rounded once.
+                let a = (p * self.inv_freq[j]) as f64;
+                st.cos[i * half + j] = a.cos() as f32;
+                st.sin[i * half + j] = a.sin() as f32;
+            }
+        }
+    }
+
+    /// Decoder layer `l` on the residual rows st.x [n, d] at the positions set by
+    /// [`Model::prepare_positions`], appending their keys/values to the cache's layer `l`
+    /// (the logical counter is not advanced: the caller does that once per chunk).
+    pub fn layer(&self, l: usize, st: &mut RunState, cache: &mut KvCache, n: usize) {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd, half) = (c.q_dim(), c.kv_dim(), c.head_dim / 2);
+        let (nh, nkv) = (c.n_heads, c.n_kv_heads);
+        let eps = c.rms_norm_eps;
+
+        // --- attention block ---
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
+        if n == 1 {
+            // One token: the three projections in one fork/join.
+            let xn = &st.xn[..d];
+            k::gemv_multi_par(&mut [
+                self.gemv_task(&lw.wq, xn, &mut st.q[..qd]),
+                self.gemv_task(&lw.wk, xn, &mut st.kv_k[..kvd]),
+                self.gemv_task(&lw.wv, xn, &mut st.kv_v[..kvd]),
+            ]);
+        } else {
+            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
+            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+        }
+        add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
+        add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
+        // Slim layers cache k0 = x·W_K (before the bias and RoPE); decide a pending layer first.
+        let slim = match cache.slim_mode(l) {
+            Some(SlimMode::Pending) => self.decide_slim(l, st, cache, n),
+            mode => mode == Some(SlimMode::Slim),
+        };
+        if slim {
+            cache.slim_append(l, &st.kv_k[..n * kvd]);
+        }
+        add_bias_rows(&mut st.kv_k[..n * kvd], lw.bk.as_deref());
+        let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
+        rope_heads(&mut st.q[..n * qd], nh, hd, cos, sin, lw.q_norm.as_deref(), eps);
+        rope_heads(&mut st.kv_k[..n * kvd], nkv, hd, cos, sin, lw.k_norm.as_deref(), eps);
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.queries_enabled) {
+            cap.queries.resize(c.n_layers, Vec::new());
+            cap.queries[l].extend_from_slice(&st.q[..n * qd]);
+        }
+
+        if slim {
+            self.attention_slim(l, st, cache, n);
+        } else {
+            // Append this chunk's keys/values to each KV head; remember where the chunk starts.
+            cache.reserve(l, n);
+            for h in 0..nkv {
+                st.base[h] = cache.len(l, h);
+                cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
+            }
+            let (stores, metas) = cache.layer(l);
+            self.attention(st, stores, metas, n);
+        }
+        self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
+        add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
+        add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+        // --- MLP block (SwiGLU) ---
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
+        if n == 1 {
+            // One token: gate and up in one fork/join.
+            let xn = &st.xn[..d];
+            k::gemv_multi_par(&mut [
+                self.gemv_task(&lw.w_gate, xn, &mut st.gate[..ff]),
+                self.gemv_task(&lw.w_up, xn, &mut st.up[..ff]),
+            ]);
+        } else {
+            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
+            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+        }
+        add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
+        add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
+        st.gate[..n * ff]
+            .par_chunks_mut(ff)
+            .zip(st.up[..n * ff].par_chunks(ff))
+            .for_each(|(g, u)| k::silu_mul(g, u));
+        self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &mut st.wtile);
+        add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
+        add_into(&mut st.x[..n * d], &st.o[..n * d]);
+
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.hidden_enabled) {
+            cap.hidden.resize(c.n_layers, Vec::new());
+            cap.hidden[l].extend_from_slice(&st.x[..n * d]);
+        }
+    }
+
+    /// Layer `l`'s queries for the residual rows st.x [n, d] (after q_norm and RoPE, as the
+    /// attention would see them), without touching the cache: [n, nh*hd].
+    pub fn layer_queries<'s>(&self, l: usize, st: &'s mut RunState, n: usize) -> &'s [f32] {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, qd, half) = (c.hidden_size, c.q_dim(), c.head_dim / 2);
+        rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, c.rms_norm_eps);
+        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+        add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
+        let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
+        rope_heads(&mut st.q[..n * qd], c.n_heads, c.head_dim, cos, sin, lw.q_norm.as_deref(), c.rms_norm_eps);
+        &st.q[..n * qd]
+    }
+
+    /// The queries written by the last [`Model::layer`] call: [n, nh*hd].
+    pub fn last_queries<'s>(&self, st: &'s RunState, n: usize) -> &'s [f32] {
+        &st.q[..n * self.config.q_dim()]
+    }
+
+    /// Final norm and lm_head for the rows whose logits are wanted (appended to st.logits).
+    fn head(&self, st: &mut RunState, n: usize, want: Logits) {
+        let c = &self.config;
+        let w = &self.weights;
+        let d = c.hidden_size;
+        let eps = c.rms_norm_eps;
+        let capture_norm = st.capture.as_ref().is_some_and(|c| c.hidden_enabled);
+        let rows = match want {
+            Logits::None if !capture_norm => return,
+            Logits::None => 0..0,
+            Logits::Last => n - 1..n,
+            Logits::All => 0..n,
+        };
+        let norm_rows = if capture_norm { 0..n } else { rows.clone() };
+        rmsnorm_rows(
+            &mut st.xn[norm_rows.start * d..norm_rows.end * d],
+            &st.x[norm_rows.start * d..norm_rows.end * d],
+            &w.final_norm,
+            d,
+            eps,
+        );
+        if let Some(cap) = st.capture.as_mut().filter(|c| c.hidden_enabled) {
+            cap.final_norm.extend_from_slice(&st.xn[..n * d]);
+        }
+        let m = rows.len();
+        if m == 0 {
+            return;
+        }
+        let vocab = c.vocab_size;
+        let at = st.logits.len();
+        st.logits.resize(at + m * vocab, 0.0);
+        let xn = &st.xn[rows.start * d..rows.end * d];
+        self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &mut st.wtile);
+    }
+
+    /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
+    pub fn residual<'s>(&self, st: &'s mut RunState, n: usize) -> &'s mut [f32] {
+        &mut st.x[..n * self.config.hidden_size]
+    }
+
+    /// A one-token `y = W x` for [`k::gemv_multi_par`].
+    fn gemv_task<'a>(&'a self, wm: &MatrixView, x: &'a [f32], y: &'a mut [f32]) -> k::GemvTask<'a> {
+        k::GemvTask { w: self.weights.view(wm), rows: wm.rows, cols: wm.cols, x, y }
+    }
+
+    /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.
+    fn linear(&self, wm: &MatrixView, x: &[f32], n: usize, y: &mut [f32], wtile: &mut [f32]) {
+        let (out, inp) = (wm.rows, wm.cols);
+        debug_assert_eq!(x.len(), n * inp);
+        debug_assert_eq!(y.len(), n * out);
+        let wr = self.weights.view(wm);
+        if n == 1 {
+            k::gemv_par(wr, out, inp, x, y);
+            return;
+        }
+        let par = Par::rayon(0);
+        let xm = MatRef::from_row_major_slice(x, n, inp);
+        match wr {
+            k::WeightRef::F32(ws) => {
+                let wt = MatRef::from_row_major_slice(ws, out, inp).transpose();
+                let ym = MatMut::from_row_major_slice_mut(y, n, out);
+                faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
+            }
+            _ => {
+                // Widen a tile of weight rows, multiply into the matching output columns.
+                let mut r0 = 0;
+                while r0 < out {
+                    let tr = WIDEN_TILE_ROWS.min(out - r0);
+                    let tile = &mut wtile[..tr * inp];
+                    k::widen_rows(wr, r0, tr, inp, tile);
+                    let wt = MatRef::from_row_major_slice(&*tile, tr, inp).transpose();
+                    let ym = MatMut::from_row_major_slice_mut(&mut *y, n, out).subcols_mut(r0, tr);
+                    faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
+                    r0 += tr;
+                }
+            }
+        }
+    }
+}
+
+impl RunState {
+    /// Tokens one forward chunk can hold.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+}
+
+/// RMSNorm every row of x [n, d] into out [n, d].
+fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], d: usize, eps: f32) {
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xi)| k::rmsnorm(o, xi, weight, eps));
+}
+
+/// Add a bias [m] to every row of y [n, m].
+fn add_bias_rows(y: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// For rows [n, heads*hd] (token-major): optional per-head RMSNorm (Qwen3 q/k norm), then
+/// rotate-half RoPE with token i's cos/sin row.
+fn rope_heads(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32], norm: Option<&[f32]>, eps: f32) {
+    let half = hd / 2;
+    x.par_chunks_mut(heads * hd).enumerate().for_each(|(i, row)| {
+        let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+        let mut tmp = [0.0f32; 512];
+        for head in row.chunks_mut(hd) {
+            if let Some(nw) = norm {
+                if hd <= tmp.len() {
+                    tmp[..hd].copy_from_slice(head);
+                    k::rmsnorm(head, &tmp[..hd], nw, eps);
+                } else {
+                    let t = head.to_vec();
+                    k::rmsnorm(head, &t, nw, eps);
+                }
+            }
+            k::rope_rotate_half(head, c, s);
+        }
+    });
+}

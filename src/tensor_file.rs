@@ -1,0 +1,125 @@
+//! Small tensors to and from safetensors files, owned (goldens, compacted caches, Q-Filters,
+//! compact-head inputs and outputs), and the storage dtypes the runtime reads. Files are written
+//! through a temporary file and a rename, so a reader never sees one half written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+
+use crate::error::{Error, Result};
+
+/// Storage dtype of a weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WDtype {
+    pub fn size(self) -> usize {
+        match self {
+            WDtype::F32 => 4,
+            WDtype::Bf16 | WDtype::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WDtype::F32 => "f32",
+            WDtype::Bf16 => "bf16",
+            WDtype::F16 => "f16",
+        }
+    }
+}
+
+/// A tensor to write with [`save_safetensors`].
+pub enum OutTensor<'a> {
+    F32 { name: &'a str, shape: Vec<usize>, data: &'a [f32] },
+    I64 { name: &'a str, shape: Vec<usize>, data: &'a [i64] },
+    /// bf16 or f16 raw bits.
+    Half { name: &'a str, shape: Vec<usize>, data: &'a [u16], dtype: WDtype },
+}
+
+struct RawView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+impl safetensors::View for RawView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Write tensors (and string metadata) to `path` through a temporary file and a rename, so a
+/// reader that has the old file mapped never sees it truncated.
+pub fn save_safetensors(path: &Path, tensors: &[OutTensor], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let views: Vec<(String, RawView)> = tensors
+        .iter()
+        .map(|t| match t {
+            OutTensor::F32 { name, shape, data } => {
+                (name.to_string(), RawView { dtype: Dtype::F32, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
+            OutTensor::I64 { name, shape, data } => {
+                (name.to_string(), RawView { dtype: Dtype::I64, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
+            OutTensor::Half { name, shape, data, dtype } => {
+                let dt = if *dtype == WDtype::F16 { Dtype::F16 } else { Dtype::BF16 };
+                (name.to_string(), RawView { dtype: dt, shape: shape.clone(), bytes: bytemuck::cast_slice(data) })
+            }
+        })
+        .collect();
+    for (name, v) in &views {
+        let n: usize = v.shape.iter().product();
+        let esize = v.dtype.bitsize() / 8;
+        if n * esize != v.bytes.len() {
+            return Err(Error::Shape { op: "save_safetensors", expected: format!("{name}: {:?}", v.shape), got: format!("{} bytes", v.bytes.len()) });
+        }
+    }
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `dir/.name.tmp`, beside the destination so the rename stays on one filesystem.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Read a whole safetensors file into owned f32 / i64 vectors by name (for goldens and caches).
+pub fn load_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, TensorData)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    let mut out = HashMap::new();
+    for (name, t) in st.tensors() {
+        let b = t.data();
+        let data = match t.dtype() {
+            Dtype::F32 => TensorData::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I64 => TensorData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I32 => TensorData::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            other => {
+                return Err(Error::UnsupportedDtype { name, file: path.into(), dtype: format!("{other:?}") });
+            }
+        };
+        out.insert(name, (t.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
