@@ -88,8 +88,41 @@ pub fn save_safetensors(path: &Path, tensors: &[OutTensor], metadata: Option<Has
         }
     }
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::Safetensors { path: path.into(), msg: e.to_string() })?;
+    let st_err = |msg: String| Error::Safetensors { path: path.into(), msg };
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| st_err(e.to_string()))?;
+    let bytes = canonical_header(bytes).map_err(st_err)?;
+    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// The same safetensors bytes with the JSON header's keys sorted (tensor names, and the metadata
+/// map's keys), so that equal inputs give equal files: the metadata arrives as a `HashMap`, whose
+/// iteration order changes from one process to the next. Offsets are absolute within the data
+/// section, so reordering the header moves no data; it is padded with spaces to a multiple of 8
+/// bytes as the format's writers do.
+fn canonical_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    use std::collections::BTreeMap;
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize).ok_or("serialized file shorter than its header length")?;
+    let header = bytes.get(8..8 + n).ok_or("serialized header runs past the end")?;
+    let parsed: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let sorted: BTreeMap<&String, serde_json::Value> = parsed
+        .iter()
+        .map(|(k, v)| {
+            // `__metadata__` is a string map; every other entry describes one tensor.
+            let v = match (k.as_str(), v.as_object()) {
+                ("__metadata__", Some(m)) => serde_json::to_value(m.iter().collect::<BTreeMap<_, _>>()).unwrap_or_else(|_| v.clone()),
+                _ => v.clone(),
+            };
+            (k, v)
+        })
+        .collect();
+    let mut text = serde_json::to_string(&sorted).map_err(|e| e.to_string())?.into_bytes();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// `dir/.name.tmp`, beside the destination so the rename stays on one filesystem.

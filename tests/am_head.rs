@@ -14,8 +14,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use kvcompact::compact::am::{attention_stats, OMP_BOUNDS};
-use kvcompact::compact::omp::OmpSchedule;
+use kvcompact::compact::am::fit::{attention_stats, OMP_BOUNDS};
+use kvcompact::compact::am::omp::OmpSchedule;
 use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
 use kvcompact::compact::{
     compress_heads, evaluate_head, AmCompressor, AmConfig, BetaSolver, CompactedHead, Compressor, HeadInput, Precision,
@@ -23,7 +23,7 @@ use kvcompact::compact::{
 };
 use kvcompact::compare::compare;
 use kvcompact::sampling::Rng;
-use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use kvcompact::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 use proptest::prelude::*;
 
 const CASES: [&str; 5] = ["L00H0", "L10H1", "L20H2", "L29H0", "L29H2"];

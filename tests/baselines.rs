@@ -13,7 +13,7 @@ use kvcompact::compact::{
 };
 use kvcompact::document::{compact_context, CompactOptions, ContextLayout, QuerySource};
 use kvcompact::model::{Logits, Model};
-use kvcompact::qfilters::{QFilterScorer, QFilters};
+use kvcompact::compact::qfilters::{QFilterScorer, QFilters};
 use kvcompact::tokenizer::Tokenizer;
 
 /// A head of T rows with d = 2: keys, values = keys, positions 0..T.
@@ -253,7 +253,7 @@ fn expected_attention_scores_by_the_gaussian_logit_times_value_norm() {
 
 #[test]
 fn expected_attention_rotation_average_of_zero_positions_is_identity() {
-    use kvcompact::compact::expected_attention::mean_rotation;
+    use kvcompact::compact::evict::expected_attention::mean_rotation;
     let r = mean_rotation(4, &[1.0, 0.01], 0, 1);
     assert_eq!(r, vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
     // Averaged over many turns, a fast pair shrinks and a slow one barely moves.
@@ -374,7 +374,7 @@ fn rope_helpers_undo_the_models_rotation() {
     // At layer 0 the pre-RoPE query of a token does not depend on its position, so rotating the
     // captured post-RoPE queries back must give the same vector at every position. Every tiny
     // model (default, llama3-scaled, theta 1e6) is checked.
-    use kvcompact::compact::evict::{rope_inv_freq, rope_rotate};
+    use kvcompact::model::rope::{rope_inv_freq, rope_rotate};
     for name in ["llama-gqa", "llama-mha", "mistral", "qwen2-bias", "qwen3-qknorm"] {
         let m = Model::load(&golden(&format!("tiny/{name}"))).unwrap();
         let c = &m.config;

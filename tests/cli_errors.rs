@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::golden;
-use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use kvcompact::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 
 fn kvc(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kvcompact")).args(args).output().expect("run kvcompact");

@@ -224,7 +224,7 @@ fn default_model_configs_match_the_spec() {
     for (k, v) in expect.as_object().unwrap() {
         assert_eq!(&c[k], v, "config.json {k}");
     }
-    let cfg = kvcompact::config::Config::from_file(&dir.join("config.json")).unwrap();
+    let cfg = kvcompact::model::config::Config::from_file(&dir.join("config.json")).unwrap();
     assert_eq!(
         (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim),
         (30, 9, 3, 64)

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 
 use common::golden;
 use kvcompact::compact::compressor_from_name;
+use kvcompact::cache::{load_cache, save_cache};
 use kvcompact::document::{
-    compact_context, followup_tokens, head_budgets, load_cache, save_cache, CompactOptions, ContextLayout, QuerySource,
+    compact_context, followup_tokens, head_budgets, CompactOptions, ContextLayout, QuerySource,
 };
 use kvcompact::model::{Logits, Model};
 use kvcompact::tokenizer::Tokenizer;
@@ -24,7 +25,7 @@ fn setup(name: &str) -> (Model, Tokenizer) {
     (m, t)
 }
 
-fn next_logits(m: &Model, cache: &mut kvcompact::kv_cache::KvCache, q: &[u32]) -> Vec<f32> {
+fn next_logits(m: &Model, cache: &mut kvcompact::cache::KvCache, q: &[u32]) -> Vec<f32> {
     let mut st = m.new_state(64);
     m.forward(&mut st, cache, q, Logits::Last).unwrap();
     st.logits.clone()
@@ -112,8 +113,8 @@ fn cache_file_round_trip_and_refusal() {
     let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("c.safetensors");
-    save_cache(&f, &m, &c, true, &serde_json::json!({"method": "am-highest"})).unwrap();
-    let back = load_cache(&f, &m).unwrap();
+    save_cache(&f, &m.cache_id(), &c, true, &serde_json::json!({"method": "am-highest"})).unwrap();
+    let back = load_cache(&f, &m.cache_id()).unwrap();
     assert!(back.chat);
     assert_eq!(back.params["method"], "am-highest");
     assert_eq!(back.cache.next_pos(), c.next_pos());
@@ -126,7 +127,7 @@ fn cache_file_round_trip_and_refusal() {
         }
     }
     let (other, _) = setup("llama-mha");
-    let e = load_cache(&f, &other).err().expect("a cache for another model must be refused").to_string();
+    let e = load_cache(&f, &other.cache_id()).err().expect("a cache for another model must be refused").to_string();
     assert!(e.contains("different model"), "{e}");
 }
 

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use common::golden;
 use kvcompact::eval::metrics::{ResultRow, METRICS};
 use kvcompact::eval::tasks::{self, TaskConfig};
-use kvcompact::eval::{run, EvalArgs};
+use kvcompact::eval::{run, EvalOptions};
 use kvcompact::model::Model;
 use kvcompact::tokenizer::Tokenizer;
 
-fn args(out: &Path, model: PathBuf) -> EvalArgs {
-    EvalArgs {
+fn args(out: &Path, model: PathBuf) -> EvalOptions {
+    EvalOptions {
         model: Some(model),
         methods: vec![],
         ratios: vec![2.0, 4.0],

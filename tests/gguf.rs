@@ -853,7 +853,7 @@ fn convert_toy_llama_writes_hf_directory() {
             }
         );
         // the crate's own config reader accepts it
-        kvcompact::config::Config::from_file(&out.join("config.json")).unwrap();
+        kvcompact::model::config::Config::from_file(&out.join("config.json")).unwrap();
 
         let tc: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(),

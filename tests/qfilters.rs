@@ -9,12 +9,12 @@ mod common;
 use std::sync::Arc;
 
 use common::golden;
-use kvcompact::compact::evict::Scorer;
+use kvcompact::compact::Scorer;
 use kvcompact::compact::{HeadContext, HeadInput, KNorm};
 use kvcompact::generate::{generate_with_policy, CachePolicy, GenOptions};
-use kvcompact::kv_cache::KvCache;
+use kvcompact::cache::KvCache;
 use kvcompact::model::{Logits, Model};
-use kvcompact::qfilters::{
+use kvcompact::compact::qfilters::{
     calibrate, corpus_from_texts, power_iteration, streaming_policy, top_eigen, Accumulator, QFilterScorer, QFilters, StreamingCache,
 };
 use kvcompact::sampling::{Rng, Sampler};
@@ -165,7 +165,7 @@ fn tiny() -> (Model, Tokenizer) {
 fn calibration_on_a_tiny_model_writes_a_checked_file() {
     let (m, tok) = tiny();
     let c = &m.config;
-    let docs = vec![("calib".to_string(), kvcompact::qfilters::SHIPPED_CORPUS[0].1.to_string())];
+    let docs = vec![("calib".to_string(), kvcompact::compact::qfilters::SHIPPED_CORPUS[0].1.to_string())];
     let corpus = corpus_from_texts(&tok, &docs, 128, 6).unwrap();
     assert_eq!(corpus.sequences.len(), 6);
     let (f, _) = calibrate(&m, &corpus, 500, 0, false).unwrap();
@@ -255,7 +255,7 @@ fn streaming_policy_drives_generation_with_bounded_memory() {
     let (m, tok) = tiny();
     let dir = tempfile::tempdir().unwrap();
     // Filters from a file (no calibration into the golden directory).
-    let docs = vec![("calib".to_string(), kvcompact::qfilters::SHIPPED_CORPUS[1].1.to_string())];
+    let docs = vec![("calib".to_string(), kvcompact::compact::qfilters::SHIPPED_CORPUS[1].1.to_string())];
     let corpus = corpus_from_texts(&tok, &docs, 128, 3).unwrap();
     let (f, _) = calibrate(&m, &corpus, 300, 0, false).unwrap();
     let p = dir.path().join("f.safetensors");
@@ -283,12 +283,12 @@ fn streaming_policy_drives_generation_with_bounded_memory() {
 #[test]
 #[ignore = "needs the default model (cargo run --release -- fetch-model) and ~1 min"]
 fn attention_agreement_on_smollm2() {
-    use kvcompact::qfilters::spearman;
+    use kvcompact::compact::qfilters::spearman;
     let dir = std::env::var_os("KVCOMPACT_MODEL").map(std::path::PathBuf::from).unwrap_or_else(common::default_model);
     let m = Model::load(&dir).unwrap();
     let tok = Tokenizer::load(&dir, &m.config).unwrap();
     let c = &m.config;
-    let f = kvcompact::qfilters::load_or_calibrate(&m, None, None, false).unwrap();
+    let f = kvcompact::compact::qfilters::load_or_calibrate(&m, None, None, false).unwrap();
     // Held-out text: the shipped QA document (not in the calibration corpus).
     let text = include_str!("../data/qa/glassworks.txt");
     let ids: Vec<u32> = tok.encode(text, false).unwrap().into_iter().take(600).collect();
@@ -335,18 +335,21 @@ fn attention_agreement_on_smollm2() {
 
 #[test]
 fn calibrate_command_writes_filters_from_text_files() {
-    use kvcompact::qfilters::{calibrate_cmd, CalibrateArgs};
+    use kvcompact::compact::qfilters::{calibrate_model, CalibrateOptions};
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("t.txt");
-    std::fs::write(&text, kvcompact::qfilters::SHIPPED_CORPUS[2].1).unwrap();
+    std::fs::write(&text, kvcompact::compact::qfilters::SHIPPED_CORPUS[2].1).unwrap();
     let out = dir.path().join("f.safetensors");
     let model = golden("tiny/llama-mha");
-    let args = CalibrateArgs { model: None, text: vec![text], self_generate: false, samples: 4, seq_len: 200, rows: 100, seed: 1, check_power: true, out: out.clone() };
-    calibrate_cmd(&model, &args).unwrap();
     let m = Model::load(&model).unwrap();
+    let tok = Tokenizer::load(&model, &m.config).unwrap();
+    let opts = CalibrateOptions { text: vec![text], self_generate: false, samples: 4, seq_len: 200, rows: 100, seed: 1, check_power: true };
+    let cal = calibrate_model(&m, &tok, &opts, false).unwrap();
+    assert!(cal.power_worst.is_some());
+    cal.filters.save(&out).unwrap();
     let f = QFilters::load(&out, &m).unwrap();
     assert_eq!(f.metadata["n_sequences"], "4");
     assert!(f.metadata["corpus"].contains("t.txt"));
-    let missing = CalibrateArgs { text: vec![dir.path().join("nope.txt")], ..args };
-    assert!(calibrate_cmd(&model, &missing).unwrap_err().to_string().contains("nope.txt"));
+    let missing = CalibrateOptions { text: vec![dir.path().join("nope.txt")], ..opts };
+    assert!(calibrate_model(&m, &tok, &missing, false).map(|_| ()).unwrap_err().to_string().contains("nope.txt"));
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::golden;
 use kvcompact::model::{Logits, Model};
-use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData, WDtype};
+use kvcompact::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData, WDtype};
 
 fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {

@@ -14,10 +14,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::golden;
-use kvcompact::kv_cache::SlimMode;
+use kvcompact::cache::SlimMode;
 use kvcompact::model::{Logits, Model};
-use kvcompact::slim::SlimOptions;
-use kvcompact::weights::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use kvcompact::model::slim::SlimOptions;
+use kvcompact::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 
 fn tokens(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 3 + (i * 37 + 11) % 380).collect()
@@ -356,8 +356,8 @@ fn default_model_is_refused_with_the_numbers() {
 fn long_context_decode_merges_row_blocks() {
     // kv_dim 256 → 512-row blocks in the slim decode; 700 cached rows span two blocks.
     let tmp = tempfile::tempdir().unwrap();
-    let spec = kvcompact::synth::SynthSpec { hidden: 256, heads: 4, kv_heads: 4, layers: 2, ff: 64, vocab: 64, max_pos: 1024, seed: 5 };
-    kvcompact::synth::write_llama(tmp.path(), &spec).unwrap();
+    let spec = kvcompact::model::synth::SynthSpec { hidden: 256, heads: 4, kv_heads: 4, layers: 2, ff: 64, vocab: 64, max_pos: 1024, seed: 5 };
+    kvcompact::model::synth::write_llama(tmp.path(), &spec).unwrap();
     let plain = Model::load(tmp.path()).unwrap();
     let open = SlimOptions { max_cond: 1e12, max_rel_err: f64::INFINITY };
     let m = slim_model(tmp.path(), open);

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 
 use common::{golden, Golden};
 use kvcompact::compare::compare;
-use kvcompact::slim::{solve_wkv, SlimLayer};
-use kvcompact::weights::{load_safetensors, TensorData};
+use kvcompact::model::slim::{solve_wkv, SlimLayer};
+use kvcompact::tensor_file::{load_safetensors, TensorData};
 
 const D: usize = 384;
 const HEADS: usize = 12;
@@ -352,7 +352,7 @@ fn slim_rebuild_on_real_activations_follows_conditioning() {
 
         // ρ = ‖K‖_F‖W_V‖₂/(σmax(W_K)‖V‖_F): the data factor of the first-order worst case.
         let sv = |m: &[f32]| {
-            kvcompact::slim::singular_values(faer::Mat::<f64>::from_fn(D, D, |i, j| m[i * D + j] as f64).as_ref())
+            kvcompact::model::slim::singular_values(faer::Mat::<f64>::from_fn(D, D, |i, j| m[i * D + j] as f64).as_ref())
         };
         let fro = |a: &[f64]| a.iter().map(|x| x * x).sum::<f64>().sqrt();
         let rho = fro(&k) * sv(wv_t)[0] / (sv(wk_t)[0] * fro(&v));

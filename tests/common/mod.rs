@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use kvcompact::weights::{load_safetensors, TensorData};
+use kvcompact::tensor_file::{load_safetensors, TensorData};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

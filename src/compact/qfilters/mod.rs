@@ -18,6 +18,9 @@ pub mod calibrate;
 pub mod filters;
 pub mod streaming;
 
-pub use calibrate::{calibrate, calibrate_model, load_or_calibrate, CalibrateOptions, Calibrated};
+pub use calibrate::{
+    calibrate, calibrate_model, corpus_from_texts, load_or_calibrate, majority_sign, power_iteration, self_generated_corpus, shipped_docs, top_eigen,
+    Accumulator, CalibrateOptions, Calibrated, Corpus,
+};
 pub use filters::{spearman, QFilterScorer, QFilters, DEFAULT_FILTERS_FILE, SHIPPED_CORPUS, TENSOR};
 pub use streaming::{streaming_policy, StreamingCache};
