@@ -1,6 +1,9 @@
 //! The `kvcompact` command line: parse, set up the thread pool, dispatch to `cli/`. Every failure
 //! prints one line `error: ...` and exits 1.
 
+// `!(x >= lo)` rejects NaN along with out-of-range values in the flag checks.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 mod cli;
 
 use std::process::ExitCode;

@@ -27,6 +27,8 @@
 //! Results of the SIMD path and of the scalar twin differ by rounding only;
 //! they are not bit-portable between machines with different ISAs.
 
+#![warn(missing_docs)]
+
 pub mod activ;
 pub mod attn;
 pub mod gemv;
