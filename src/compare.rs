@@ -7,21 +7,34 @@
 
 use std::fmt;
 
+/// The evidence of one [`compare`]: statistics over the common prefix of `got` and `want`.
+/// `Display` prints it on one line.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// Label given to [`compare`], printed first.
     pub name: String,
+    /// Length of the reference `want`.
     pub n: usize,
+    /// Largest |got − want| over indices where both are finite (0 if there are none).
     pub max_abs: f64,
+    /// Index of `max_abs` (0 if there are no finite pairs).
     pub max_abs_idx: usize,
+    /// (got, want) at `max_abs_idx`.
     pub max_abs_pair: (f32, f32),
+    /// Σ(got − want)² / Σwant² over the finite pairs; the bare Σ(got − want)² when Σwant² = 0.
     pub nmse: f64,
     /// Indices where the NaN/inf pattern differs.
     pub pattern_mismatches: usize,
+    /// NaN/±inf count in all of `got`.
     pub got_nonfinite: usize,
+    /// NaN/±inf count in all of `want`.
     pub want_nonfinite: usize,
+    /// `Some((got.len(), want.len()))` when the lengths differ (always a failure).
     pub length_mismatch: Option<(usize, usize)>,
-    /// First pairs (index, got, want) whose |Δ| exceeds the tolerance given to `check`.
+    /// First pairs (index, got, want), at most 5, whose |Δ| exceeds `tol` or whose NaN/inf
+    /// pattern differs.
     pub first_bad: Vec<(usize, f32, f32)>,
+    /// Absolute tolerance on `max_abs` for the verdict.
     pub tol: f64,
 }
 
@@ -70,6 +83,7 @@ pub fn compare(name: &str, got: &[f32], want: &[f32], tol: f64) -> Report {
 }
 
 impl Report {
+    /// The verdict: equal lengths, the same NaN/inf pattern, and `max_abs ≤ tol`.
     pub fn ok(&self) -> bool {
         self.length_mismatch.is_none() && self.pattern_mismatches == 0 && self.max_abs <= self.tol
     }

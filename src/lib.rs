@@ -9,7 +9,7 @@
 //! - ground: [`linalg`], [`gguf`], [`fetch`], [`tensor_file`], [`compare`], [`error`],
 //!   [`progress`]; the SIMD kernels are the `kvcompact-kernels` crate.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 // `!(x >= lo)` is how input checks here reject NaN along with out-of-range values; the
 // `partial_cmp` form clippy suggests reads worse for that.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]

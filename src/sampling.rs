@@ -8,6 +8,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator whose whole stream is determined by `seed`.
     pub fn new(seed: u64) -> Rng {
         let mut z = seed;
         let mut next = || {
@@ -20,6 +21,7 @@ impl Rng {
         Rng { s: [next(), next(), next(), next()] }
     }
 
+    /// The next 64 uniformly random bits.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;
         let out = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
@@ -44,23 +46,30 @@ impl Rng {
     }
 }
 
+/// Picks the next token from logits: greedy, or temperature + top-p from its own seeded [`Rng`].
 #[derive(Debug, Clone)]
 pub struct Sampler {
+    /// Softmax temperature; `<= 0` means greedy (argmax).
     pub temperature: f32,
+    /// Nucleus mass kept; values `<= 0` or `>= 1` sample from the whole distribution.
     pub top_p: f32,
     rng: Rng,
     probs: Vec<(f32, u32)>, // scratch [vocab]
 }
 
 impl Sampler {
+    /// A sampler with its generator seeded from `seed`.
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Sampler {
         Sampler { temperature, top_p, rng: Rng::new(seed), probs: Vec::new() }
     }
 
+    /// True when `temperature <= 0` (no randomness is drawn).
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
 
+    /// The next token id from one token's logits `[vocab]`; NaN logits are never chosen when
+    /// sampling (greedy follows [`kvcompact_kernels::argmax`]).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.is_greedy() {
             return kvcompact_kernels::argmax(logits) as u32;

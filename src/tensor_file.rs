@@ -12,18 +12,23 @@ use crate::error::{Error, Result};
 /// Storage dtype of a weight matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WDtype {
+    /// IEEE single, 4 bytes.
     F32,
+    /// bfloat16 (the top 16 bits of an f32), 2 bytes.
     Bf16,
+    /// IEEE half, 2 bytes.
     F16,
 }
 
 impl WDtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             WDtype::F32 => 4,
             WDtype::Bf16 | WDtype::F16 => 2,
         }
     }
+    /// Lower-case name: `f32`, `bf16` or `f16`.
     pub fn name(self) -> &'static str {
         match self {
             WDtype::F32 => "f32",
@@ -35,10 +40,35 @@ impl WDtype {
 
 /// A tensor to write with [`save_safetensors`].
 pub enum OutTensor<'a> {
-    F32 { name: &'a str, shape: Vec<usize>, data: &'a [f32] },
-    I64 { name: &'a str, shape: Vec<usize>, data: &'a [i64] },
+    /// An f32 tensor.
+    F32 {
+        /// Tensor name in the file.
+        name: &'a str,
+        /// Row-major shape; its product must equal `data.len()`.
+        shape: Vec<usize>,
+        /// Elements, row-major.
+        data: &'a [f32],
+    },
+    /// An i64 tensor (token ids, positions, indices).
+    I64 {
+        /// Tensor name in the file.
+        name: &'a str,
+        /// Row-major shape; its product must equal `data.len()`.
+        shape: Vec<usize>,
+        /// Elements, row-major.
+        data: &'a [i64],
+    },
     /// bf16 or f16 raw bits.
-    Half { name: &'a str, shape: Vec<usize>, data: &'a [u16], dtype: WDtype },
+    Half {
+        /// Tensor name in the file.
+        name: &'a str,
+        /// Row-major shape; its product must equal `data.len()`.
+        shape: Vec<usize>,
+        /// Elements as raw 16-bit patterns, row-major.
+        data: &'a [u16],
+        /// [`WDtype::F16`] writes F16; any other value writes BF16.
+        dtype: WDtype,
+    },
 }
 
 struct RawView<'a> {
@@ -125,7 +155,7 @@ fn canonical_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// `dir/.name.tmp`, beside the destination so the rename stays on one filesystem.
+/// `dir/.name.<pid>.tmp`, beside the destination so the rename stays on one filesystem.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
@@ -151,8 +181,11 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Tens
     Ok(out)
 }
 
+/// Owned elements of one tensor read by [`load_safetensors`], row-major.
 #[derive(Debug, Clone)]
 pub enum TensorData {
+    /// An F32 tensor.
     F32(Vec<f32>),
+    /// An I64 tensor, or an I32 one widened to i64.
     I64(Vec<i64>),
 }

@@ -22,21 +22,29 @@ pub const QWEN_TEMPLATE: &str = "{% for message in messages %}{% if loop.first a
 /// Llama 3.x instruct headers (without the tool-calling and date preamble of 3.1+).
 pub const LLAMA3_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
+/// One chat turn, as the chat template sees it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Message {
+    /// `"system"`, `"user"` or `"assistant"` (passed to the template verbatim).
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl Message {
+    /// A message with the given role and content.
     pub fn new(role: &str, content: &str) -> Message {
         Message { role: role.into(), content: content.into() }
     }
 }
 
+/// A model's tokenizer, special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// BOS token text (`tokenizer_config.json`, else the config's `bos_token_id`); given to the
+    /// chat template.
     pub bos_token: Option<String>,
+    /// EOS token text from `tokenizer_config.json`; given to the chat template.
     pub eos_token: Option<String>,
     /// Ids that end generation (config, generation_config and the template's end token).
     pub eos_ids: Vec<u32>,
@@ -44,6 +52,8 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Load `tokenizer.json` (required) and the special tokens and chat template from the other
+    /// files of the model directory, falling back to a built-in template.
     pub fn load(dir: &Path, cfg: &Config) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
@@ -106,18 +116,22 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Text of `ids`; `skip_special` leaves special tokens out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Number of tokens, added tokens included (may differ from the config's `vocab_size`).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
+    /// Id of a token given by its exact text (added tokens included), if it exists.
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
         self.inner.token_to_id(t)
     }
 
+    /// Whether [`Tokenizer::render_chat`] can work (stored or built-in template).
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }
@@ -188,6 +202,7 @@ impl Default for TextStream {
 }
 
 impl TextStream {
+    /// A stream with no tokens yet.
     pub fn new() -> TextStream {
         TextStream { ids: Vec::new(), printed: 0 }
     }

@@ -3,6 +3,9 @@
 //! and the effect on a real cache (positions unique and sorted, lengths within budget, bytes
 //! freed) through the registry and `document::compact_context` on a tiny model.
 
+// Index loops and `a <= b + m - 1` bounds mirror the formulas the assertions check.
+#![allow(clippy::needless_range_loop, clippy::int_plus_one)]
+
 mod common;
 
 use common::golden;

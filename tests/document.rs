@@ -131,6 +131,30 @@ fn cache_file_round_trip_and_refusal() {
     assert!(e.contains("different model"), "{e}");
 }
 
+/// Same cache, same parameters → same bytes: the metadata map's order must not leak into the
+/// file (it did while the header was written in `HashMap` order).
+#[test]
+fn cache_file_bytes_are_deterministic() {
+    let (m, tok) = setup("llama-gqa");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let method = compressor_from_name("am-highest").unwrap();
+    let opts = CompactOptions { ratio: 5.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let params = serde_json::json!({"method": "am-highest", "ratio": 5.0});
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let f = t.path().join(format!("c{i}.safetensors"));
+            save_cache(&f, &m.cache_id(), &c, true, &params).unwrap();
+            std::fs::read(&f).unwrap()
+        })
+        .collect();
+    for (i, b) in files.iter().enumerate().skip(1) {
+        assert!(*b == files[0], "save {i} wrote different bytes than save 0");
+    }
+    load_cache(&t.path().join("c3.safetensors"), &m.cache_id()).unwrap();
+}
+
 #[test]
 fn budgets_water_fill() {
     // Uniform without proportions.

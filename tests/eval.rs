@@ -225,7 +225,7 @@ fn shipped_qa_answers_appear_in_their_documents() {
             assert!(!q.answer_prefix.is_empty() && !q.answers.is_empty());
             // At least one reference (or, for paraphrases, its key words) is in the text.
             let found = q.answers.iter().any(|a| {
-                let a = a.to_lowercase().replace('€', "").replace('£', "");
+                let a = a.to_lowercase().replace(['€', '£'], "");
                 text.contains(a.trim()) || a.split_whitespace().filter(|w| w.len() > 3).all(|w| text.contains(w))
             });
             assert!(found, "{}: {:?} not in the document", d.title, q.answers);

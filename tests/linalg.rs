@@ -2,6 +2,9 @@
 //! bounded active-set NNLS (against an exhaustive oracle on small problems), the clamped-PG recipe
 //! on a hand-computed case, the guards on rank-deficient systems, and the vector exp.
 
+// Index loops mirror the formulas the assertions check.
+#![allow(clippy::needless_range_loop)]
+
 use faer::{Mat, MatRef};
 use kvcompact::linalg::dense;
 use kvcompact::linalg::expf::{exp_shifted_inplace, exp_shifted_ref, expf_poly};

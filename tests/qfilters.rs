@@ -4,6 +4,9 @@
 //! generation. The attention-agreement test on SmolLM2-135M needs the default model and is
 //! ignored unless asked for (`cargo test --release --test qfilters -- --ignored`).
 
+// Index loops and `a <= b + m - 1` bounds mirror the formulas the assertions check.
+#![allow(clippy::needless_range_loop, clippy::int_plus_one)]
+
 mod common;
 
 use std::sync::Arc;
@@ -69,7 +72,7 @@ fn synthetic_direction_is_recovered_with_the_right_sign_and_centering_loses_it()
     let (n, d) = (2000, 16);
     let (q, us, w) = synthetic(n, 1, d, 3.0, 1);
     let mut acc = Accumulator::new(1, 1, d, 3000, 0);
-    acc.add(&[q.clone()]);
+    acc.add(std::slice::from_ref(&q));
     let (filters, warnings) = acc.finish(1).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     // Stored filter f = −v₁⁺, so −f should be u (cos > 0.99, positive).
@@ -115,7 +118,7 @@ fn gqa_filter_is_the_mean_of_its_query_heads() {
     let d = 8;
     let (q, us, _) = synthetic(1500, 4, d, 6.0, 5);
     let mut acc = Accumulator::new(1, 4, d, 3000, 0);
-    acc.add(&[q.clone()]);
+    acc.add(std::slice::from_ref(&q));
     let (f2, _) = acc.finish(2).unwrap();
     let (f4, _) = acc.finish(4).unwrap(); // one KV head per query head: the per-head filters
     for kv in 0..2 {

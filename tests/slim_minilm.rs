@@ -12,6 +12,9 @@
 //! Needs `cargo run --release -- fetch-model minilm` (the test prints a message and passes
 //! without checking anything when the model directory is absent).
 
+// Index loops mirror the formulas the assertions check.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::path::PathBuf;

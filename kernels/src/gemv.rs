@@ -14,8 +14,11 @@ use crate::simd::{has_f16c, v3, x86};
 /// as stored in the checkpoint; they are widened to f32 inside the kernels.
 #[derive(Clone, Copy, Debug)]
 pub enum WeightRef<'a> {
+    /// f32 weights (AVX2+FMA fast path).
     F32(&'a [f32]),
+    /// bf16 bit patterns (AVX2+FMA fast path, widened in registers).
     Bf16(&'a [u16]),
+    /// IEEE f16 bit patterns (fast path needs AVX2+FMA+F16C, else the scalar loop).
     F16(&'a [u16]),
 }
 
@@ -27,6 +30,7 @@ impl WeightRef<'_> {
             WeightRef::Bf16(w) | WeightRef::F16(w) => w.len(),
         }
     }
+    /// True when there are no weights.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -334,10 +338,15 @@ pub fn gemv_par(w: WeightRef, rows: usize, cols: usize, x: &[f32], y: &mut [f32]
 
 /// One `y = W x` of a [`gemv_multi_par`] batch (same contract as [`gemv`]).
 pub struct GemvTask<'a> {
+    /// Row-major `[rows, cols]` weights; only the first `rows*cols` are used.
     pub w: WeightRef<'a>,
+    /// Output length (rows of `w` used).
     pub rows: usize,
+    /// Input length (columns of `w`).
     pub cols: usize,
+    /// Input vector, `[cols]`.
     pub x: &'a [f32],
+    /// Output vector, `[rows]`; overwritten.
     pub y: &'a mut [f32],
 }
 

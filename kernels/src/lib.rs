@@ -27,7 +27,7 @@
 //! Results of the SIMD path and of the scalar twin differ by rounding only;
 //! they are not bit-portable between machines with different ISAs.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod activ;
 pub mod attn;

@@ -22,8 +22,11 @@ pub struct ModelId {
     pub fingerprint: String,
     /// Where the model was loaded from (shown when a cache is refused).
     pub dir: String,
+    /// Number of transformer layers; must match the cache's.
     pub n_layers: usize,
+    /// KV heads per layer; must match the cache's.
     pub n_kv_heads: usize,
+    /// Floats per key / value row; must match the cache's.
     pub head_dim: usize,
     /// The model's context: a cache's logical length may not exceed it.
     pub max_positions: usize,
@@ -74,8 +77,11 @@ pub fn save_cache(path: &Path, model: &ModelId, cache: &KvCache, chat: bool, par
 
 /// A cache loaded from a file, with what it says about itself.
 pub struct LoadedCache {
+    /// The cache, checked, with its logical length (`next_pos`) restored.
     pub cache: KvCache,
+    /// Whether the cached context was built with the chat template (`false` if unrecorded).
     pub chat: bool,
+    /// The compaction method's parameters as saved (`Null` if missing or unparsable).
     pub params: serde_json::Value,
 }
 

@@ -22,22 +22,30 @@ use crate::error::{Error, Result};
 /// Rows are reserved in chunks of this many so appends rarely reallocate.
 const GROW_ROWS: usize = 256;
 
+/// Key and value rows of one (layer, KV head); what each row is lives in its [`HeadMeta`].
 #[derive(Debug, Clone, Default)]
 pub struct HeadStore {
+    /// Post-RoPE (and post-k_norm) keys, row-major.
     pub keys: Vec<f32>,   // [rows, head_dim]
+    /// Values, row-major, one per key row.
     pub values: Vec<f32>, // [rows, head_dim]
 }
 
+/// What each row of a [`HeadStore`] is: its position and its logit bias.
 #[derive(Debug, Clone, Default)]
 pub struct HeadMeta {
+    /// Absolute RoPE position of each row, strictly increasing, all below the cache's `next_pos`.
     pub positions: Vec<u32>,    // [rows] absolute RoPE position of each row, increasing
+    /// Additive logit bias β per row (set by compaction); `None` means all zero.
     pub bias: Option<Vec<f32>>, // [rows] additive logit bias β; None means all zero
 }
 
 impl HeadMeta {
+    /// Number of rows.
     pub fn len(&self) -> usize {
         self.positions.len()
     }
+    /// True when the head holds no rows.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }
@@ -46,9 +54,13 @@ impl HeadMeta {
 /// Everything a compaction method hands back for one (layer, KV head): rows to install.
 #[derive(Debug, Clone)]
 pub struct HeadRows {
+    /// Post-RoPE keys, row-major.
     pub keys: Vec<f32>,         // [rows, head_dim]
+    /// Values, row-major.
     pub values: Vec<f32>,       // [rows, head_dim]
+    /// Absolute position of each row, strictly increasing and below the cache's `next_pos`.
     pub positions: Vec<u32>,    // [rows]
+    /// Additive logit bias β per row; `None` means all zero.
     pub bias: Option<Vec<f32>>, // [rows]
 }
 
@@ -67,6 +79,7 @@ pub enum SlimMode {
 /// K-only storage of one slim layer.
 #[derive(Debug, Clone, Default)]
 pub struct SlimStore {
+    /// Pre-RoPE keys of every KV head of the layer, row-major, one row per token.
     pub k_raw: Vec<f32>, // [rows, kv_dim] k0 = x·W_K (no bias, no RoPE), all KV heads side by side
 }
 
@@ -74,17 +87,27 @@ pub struct SlimStore {
 /// `k_raw.len() / kv_dim` entries of `positions` (all slim layers hold the same tokens).
 #[derive(Debug, Clone, Default)]
 pub struct SlimMeta {
+    /// Absolute position of each token held by the slim layers, strictly increasing.
     pub positions: Vec<u32>,       // [rows] absolute position of each token, increasing
+    /// RoPE row per token: `head_dim/2` cos then `head_dim/2` sin at its position.
     pub rope: Vec<f32>,            // [rows, head_dim] cos (first half) | sin (second half) at that position
+    /// How each layer holds its rows.
     pub modes: Vec<SlimMode>,      // [n_layers]
+    /// Per layer, the relative error of V rebuilt from K on the first prefill (`None`: not validated).
     pub val_err: Vec<Option<f64>>, // [n_layers] rel. error of V rebuilt on the first prefill
+    /// Number of tokens the validation used (of the last layer decided).
     pub val_tokens: usize,         // tokens that validation used
 }
 
+/// The KV cache of one sequence: per-(layer, KV head) rows, the slim layers' K-only rows, and
+/// the logical position counter (see the module docs).
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Number of transformer layers.
     pub n_layers: usize,
+    /// KV heads per layer.
     pub n_kv_heads: usize,
+    /// Floats per key / value row.
     pub head_dim: usize,
     store: Vec<HeadStore>, // [n_layers * n_kv_heads]
     meta: Vec<HeadMeta>,   // [n_layers * n_kv_heads]
@@ -94,6 +117,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty normal (non-slim) cache with `next_pos` 0.
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvCache {
         let n = n_layers * n_kv_heads;
         KvCache {
@@ -120,6 +144,7 @@ impl KvCache {
         c
     }
 
+    /// True for a cache made by [`KvCache::new_slim`] (even if no layer ended up slim).
     pub fn is_slim(&self) -> bool {
         self.slim_meta.is_some()
     }
@@ -129,6 +154,7 @@ impl KvCache {
         self.slim_meta.as_ref().map(|m| m.modes[layer])
     }
 
+    /// The slim layers' shared metadata, or None for a normal cache.
     pub fn slim_meta(&self) -> Option<&SlimMeta> {
         self.slim_meta.as_ref()
     }
@@ -141,8 +167,8 @@ impl KvCache {
         m.val_tokens = tokens;
     }
 
-    /// Register a chunk's tokens with the slim layers: positions [n] and their RoPE rows
-    /// (`cos`, `sin`: [n, head_dim/2]). Called once per chunk, before the layers append keys.
+    /// Register a chunk's tokens with the slim layers: positions `[n]` and their RoPE rows
+    /// (`cos`, `sin`: `[n, head_dim/2]`). Called once per chunk, before the layers append keys.
     pub fn slim_push_positions(&mut self, positions: &[u32], cos: &[f32], sin: &[f32]) {
         let half = self.head_dim / 2;
         let m = self.slim_meta.as_mut().expect("slim_push_positions on a slim cache");
@@ -198,19 +224,25 @@ impl KvCache {
         self.meta.iter().map(HeadMeta::len).max().unwrap_or(0).max(slim)
     }
 
+    /// True when no head and no slim layer holds a row (`next_pos` may still be non-zero).
     pub fn is_empty(&self) -> bool {
         self.meta.iter().all(HeadMeta::is_empty) && self.slim_store.iter().all(|s| s.k_raw.is_empty())
     }
 
+    /// Positions and bias of one (layer, KV head)'s per-head rows (empty for a slim layer).
     pub fn meta(&self, layer: usize, head: usize) -> &HeadMeta {
         &self.meta[self.idx(layer, head)]
     }
 
+    /// Keys and values of one (layer, KV head)'s per-head rows (empty for a slim layer).
     pub fn store(&self, layer: usize, head: usize) -> &HeadStore {
         &self.store[self.idx(layer, head)]
     }
 
-    /// Keys, values and bias of a head, for the attention kernel.
+    /// Keys and values (`[rows, head_dim]`), bias and positions (`[rows]`) of a head, for the
+    /// attention kernel.
+    // A plain tuple of borrowed slices; a named type would add a public item for one call site.
+    #[allow(clippy::type_complexity)]
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32], Option<&[f32]>, &[u32]) {
         let i = self.idx(layer, head);
         let (s, m) = (&self.store[i], &self.meta[i]);
@@ -238,7 +270,7 @@ impl KvCache {
         }
     }
 
-    /// Append rows to one head: `keys`/`values` are [n, head_dim], `positions` [n], new rows
+    /// Append rows to one head: `keys`/`values` are `[n, head_dim]`, `positions` `[n]`, new rows
     /// get bias 0. Positions must continue the head's increasing order.
     pub fn append(&mut self, layer: usize, head: usize, keys: &[f32], values: &[f32], positions: &[u32]) {
         debug_assert_eq!(keys.len(), positions.len() * self.head_dim);

@@ -1,5 +1,5 @@
 //! The KV cache: ragged per-(layer, KV head) storage with its metadata kept apart
-//! ([`kv_cache`]), and the compacted-cache file format ([`file`]).
+//! ([`kv_cache`]), and the compacted-cache file format ([`file`](mod@file)).
 
 pub mod file;
 pub mod kv_cache;

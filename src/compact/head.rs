@@ -11,14 +11,24 @@ use crate::cache::KvCache;
 /// One (layer, KV head) to compress. Shapes: T rows, d = head_dim, n reference queries.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadInput<'a> {
+    /// Model layer of this head (for error messages and [`head_seed`]).
     pub layer: usize,
+    /// KV head index within the layer.
     pub kv_head: usize,
+    /// Head dimension d; every row below is d wide.
     pub d: usize,
+    /// Keys of the span, row-major, already rotated (RoPE applied, as the cache stores them).
     pub keys: &'a [f32],            // [T, d] post-RoPE (as cached)
+    /// Values of the span, row-major, row j paired with key j.
     pub values: &'a [f32],          // [T, d]
+    /// Absolute token position of each row; strictly increasing.
     pub positions: &'a [u32],       // [T] absolute positions, increasing
+    /// Additive logit bias per row left by an earlier compaction; None means all 0.
     pub bias: Option<&'a [f32]>,    // [T] existing logit bias (from an earlier compaction), else 0
+    /// Reference queries the fit matches, post-RoPE; required by methods whose
+    /// [`Compressor::needs_queries`](crate::compact::Compressor::needs_queries) is true.
     pub queries: Option<&'a [f32]>, // [n, d] reference queries of the G query heads of this KV head, group-major, post-RoPE
+    /// Multiplier s of the logits s·q·kᵀ; must be finite and > 0.
     pub scale: f32,                 // attention logit scale (1/sqrt(d) for our models)
 }
 
@@ -121,8 +131,11 @@ impl HeadInput<'_> {
 pub struct HeadStats {
     /// S = s·QKᵀ + b, exp, Z̃ and Y = AV.
     pub attn_seconds: f64,
+    /// Seconds spent choosing the kept rows (scoring included for eviction methods).
     pub select_seconds: f64,
+    /// Seconds spent fitting β.
     pub beta_seconds: f64,
+    /// Seconds spent fitting C_v.
     pub values_seconds: f64,
     /// Rows kept (below the budget only when OMP ran out of candidates, spec §4.2 step 3).
     pub kept: usize,
@@ -130,8 +143,9 @@ pub struct HeadStats {
     pub beta_ridge_fallbacks: usize,
     /// Condition estimate of the final β fit's design M = E[:, S].
     pub beta_cond: f64,
-    /// Kept keys whose B sits at the lower / upper bound.
+    /// Kept keys whose B sits at the lower bound.
     pub beta_at_lo: usize,
+    /// Kept keys whose B sits at the upper bound.
     pub beta_at_hi: usize,
     /// Condition estimate of the C_v design X (unpivoted QR).
     pub values_cond: f64,
@@ -139,37 +153,51 @@ pub struct HeadStats {
     pub values_method: String,
     /// The §6.4 guard fired (κ, size or finiteness) for this head.
     pub guard_tripped: bool,
-    /// OMP: selection iterations, β solves, drop rounds and keys dropped.
+    /// OMP: selection iterations (drop rounds not counted).
     pub omp_iterations: usize,
+    /// OMP: B fits, selection and drop rounds together.
     pub omp_solves: usize,
+    /// OMP: refinement rounds that dropped keys with ln B below the cutoff (spec §4.2 step 7).
     pub omp_drop_rounds: usize,
+    /// OMP: keys dropped over all refinement rounds.
     pub omp_dropped: usize,
     /// OMP fast path: incremental-Cholesky breakdowns that switched the head to QR solves.
     pub omp_fast_fallbacks: usize,
-    /// OMP fast path: Gram-column GEMM batches, candidates verified exactly, full exact passes.
+    /// OMP fast path: Gram-column GEMM batches.
     pub omp_gram_batches: usize,
+    /// OMP fast path: candidate rows whose correlation was verified with an exact dot.
     pub omp_verified: usize,
+    /// OMP fast path: full exact correlation passes (too many candidates to verify).
     pub omp_exact_passes: usize,
-    /// Active-set sub-problems solved by a fallback, and runs that hit the iteration cap.
+    /// Active-set sub-problems solved by a fallback.
     pub active_set_fallbacks: usize,
+    /// Active-set runs that hit the iteration cap.
     pub active_set_unconverged: usize,
 }
 
 /// What a method keeps for one head: rows sorted by position (spec §3.6).
 #[derive(Debug, Clone)]
 pub struct CompactedHead {
+    /// Input rows kept (indices into [`HeadInput`]'s T rows), strictly increasing.
     pub indices: Vec<usize>, // [t] rows of the input kept, increasing
+    /// Keys of the kept rows C_k, row-major, copied unchanged from the input (post-RoPE).
     pub keys: Vec<f32>,      // [t, d]
+    /// The rows' new additive logit bias, replacing the input's: b_j + ln B_j for fitted methods,
+    /// the prior bias b_j (0 without one) for methods without β.
     pub beta: Vec<f32>,      // [t] full new bias (b_j + ln B_j); zeros for methods without β (prior bias b_j kept)
+    /// Values C_v of the kept rows, row-major: fitted by least squares or copied from V.
     pub values: Vec<f32>,    // [t, d]
+    /// Timings and solver events of this head.
     pub stats: HeadStats,    // timings per phase (select, beta, values), solver events (fallbacks, guard trips), cond estimates
 }
 
 impl CompactedHead {
+    /// Rows kept, t.
     pub fn len(&self) -> usize {
         self.indices.len()
     }
 
+    /// True when no row was kept (budget 0).
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
@@ -183,8 +211,11 @@ impl CompactedHead {
 /// The whole cached head that the span is part of (template rows before and after included).
 #[derive(Debug, Clone)]
 pub struct FullHead<'a> {
+    /// Every cached key of the head, row-major, post-RoPE.
     pub keys: &'a [f32],         // [N, d] post-RoPE
+    /// Additive logit bias of every cached row; None means all 0.
     pub bias: Option<&'a [f32]>, // [N] additive logit bias, None = 0
+    /// Absolute position of every cached row, increasing.
     pub positions: &'a [u32],    // [N] increasing
     /// The rows of the span (`HeadInput`'s rows) inside the N rows.
     pub span: Range<usize>,
@@ -193,15 +224,20 @@ pub struct FullHead<'a> {
 /// Queries observed while the context was prefilled (post-RoPE, as `model::Capture` records them).
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
+    /// Post-RoPE queries of every query head of the layer, one row per prefilled token.
     pub queries: &'a [f32],   // [m, n_heads * d] token-major, every query head of the layer
+    /// Absolute position of each query row, increasing.
     pub positions: &'a [u32], // [m] increasing
+    /// Query heads of the layer (all of them, not only this KV head's group).
     pub n_heads: usize,
 }
 
 impl Observed<'_> {
+    /// Tokens observed, m.
     pub fn len(&self) -> usize {
         self.positions.len()
     }
+    /// True when no query was observed.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }
@@ -219,7 +255,9 @@ impl Observed<'_> {
 /// Extra inputs beyond [`HeadInput`]; every field is optional (see the module docs).
 #[derive(Debug, Clone, Default)]
 pub struct HeadContext<'a> {
+    /// The whole cached head around the span (for scores over every cached row).
     pub full: Option<FullHead<'a>>,
+    /// The layer's queries recorded during prefill (SnapKV/H2O/TOVA-style scores).
     pub observed: Option<Observed<'a>>,
     /// RoPE inverse frequencies [d/2] of the model ([`crate::model::rope_inv_freq`]).
     pub inv_freq: Option<&'a [f32]>,

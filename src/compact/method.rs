@@ -9,9 +9,12 @@ use crate::Result;
 
 /// The interface every compression method implements (one file per method).
 pub trait Compressor: Send + Sync {
+    /// Canonical method name (aliases resolved), as reports show it.
     fn name(&self) -> &'static str;
     /// Whether compress_head needs HeadInput::queries.
     fn needs_queries(&self) -> bool;
+    /// Keep `budget` ≤ T rows of one head. `seed` is the head's own seed (see [`head_seed`]);
+    /// deterministic given the input and seed.
     fn compress_head(&self, input: &HeadInput, budget: usize, seed: u64) -> crate::Result<CompactedHead>;
     /// [`Compressor::compress_head`] with extra context (the whole head, the context's own
     /// queries, RoPE frequencies) for methods that use it; the default ignores it.
@@ -33,18 +36,22 @@ pub trait Compressor: Send + Sync {
 /// Rows protected from eviction (score +∞): the first `sinks` and the last `window` rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Protect {
+    /// Leading rows always kept (attention sinks).
     pub sinks: usize,
+    /// Trailing (most recent) rows always kept, after the sinks; the most recent win when the
+    /// budget is short.
     pub window: usize,
 }
 
 /// A budget-independent row score (higher = keep). One file per method implements it.
 pub trait Scorer: Send + Sync {
+    /// Canonical method name (aliases resolved), as reports show it.
     fn name(&self) -> &'static str;
     /// The score needs queries: `HeadContext::observed` or, failing that, `HeadInput::queries`.
     fn needs_queries(&self) -> bool {
         false
     }
-    /// Scores [T] of the span rows of one head.
+    /// Scores \[T\] of the span rows of one head.
     fn score_head(&self, input: &HeadInput, ctx: &HeadContext, seed: u64) -> Result<Vec<f64>>;
     /// Scores of every KV head of one layer (`inputs[h]` is KV head h). Default: each head on its
     /// own, in parallel; TOVA overrides it to share one score across the layer.

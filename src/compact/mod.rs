@@ -10,9 +10,9 @@
 //! |---|---|---|---|---|
 //! | `am-highest` (`am-hak`) | [`am`], [`am::highest`] | top-t of rms/max/mean attention | clamped LS + 2 PG, [e⁻³, e³] | least squares |
 //! | `am-omp` | [`am`], [`am::omp`] | greedy pursuit on the mass matrix | clamped LS, [1e-12, e⁷], drop β < −7 | least squares |
-//! | `baseline` | [`am`], [`am::highest`] | top-t of mean attention | none (β = prior bias) | V[S] |
-//! | eviction baselines | [`evict`] (the frame + one file each) | top-t of a budget-independent score ([`Scorer`]) | prior bias | V[S] |
-//! | `qfilters` | [`qfilters`] | −⟨k, f⟩ with calibrated filters | prior bias | V[S] |
+//! | `baseline` | [`am`], [`am::highest`] | top-t of mean attention | none (β = prior bias) | V\[S\] |
+//! | eviction baselines | [`evict`] (the frame + one file each) | top-t of a budget-independent score ([`Scorer`]) | prior bias | V\[S\] |
+//! | `qfilters` | [`qfilters`] | −⟨k, f⟩ with calibrated filters | prior bias | V\[S\] |
 //!
 //! [`oracle`] wraps one head in a safetensors file contract for other implementations;
 //! [`quality`] measures a compressed head on held-out queries.

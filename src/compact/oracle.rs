@@ -1,10 +1,10 @@
 //! `kvcompact compact-head`: one head in, one compacted head out, through safetensors files, so
 //! other implementations can use this crate as an oracle.
 //!
-//! IN (f32): `keys` [T,d], `values` [T,d], `queries` [n,d]; optional `bias` [T], `test_queries`
-//! [m,d], `positions` (i64 [T], default 0..T) and `scale` ([] or [1], default 1/√d).
-//! OUT: `indices` (i64 [t]), `keys` [t,d], `beta` [t], `values` [t,d]; with test queries also
-//! `rel_l2` and `mass_err` (f32 [1]: means over the test queries, spec §14). Metadata records the
+//! IN (f32): `keys` \[T,d\], `values` \[T,d\], `queries` \[n,d\]; optional `bias` \[T\], `test_queries`
+//! \[m,d\], `positions` (i64 \[T\], default 0..T) and `scale` ([] or \[1\], default 1/√d).
+//! OUT: `indices` (i64 \[t\]), `keys` \[t,d\], `beta` \[t\], `values` \[t,d\]; with test queries also
+//! `rel_l2` and `mass_err` (f32 \[1\]: means over the test queries, spec §14). Metadata records the
 //! method, budget, seed, solver and the full-precision metrics.
 
 use std::collections::HashMap;
@@ -21,10 +21,13 @@ use crate::{Error, Result};
 /// Options of `compact-head` (the CLI flags).
 #[derive(Debug, Clone)]
 pub struct OracleOptions {
-    /// `am-omp`, `am-highest`, `am-omp-fast` or `baseline` (and the aliases of [`AmConfig::from_name`]).
+    /// `am-omp`, `am-highest`, `am-omp-fast` or `baseline` (and the aliases of [`AmConfig::from_name`](super::am::AmConfig::from_name)).
     pub method: String,
+    /// Rows t to keep, ≤ T.
     pub budget: usize,
+    /// Seed of the head's randomised steps (the reference β solver's power iteration).
     pub seed: u64,
+    /// Bounded NNLS solver for B.
     pub nnls: BetaSolver,
     /// Guard off and the OMP QR path (spec §6.4 `--strict-parity`).
     pub strict_parity: bool,
@@ -49,13 +52,19 @@ impl Default for OracleOptions {
 /// without test queries). `seconds` is the compaction alone (no file I/O, no evaluation).
 #[derive(Debug, Clone, Serialize)]
 pub struct OracleReport {
+    /// Mean relative L2 error of the outputs over the test queries; None without them.
     pub rel_l2: Option<f64>,
+    /// Mean mass error over the test queries; None without them.
     pub mass_err: Option<f64>,
+    /// Wall-clock seconds of the compaction alone.
     pub seconds: f64,
+    /// Rows kept, t (not printed).
     #[serde(skip)]
     pub kept: usize,
+    /// Full per-head quality on the test queries (not printed).
     #[serde(skip)]
     pub eval: Option<HeadEval>,
+    /// Timings and solver events of the compaction (not printed).
     #[serde(skip)]
     pub stats: HeadStats,
 }

@@ -8,12 +8,15 @@ use super::head::{CompactedHead, HeadInput};
 /// Per-head quality on held-out queries (spec §14).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HeadEval {
+    /// Held-out queries m evaluated (whole rows of `test_queries`).
     pub queries: usize,
-    /// ‖o − ô‖ / (‖o‖ + 1e-10), mean and max over queries.
+    /// ‖o − ô‖ / (‖o‖ + 1e-10), mean over queries.
     pub mean_rel_l2: f64,
+    /// Relative L2 error of the output, max over queries.
     pub max_rel_l2: f64,
-    /// |exp(lse_c − lse) − 1| (|Δlse| when |Δlse| < 1e-10), mean and max over queries.
+    /// |exp(lse_c − lse) − 1| (|Δlse| when |Δlse| < 1e-10), mean over queries.
     pub mean_mass_err: f64,
+    /// Mass error, max over queries.
     pub max_mass_err: f64,
     /// mean over queries of mean_d (o − ô)².
     pub mean_mse: f64,
@@ -23,6 +26,8 @@ pub struct HeadEval {
 
 /// Attention output and log-sum-exp of `q` [d] against rows (`keys` [r, d], `values` [r, d],
 /// additive `bias` [r]) in f64. No rows gives (0, −inf): spec §7 rule 6, never NaN.
+// Hot inner helper: the scratch buffers are passed in so the parallel map can reuse them.
+#[allow(clippy::too_many_arguments)]
 fn attend_f64(q: &[f32], keys: &[f32], values: &[f32], bias: Option<&[f32]>, scale: f64, d: usize, out: &mut [f64], logits: &mut Vec<f64>) -> f64 {
     let r = keys.len() / d;
     logits.clear();

@@ -15,15 +15,20 @@ use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Rng;
 use crate::tokenizer::Tokenizer;
 
+/// Options of [`compact_context`] (the `compact` command's flags); [`Default`] is ratio 20,
+/// repeat queries, 4096 reference and 256 held-out queries per KV head, off-policy, one chunk.
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
     /// Article rows kept per head ≈ article_len / ratio.
     pub ratio: f64,
+    /// Where the reference queries come from.
     pub queries: QuerySource,
     /// Reference queries per KV head (n in the spec; split evenly over the group's query heads).
     pub n_queries: usize,
     /// Held-out queries per KV head for the error summary.
     pub n_test: usize,
+    /// Extract layer l's queries after layers < l are compacted (spec §8), instead of all layers
+    /// from the uncompacted cache.
     pub on_policy: bool,
     /// Compact the article in chunks of this many tokens, prefilling one chunk at a time.
     pub chunk_tokens: Option<usize>,
@@ -32,6 +37,7 @@ pub struct CompactOptions {
     /// Water-fill cap: no head keeps more than this fraction of the article (spec §11: 0.75 in
     /// the reference's main runs).
     pub max_ratio_per_head: f64,
+    /// Seed of the query subsampling, self-study sampling and every head's method seed.
     pub seed: u64,
 }
 
@@ -54,44 +60,72 @@ impl Default for CompactOptions {
 /// Per-layer summary: article-span errors on held-out queries, averaged over the layer's heads.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LayerSummary {
+    /// Layer index.
     pub layer: usize,
+    /// Cache rows of the layer before compaction, summed over KV heads (context tokens × n_kv).
     pub rows_before: usize,
+    /// Cache rows of the layer after compaction, summed over KV heads (prefix and suffix included).
     pub rows_after: usize,
+    /// Mean over heads (and chunks) of each head's mean relative L2 output error.
     pub mean_rel_l2: f64,
+    /// Max over heads (and chunks) of each head's max relative L2 output error.
     pub max_rel_l2: f64,
+    /// Mean over heads (and chunks) of each head's mean mass error.
     pub mean_mass_err: f64,
+    /// Head compactions in this layer whose C_v guard (spec §6.4) fired.
     pub guard_trips: usize,
 }
 
+/// What [`compact_context`] did: sizes, timings (seconds) and held-out errors.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CompactReport {
+    /// The method's canonical name.
     pub method: String,
+    /// The query source's name ([`QuerySource::name`]).
     pub queries: String,
+    /// The compression ratio asked for.
     pub ratio: f64,
+    /// Whether queries were extracted on-policy.
     pub on_policy: bool,
+    /// Tokens of the whole context: prefix + article + suffix.
     pub context_tokens: usize,
+    /// Tokens of the article span that was compacted.
     pub article_tokens: usize,
+    /// Article chunks compacted one after the other (1 without `chunk_tokens`).
     pub chunks: usize,
+    /// Reference queries per KV head actually used (the last chunk's): token subsample × G plus extra queries.
     pub n_queries_per_kv_head: usize,
     /// Query tokens of the repeat source, when they had to be cut to fit the position range.
     pub repeat_truncated_to: Option<usize>,
+    /// Bytes of the uncompacted cache: K and V (f32) plus positions (u32), no bias.
     pub kv_bytes_before: usize,
+    /// Bytes of the compacted cache ([`KvCache::bytes`]: bias rows included).
     pub kv_bytes_after: usize,
+    /// Wall time of the context prefill (all chunks).
     pub prefill_seconds: f64,
+    /// Wall time of producing reference and held-out queries.
     pub query_seconds: f64,
-    /// Sums over heads (per-thread time): attention statistics, selection, β fit, value fit.
+    /// Attention-statistics seconds, summed over heads (per-thread time).
     pub attn_seconds: f64,
+    /// Selection seconds, summed over heads (per-thread time).
     pub select_seconds: f64,
+    /// β-fit seconds, summed over heads (per-thread time).
     pub beta_seconds: f64,
+    /// C_v-fit seconds, summed over heads (per-thread time).
     pub values_seconds: f64,
     /// Wall time of the compaction calls.
     pub compact_seconds: f64,
+    /// Wall time of the held-out evaluation of every head.
     pub eval_seconds: f64,
+    /// Wall time of the whole [`compact_context`] call.
     pub total_seconds: f64,
+    /// One summary per layer, in layer order.
     pub layers: Vec<LayerSummary>,
     /// Held-out article-span rel_l2 per (layer, KV head), layer-major (mean over chunks).
     pub head_rel_l2: Vec<f64>,
+    /// Mean over layers of [`LayerSummary::mean_rel_l2`].
     pub mean_rel_l2: f64,
+    /// Mean over layers of [`LayerSummary::mean_mass_err`].
     pub mean_mass_err: f64,
 }
 
@@ -181,7 +215,8 @@ pub(super) fn compact_span(
     Ok(())
 }
 
-/// original rows, and replace them in the cache: [before; compacted (β); after].
+/// Compress the span of heads `heads` (layer-major indices), evaluate each on its held-out queries
+/// against the original rows, and replace them in the cache: [before; compacted (β); after].
 #[allow(clippy::too_many_arguments)]
 fn compress_and_install(
     model: &Model,
@@ -249,6 +284,7 @@ fn compress_and_install(
     }
     Ok(())
 }
+
 /// Prefill `layout`, compact its article with `method`, and return the compacted cache.
 pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, method: &dyn Compressor, opts: &CompactOptions) -> Result<(KvCache, CompactReport)> {
     let t_all = Instant::now();

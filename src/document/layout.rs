@@ -9,8 +9,11 @@ use crate::tokenizer::{Message, Tokenizer};
 /// A context split into the template before the article, the article, and the template after.
 #[derive(Debug, Clone)]
 pub struct ContextLayout {
+    /// Template tokens before the article (BOS, chat header and user-turn opening); kept verbatim.
     pub prefix: Vec<u32>,
+    /// The article's tokens: the span that is compacted.
     pub article: Vec<u32>,
+    /// Template tokens after the article (end of the user turn; empty without chat); kept verbatim.
     pub suffix: Vec<u32>,
     /// Rendered with the chat template (the article is a user message).
     pub chat: bool,
@@ -38,14 +41,17 @@ impl ContextLayout {
         Ok(ContextLayout { prefix, article, suffix, chat })
     }
 
+    /// The whole context: prefix, article, suffix.
     pub fn tokens(&self) -> Vec<u32> {
         [&self.prefix[..], &self.article[..], &self.suffix[..]].concat()
     }
 
+    /// Tokens of the whole context.
     pub fn len(&self) -> usize {
         self.prefix.len() + self.article.len() + self.suffix.len()
     }
 
+    /// True when the context has no tokens at all.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -8,7 +8,7 @@
 //! - [`compact`]: [`compact_context`], span compaction and installation into the cache;
 //! - [`budgets`]: per-head budgets (uniform or the spec §11 water-fill); [`sensitivity`]: the
 //!   sweep that produces budget proportions;
-//! - [`answer`]: greedy answers and answer log-likelihoods on a cached context;
+//! - [`answer`](mod@answer): greedy answers and answer log-likelihoods on a cached context;
 //! - [`online`]: compaction during generation, as a [`crate::generate::CachePolicy`].
 //!
 //! The compacted-cache file format lives in [`crate::cache::file`].

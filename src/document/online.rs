@@ -17,11 +17,18 @@ use crate::tokenizer::Tokenizer;
 /// with earlier β carried as the prior bias (β_new = b + ln B). Reference queries come from
 /// repeating the tokens behind the compacted rows (the most recent `max_cache_tokens` of them).
 pub struct OnlineCompaction<'a> {
+    /// Tokenizer for the repeat query tokens.
     pub tok: &'a Tokenizer,
+    /// The compression method applied to each head.
     pub method: &'a dyn Compressor,
+    /// Compact when the longest head reaches this many rows.
     pub max_cache_tokens: usize,
+    /// Most recent rows of each head left out of the compaction; keep_recent + 2 ≤ max_cache_tokens.
     pub keep_recent: usize,
+    /// Render the repeat instruction with the chat template.
     pub chat: bool,
+    /// Ratio (> 1), query counts, on-policy flag and seed of each compaction; the query source,
+    /// per-head budgets and chunking are not used.
     pub opts: CompactOptions,
     /// Reports of the compactions done so far.
     pub reports: Vec<CompactReport>,
@@ -29,6 +36,7 @@ pub struct OnlineCompaction<'a> {
 }
 
 impl<'a> OnlineCompaction<'a> {
+    /// Check the limits (room below `max_cache_tokens`, ratio > 1) and build the policy.
     pub fn new(tok: &'a Tokenizer, method: &'a dyn Compressor, max_cache_tokens: usize, keep_recent: usize, chat: bool, opts: CompactOptions) -> Result<Self> {
         if keep_recent + 2 > max_cache_tokens {
             return Err(Error::Invalid(format!(

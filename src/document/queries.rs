@@ -32,6 +32,7 @@ pub enum QuerySource {
 }
 
 impl QuerySource {
+    /// `repeat`, `self-study`, `context`, `random` or `mix`.
     pub fn parse(s: &str) -> Result<QuerySource> {
         Ok(match s {
             "repeat" => QuerySource::Repeat,
@@ -42,6 +43,7 @@ impl QuerySource {
             _ => return Err(Error::Invalid(format!("unknown query source {s:?} (repeat, self-study, context, random, mix)"))),
         })
     }
+    /// The name [`QuerySource::parse`] accepts.
     pub fn name(self) -> &'static str {
         match self {
             QuerySource::Repeat => "repeat",
@@ -103,6 +105,8 @@ impl LayerRun<'_> {
     /// Layer l on the query tokens against the cache as it is now: H_l → H_{l+1} in `hidden`;
     /// with `collect`, the selected tokens' queries go to train/test. The query tokens' own
     /// rows are removed from the cache again.
+    // `collect` is the (train, test) pair of per-head buffers; an alias would only hide that.
+    #[allow(clippy::type_complexity)]
     pub(super) fn run(&self, l: usize, st: &mut RunState, cache: &mut KvCache, hidden: &mut [f32], collect: Option<(&mut [Vec<f32>], &mut [Vec<f32>])>) {
         let (model, mb) = (self.model, st.max_batch());
         let (d, nkv) = (model.config.hidden_size, model.config.n_kv_heads);
@@ -138,8 +142,6 @@ pub(super) fn merge_extra(train: &mut [Vec<f32>], test: &mut [Vec<f32>], extra: 
     }
 }
 
-/// Compress the given heads' span rows, evaluate them on the held-out queries against the
-
 /// Context-prefill queries (spec §8.1) of the span's own tokens, and random queries scaled to
 /// each query head's mean norm, subsampled per head; None for the repeat/self-study sources.
 pub(super) fn extra_queries(model: &Model, captured: &[Vec<f32>], src: QuerySource, n_queries: usize, n_test: usize, seed: u64, share: f64) -> Option<Queries> {
@@ -149,7 +151,7 @@ pub(super) fn extra_queries(model: &Model, captured: &[Vec<f32>], src: QuerySour
         return None;
     }
     let ntok = captured[0].len() / qd;
-    let mut rng = Rng::new(seed ^ 0xC0_4E7E_47);
+    let mut rng = Rng::new(seed ^ 0xC04E_7E47);
     let want = ((n_queries as f64 * share) as usize).div_ceil(g).max(1);
     let sel = subsample(ntok, want, &mut rng, &[]);
     let mut test_sel = subsample(ntok, n_test.div_ceil(g).max(1), &mut rng, &sel);

@@ -14,6 +14,9 @@ use crate::tokenizer::Tokenizer;
 /// proportion to how much its held-out attention error grows when its budget halves (half of
 /// the total stays uniform, so no head is starved). The reference sweeps 51 ratios per head and
 /// scores answer log-perplexity; this sweep costs two compactions and scores attention outputs.
+/// Also returns the per-head held-out rel_l2 at `ratio` and at `2·ratio` (layer-major).
+// The tuple is spelled out on purpose: an alias would hide what the three parts are.
+#[allow(clippy::type_complexity)]
 pub fn sensitivity_budgets(model: &Model, tok: &Tokenizer, layout: &ContextLayout, method: &dyn Compressor, opts: &CompactOptions) -> Result<(HashMap<String, f64>, Vec<f64>, Vec<f64>)> {
     let uniform = CompactOptions { budgets: None, ..opts.clone() };
     let (_, at_r) = compact_context(model, tok, layout, method, &uniform)?;

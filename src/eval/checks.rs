@@ -7,16 +7,22 @@ use super::options::Plan;
 /// One ordering check of the targets.
 #[derive(Debug, Clone)]
 pub struct Check {
+    /// What is compared, e.g. "passkey accuracy: qfilters vs knorm".
     pub name: String,
+    /// Compression ratio the two values were measured at.
     pub ratio: f64,
+    /// The value of the method expected to win (left of "vs").
     pub lhs: f64,
+    /// The value of the method it is compared with.
     pub rhs: f64,
-    /// Strict: lhs beats rhs. Loose: within the tolerance (CI).
+    /// Strict: lhs beats rhs (higher accuracy, or lower answer_logppl).
     pub strict_pass: bool,
+    /// Loose: lhs beats or ties rhs within the tolerance (what CI and `--check` require).
     pub loose_pass: bool,
 }
 
 impl Check {
+    /// One human-readable line for summary.md: name, ratio, both values and the verdict.
     pub fn line(&self) -> String {
         format!(
             "{} at {}×: {:.3} vs {:.3} → {}",
@@ -27,6 +33,7 @@ impl Check {
             if self.strict_pass { "beats" } else if self.loose_pass { "ties within tolerance" } else { "FAILS" }
         )
     }
+    /// The check as a JSON object for run.json.
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({"check": self.name, "ratio": self.ratio, "lhs": self.lhs, "rhs": self.rhs, "strict": self.strict_pass, "loose": self.loose_pass})
     }

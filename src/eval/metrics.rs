@@ -24,31 +24,46 @@ pub const METRICS: &[&str] = &["accuracy", "answer_logppl", "kl", "attn_rel_l2",
 /// One measurement (one question or one sample).
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
+    /// Method name (`full` for the uncompressed cache).
     pub method: String,
+    /// Compression ratio (article rows kept per head = ⌊T/ratio⌋).
     pub ratio: f64,
+    /// Task name.
     pub task: String,
+    /// Sample id ([`Sample::id`](super::tasks::Sample::id)).
     pub sample: String,
+    /// One of [`METRICS`].
     pub metric: &'static str,
+    /// The measurement, in the metric's unit (see the module docs).
     pub value: f64,
 }
 
 /// One aggregated row of results.json / results.csv.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResultRow {
+    /// Method name.
     pub method: String,
+    /// Compression ratio.
     pub ratio: f64,
+    /// Task name.
     pub task: String,
+    /// One of [`METRICS`].
     pub metric: String,
+    /// Mean of the finite record values.
     pub value: f64,
+    /// Records averaged (non-finite values are skipped).
     pub n: usize,
 }
 
 /// The original span's attention for a fixed set of test queries, computed once per sample so
-/// that each compressed head only costs its own (few) rows: o [m, d] and lse [m], in f64.
+/// that each compressed head only costs its own (few) rows: o [m, d] and lse \[m\], in f64.
 pub struct HeadRef {
+    /// Head dimension d.
     pub d: usize,
-    pub o: Vec<f64>,
-    pub lse: Vec<f64>,
+    /// Attention output of each test query over the original span, row-major.
+    pub o: Vec<f64>,   // [m, d]
+    /// Log-sum-exp of each test query's logits over the span (−inf with no rows).
+    pub lse: Vec<f64>, // [m]
 }
 
 /// Attention output (into `out` [d]) and log-sum-exp of q over rows (keys, values, bias), f64;
@@ -122,10 +137,13 @@ pub fn log_softmax(row: &[f32]) -> Vec<f32> {
 /// A reference next-token distribution: probabilities p (f32) and Σ p·log p (f64), so that
 /// KL(p ‖ q) = Σ p log p − Σ p·x_q + lse(x_q) costs one pass over the other logits.
 pub struct RefDist {
-    pub p: Vec<f32>,
+    /// Probabilities over the vocabulary.
+    pub p: Vec<f32>,   // [vocab]
+    /// Σ p·log p (the negative entropy, nats; ≤ 0).
     pub negent: f64,
 }
 
+/// The [`RefDist`] of a logits row \[vocab\].
 pub fn ref_dist(logits: &[f32]) -> RefDist {
     let lp = log_softmax(logits);
     let p: Vec<f32> = lp.iter().map(|&x| (x as f64).exp() as f32).collect();
@@ -185,13 +203,17 @@ pub fn aggregate(records: &[Record], methods: &[String], tasks: &[String]) -> Ve
 pub fn write_results(dir: &Path, rows: &[ResultRow]) -> Result<()> {
     let json = serde_json::to_string_pretty(rows).map_err(|e| Error::Invalid(format!("results.json: {e}")))?;
     write(dir, "results.json", &json)?;
-    let mut csv = String::from("method,ratio,task,metric,value,n\n");
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    let err = |e: csv::Error| Error::Invalid(format!("results.csv: {e}"));
+    csv.write_record(["method", "ratio", "task", "metric", "value", "n"]).map_err(err)?;
     for r in rows {
-        csv.push_str(&format!("{},{},{},{},{},{}\n", r.method, r.ratio, r.task, r.metric, r.value, r.n));
+        csv.write_record([r.method.clone(), r.ratio.to_string(), r.task.clone(), r.metric.clone(), r.value.to_string(), r.n.to_string()]).map_err(err)?;
     }
-    write(dir, "results.csv", &csv)
+    let bytes = csv.into_inner().map_err(|e| Error::Invalid(format!("results.csv: {e}")))?;
+    write(dir, "results.csv", &String::from_utf8_lossy(&bytes))
 }
 
+/// Write `text` to `dir/name` (the directory must exist).
 pub fn write(dir: &Path, name: &str, text: &str) -> Result<()> {
     let p = dir.join(name);
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
@@ -253,6 +275,7 @@ pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], 
     s
 }
 
+/// A ratio as written in reports: `10` for whole numbers, `2.5` otherwise.
 pub fn fmt_ratio(r: f64) -> String {
     if r.fract() == 0.0 {
         format!("{}", r as i64)

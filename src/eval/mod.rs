@@ -10,13 +10,13 @@
 //!    pass of "Repeat the previous context verbatim." + the article after the context,
 //!    off-policy), subsampled to `--n-queries` per KV head.
 //!
-//! Then per method: eviction methods score every head once ([`Scorer::score_layer`]) and select
+//! Then per method: eviction methods score every head once ([`Scorer::score_layer`](crate::compact::Scorer::score_layer)) and select
 //! at each ratio; AM methods fit at each ratio. The article span of every (layer, KV head) is
 //! compressed to ⌊T/ratio⌋ rows (PyramidKV: its layer schedule; `--budgets`: the spec §11
 //! water-fill), template rows stay, and the result is installed as a real ragged cache (evicted
 //! rows are freed). Each question is then teacher-forced on that cache ([`metrics`] defines every
 //! measure). Results go to results.json / results.csv (one row per method, ratio, task, metric),
-//! plots/<metric>.svg|png, summary.md and tasks.jsonl.
+//! `plots/<metric>.svg|png`, summary.md and tasks.jsonl.
 //!
 //! Everything is seeded; a run is deterministic given `--seed` except for the timings.
 

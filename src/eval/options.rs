@@ -21,6 +21,7 @@ pub struct EvalOptions {
     pub tasks: Vec<String>,
     /// Samples (contexts) per task (default 3; --quick 4). QA has one sample per document.
     pub samples: Option<usize>,
+    /// Run seed: tasks, query subsampling and every method's per-head seed derive from it.
     pub seed: u64,
     /// Output directory.
     pub out: PathBuf,
@@ -42,8 +43,8 @@ pub struct EvalOptions {
     /// QA documents: a JSON list of {title, document | document_file, questions: [{question,
     /// answer_prefix, answers, max_new_tokens}]} (default: the shipped documents in data/qa).
     pub qa_docs: Option<PathBuf>,
-    /// Q-Filters file (default: <out>/qfilters.safetensors or <model>/qfilters.safetensors if
-    /// present, else calibrated on the shipped corpus and saved as <out>/qfilters.safetensors).
+    /// Q-Filters file (default: `<out>/qfilters.safetensors` or `<model>/qfilters.safetensors` if
+    /// present, else calibrated on the shipped corpus and saved as `<out>/qfilters.safetensors`).
     pub filters: Option<PathBuf>,
     /// Attention Matching reference queries per KV head (off-policy, shared by every AM method and ratio).
     pub n_queries: usize,
@@ -66,16 +67,25 @@ pub struct EvalOptions {
 /// The resolved run: defaults (full or quick) with the user's overrides.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Method names, each known to the registry, in reporting order.
     pub methods: Vec<String>,
+    /// Compression ratios, each finite and ≥ 1.
     pub ratios: Vec<f64>,
+    /// Task names, each in [`tasks::TASKS`].
     pub tasks: Vec<String>,
+    /// Samples per task, ≥ 1.
     pub samples: usize,
+    /// Context lengths in tokens, each > 0 (before capping to the model's context).
     pub lengths: Vec<usize>,
+    /// Needle depths, each in [0, 1].
     pub depths: Vec<f64>,
+    /// Run the ordering checks (`--quick` or `--check`).
     pub checks: bool,
 }
 
 impl Plan {
+    /// Resolve `a` against the full or quick defaults, rejecting unknown methods and tasks and
+    /// out-of-range ratios, depths and lengths.
     pub fn from_args(a: &EvalOptions) -> Result<Plan> {
         let or = |v: &Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v.clone() };
         let (dm, dr, dt, dl): (&[&str], &[f64], &[&str], &[usize]) = if a.quick {

@@ -13,19 +13,86 @@ use crate::error::{Error, Result};
 
 type Rgb = [u8; 3];
 
+/// One drawing primitive. Coordinates are pixels from the top-left corner (y grows down);
+/// colours are 8-bit RGB.
 #[derive(Debug, Clone)]
 pub enum Shape {
-    Line { x1: f64, y1: f64, x2: f64, y2: f64, color: Rgb, width: f64 },
-    Poly { pts: Vec<(f64, f64)>, color: Rgb, width: f64, dashed: bool },
-    Dot { x: f64, y: f64, r: f64, color: Rgb },
-    Rect { x: f64, y: f64, w: f64, h: f64, stroke: Option<Rgb>, fill: Option<Rgb> },
+    /// A straight segment.
+    Line {
+        /// Start x.
+        x1: f64,
+        /// Start y.
+        y1: f64,
+        /// End x.
+        x2: f64,
+        /// End y.
+        y2: f64,
+        /// Stroke colour.
+        color: Rgb,
+        /// Stroke width in pixels.
+        width: f64,
+    },
+    /// An open polyline through `pts` in order.
+    Poly {
+        /// Vertices (x, y).
+        pts: Vec<(f64, f64)>,
+        /// Stroke colour.
+        color: Rgb,
+        /// Stroke width in pixels.
+        width: f64,
+        /// Dashed stroke (used for the `full` reference line).
+        dashed: bool,
+    },
+    /// A filled disc.
+    Dot {
+        /// Centre x.
+        x: f64,
+        /// Centre y.
+        y: f64,
+        /// Radius in pixels.
+        r: f64,
+        /// Fill colour.
+        color: Rgb,
+    },
+    /// An axis-aligned rectangle, stroked and/or filled.
+    Rect {
+        /// Left edge.
+        x: f64,
+        /// Top edge.
+        y: f64,
+        /// Width in pixels.
+        w: f64,
+        /// Height in pixels.
+        h: f64,
+        /// Outline colour; None = no outline.
+        stroke: Option<Rgb>,
+        /// Fill colour; None = transparent.
+        fill: Option<Rgb>,
+    },
     /// Text anchored at its baseline: anchor 0 = start, 1 = middle, 2 = end.
-    Text { x: f64, y: f64, s: String, size: f64, anchor: u8, color: Rgb },
+    Text {
+        /// Anchor x.
+        x: f64,
+        /// Baseline y.
+        y: f64,
+        /// The text (the PNG font draws ASCII letters as lower case, unknown characters as '?').
+        s: String,
+        /// Font size in pixels (the PNG font doubles its 5×7 glyphs at 13 and above).
+        size: f64,
+        /// 0 = start, 1 = middle, 2 = end.
+        anchor: u8,
+        /// Text colour.
+        color: Rgb,
+    },
 }
 
+/// A figure: its size in pixels and the shapes drawn in order (later ones on top).
 pub struct Figure {
+    /// Width in pixels.
     pub w: usize,
+    /// Height in pixels.
     pub h: usize,
+    /// Shapes in drawing order.
     pub shapes: Vec<Shape>,
 }
 
@@ -272,6 +339,8 @@ impl Canvas {
         }
     }
 
+    // The segment's own coordinates plus the stroke style: a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn line(&mut self, x1: f64, y1: f64, x2: f64, y2: f64, width: f64, c: Rgb, dash: bool) {
         let (mut x, mut y) = (x1.round() as i64, y1.round() as i64);
         let (xe, ye) = (x2.round() as i64, y2.round() as i64);

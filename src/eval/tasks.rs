@@ -24,8 +24,10 @@ use crate::tokenizer::Tokenizer;
 /// Every task name `kvcompact eval` accepts.
 pub const TASKS: &[&str] = &["passkey", "niah-multikey", "variable-tracking", "qa"];
 
+/// One question about a context (kvpress column names; also the `--qa-docs` JSON schema).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Question {
+    /// The question, asked in a new user turn after the context.
     pub question: String,
     /// Start of the assistant's reply; the answer follows after a space.
     #[serde(default)]
@@ -33,6 +35,7 @@ pub struct Question {
     /// Accepted answers (any one counts); empty = no accuracy, only log-ppl and KL.
     #[serde(default)]
     pub answers: Vec<String>,
+    /// Greedy tokens the full cache may generate for its reference answer (default 24).
     #[serde(default = "default_max_new")]
     pub max_new_tokens: usize,
 }
@@ -41,12 +44,19 @@ fn default_max_new() -> usize {
     24
 }
 
+/// One evaluation context with its questions.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
+    /// Task name, one of [`TASKS`].
     pub task: String,
+    /// Unique id within a run, `<task>-<index>`.
     pub id: String,
+    /// The context text (the article), before any chat template.
     pub context: String,
+    /// Questions asked after the context, each on the same compressed cache.
     pub questions: Vec<Question>,
+    /// The sample's own seed (derived from the run seed, the task and the index); it also salts
+    /// the evaluation's per-sample seeds.
     pub seed: u64,
     /// Target length, depth(s), document title.
     pub meta: serde_json::Value,
@@ -56,11 +66,15 @@ pub struct Sample {
 /// to the JSON file when `document` is absent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QaDoc {
+    /// Document title (recorded in the sample's metadata).
     pub title: String,
+    /// The document text; may be empty when `document_file` is given.
     #[serde(default)]
     pub document: String,
+    /// Path of a text file holding the document, relative to the JSON file.
     #[serde(default)]
     pub document_file: Option<String>,
+    /// The document's questions; the first `qa_questions` are asked.
     pub questions: Vec<Question>,
 }
 
@@ -100,11 +114,13 @@ pub struct TaskConfig {
     pub lengths: Vec<usize>,
     /// Needle depths in [0, 1] cycled over the samples.
     pub depths: Vec<f64>,
-    /// Needles per niah-multikey context, and how many of them are asked.
+    /// Needles per niah-multikey context (at least 1).
     pub keys: usize,
+    /// Needles asked per niah-multikey context (clamped to [1, keys]).
     pub keys_asked: usize,
     /// Questions asked per QA document (the first ones).
     pub qa_questions: usize,
+    /// The QA documents; sample i of `qa` is document i.
     pub qa_docs: Vec<QaDoc>,
 }
 

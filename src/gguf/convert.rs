@@ -26,6 +26,7 @@ use super::GgufError;
 /// Element type of the written `model.safetensors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutDtype {
+    /// The dequantised values as they are.
     F32,
     /// Round-to-nearest-even from the f32 dequantised values.
     Bf16,
@@ -64,14 +65,16 @@ impl std::str::FromStr for OutDtype {
     }
 }
 
+/// What [`convert_gguf`] wrote.
 #[derive(Debug, Clone)]
 pub struct ConvertSummary {
     /// Tensors written to `model.safetensors`.
     pub tensors: usize,
-    /// Size of `model.safetensors`.
+    /// Size of `model.safetensors` in bytes.
     pub model_bytes: u64,
-    /// All files written, `model.safetensors` included.
+    /// Bytes of all files written, `model.safetensors` included.
     pub bytes_written: u64,
+    /// Wall-clock time of the whole conversion, opening the GGUF included.
     pub seconds: f64,
 }
 
@@ -80,6 +83,7 @@ pub struct ConvertSummary {
 pub struct HfTensor {
     /// HF parameter name, e.g. `model.layers.0.self_attn.q_proj.weight`.
     pub name: String,
+    /// Source GGUF tensor name, e.g. `blk.0.attn_q.weight`.
     pub gguf_name: String,
     /// HF row-major shape (`[out, in]` for matrices) = the GGUF dims reversed.
     pub shape: Vec<usize>,

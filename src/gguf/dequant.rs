@@ -43,15 +43,22 @@ fn le_f16(b: &[u8]) -> f32 {
 /// The ggml tensor types this crate can dequantise. Ids are ggml's `enum ggml_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// IEEE single, little-endian (id 0).
     F32,
+    /// IEEE half, little-endian (id 1).
     F16,
+    /// Blocks of 32: f16 scale d, then 16 bytes of 4-bit q; value = d·(q − 8) (id 2, 18 bytes).
     Q4_0,
+    /// Blocks of 32: f16 scale d, f16 min m, then 16 bytes of 4-bit q; value = d·q + m (id 3, 20 bytes).
     Q4_1,
+    /// Blocks of 32: f16 scale d, then 32 signed bytes q; value = q·d (id 8, 34 bytes).
     Q8_0,
+    /// bfloat16, little-endian (id 30).
     BF16,
 }
 
 impl GgmlType {
+    /// The type of a ggml type id; `None` for the types this crate cannot dequantise.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         Some(match id {
             0 => GgmlType::F32,
@@ -63,6 +70,7 @@ impl GgmlType {
             _ => return None,
         })
     }
+    /// ggml's type id (inverse of [`GgmlType::from_id`]).
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
@@ -73,6 +81,7 @@ impl GgmlType {
             GgmlType::BF16 => 30,
         }
     }
+    /// ggml's upper-case name, e.g. `Q4_1`.
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",

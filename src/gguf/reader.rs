@@ -28,19 +28,31 @@ const MAX_ARRAY_DEPTH: usize = 8;
 /// [`Value::as_i64`], because real files store counts as u32 where the spec says u64.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// Type id 0.
     U8(u8),
+    /// Type id 1.
     I8(i8),
+    /// Type id 2.
     U16(u16),
+    /// Type id 3.
     I16(i16),
+    /// Type id 4.
     U32(u32),
+    /// Type id 5.
     I32(i32),
+    /// Type id 6.
     F32(f32),
+    /// Type id 7: any non-zero byte is `true`.
     Bool(bool),
+    /// Type id 8: u64 byte length, then UTF-8 (checked).
     String(String),
     /// Element type id and the elements (all of that type; arrays may nest).
     Array(u32, Vec<Value>),
+    /// Type id 10.
     U64(u64),
+    /// Type id 11.
     I64(i64),
+    /// Type id 12.
     F64(f64),
 }
 
@@ -78,6 +90,7 @@ impl Value {
             _ => None,
         }
     }
+    /// Either float type, f64 rounded to f32.
     pub fn as_f32(&self) -> Option<f32> {
         match *self {
             Value::F32(x) => Some(x),
@@ -85,18 +98,21 @@ impl Value {
             _ => None,
         }
     }
+    /// A [`Value::Bool`].
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
             _ => None,
         }
     }
+    /// A [`Value::String`].
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
+    /// The elements of a [`Value::Array`].
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(_, v) => Some(v),
@@ -126,9 +142,11 @@ impl Value {
 /// One tensor-info record, validated.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// GGUF tensor name, e.g. `blk.0.attn_q.weight` (at most [`MAX_TENSOR_NAME`] bytes).
     pub name: String,
     /// GGUF order: `dims[0]` is the fastest-varying axis (columns, HF in_features).
     pub dims: Vec<u64>,
+    /// Storage type of the data.
     pub ggml_type: GgmlType,
     /// Relative to the data section; a multiple of the alignment.
     pub offset: u64,
@@ -137,6 +155,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Product of the dims (1 for a 0-dim tensor).
     pub fn n_elements(&self) -> usize {
         self.dims.iter().map(|&d| d as usize).product()
     }
@@ -144,6 +163,7 @@ impl TensorInfo {
     pub fn n_cols(&self) -> usize {
         self.dims.first().map_or(1, |&d| d as usize)
     }
+    /// Number of rows: the product of `dims[1..]` (1 for a 0- or 1-dim tensor).
     pub fn n_rows(&self) -> usize {
         self.dims.iter().skip(1).map(|&d| d as usize).product()
     }
@@ -219,12 +239,15 @@ impl GgufFile {
         Self::parse(path.into(), Bytes::Owned(bytes))
     }
 
+    /// The path given to [`GgufFile::open`] or [`GgufFile::from_bytes`].
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// GGUF version: 2 or 3.
     pub fn version(&self) -> u32 {
         self.version
     }
+    /// Data-section alignment in bytes: `general.alignment`, else [`DEFAULT_ALIGNMENT`].
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
@@ -236,12 +259,15 @@ impl GgufFile {
     pub fn metadata(&self) -> &[(String, Value)] {
         &self.metadata
     }
+    /// The metadata value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.meta_index.get(key).map(|&i| &self.metadata[i].1)
     }
+    /// Tensor-info records in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
+    /// The tensor-info record named `name`, if present.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
@@ -282,6 +308,7 @@ impl GgufFile {
             }),
         }
     }
+    /// As [`GgufFile::get_u64`], with a missing key an error too.
     pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
         self.get_u64(key)?
             .ok_or_else(|| self.meta_err(key, "missing"))
@@ -295,6 +322,7 @@ impl GgufFile {
             }),
         }
     }
+    /// String accessor; `Ok(None)` when absent, an error when present with another type.
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
         match self.get(key) {
             None => Ok(None),
@@ -303,10 +331,12 @@ impl GgufFile {
             }),
         }
     }
+    /// As [`GgufFile::get_str`], with a missing key an error too.
     pub fn require_str(&self, key: &str) -> Result<&str, GgufError> {
         self.get_str(key)?
             .ok_or_else(|| self.meta_err(key, "missing"))
     }
+    /// Bool accessor; `Ok(None)` when absent, an error when present with another type.
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
         match self.get(key) {
             None => Ok(None),

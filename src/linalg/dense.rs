@@ -109,12 +109,12 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     s
 }
 
-/// `Mᵀy` [t] for `m` [n, t].
+/// `Mᵀy` `[t]` for `m` [n, t].
 pub fn mt_vec(m: MatRef<'_, f64>, y: &[f64]) -> Vec<f64> {
     (0..m.ncols()).map(|j| dot(&col_vec(m, j), y)).collect()
 }
 
-/// `M x` [n] for `m` [n, t].
+/// `M x` `[n]` for `m` [n, t].
 pub fn m_vec(m: MatRef<'_, f64>, x: &[f64]) -> Vec<f64> {
     let mut out = vec![0.0; m.nrows()];
     for (j, &xj) in x.iter().enumerate() {
@@ -128,7 +128,7 @@ pub fn m_vec(m: MatRef<'_, f64>, x: &[f64]) -> Vec<f64> {
     out
 }
 
-/// `G x` [k] for a row-major `g` [k, k].
+/// `G x` `[k]` for a row-major `g` [k, k].
 pub fn sym_vec(g: &[f64], k: usize, x: &[f64]) -> Vec<f64> {
     (0..k).map(|i| g[i * k..(i + 1) * k].iter().zip(x).map(|(a, b)| a * b).sum()).collect()
 }
@@ -145,21 +145,28 @@ pub struct CholGrow {
 }
 
 impl CholGrow {
+    /// An empty factor with room for `cap` columns (allocates [cap, cap]).
     pub fn new(cap: usize) -> CholGrow {
         CholGrow { cap, k: 0, l: vec![0.0; cap * cap] }
     }
 
+    /// Number of columns appended so far (the factor is [len, len]).
     pub fn len(&self) -> usize {
         self.k
     }
 
+    /// No column appended yet.
     pub fn is_empty(&self) -> bool {
         self.k == 0
     }
 
-    /// Append a column with cross products `g` [len] against the current set and squared norm `gjj`.
+    /// Append a column with cross products `g` `[len]` against the current set and squared norm `gjj`.
     /// Fails (leaving the factor unchanged) when the new column is numerically in the span of the
-    /// others: its orthogonal part squared is ≤ `rel_tol·gjj`.
+    /// others: its orthogonal part squared is ≤ `rel_tol·gjj`; also when the factor is full or
+    /// `g.len() != len`.
+    // `()` is the whole story (the column was rejected; callers only test `is_err()`), and a typed
+    // error would change the public signature.
+    #[allow(clippy::result_unit_err)]
     pub fn push(&mut self, g: &[f64], gjj: f64, rel_tol: f64) -> Result<(), ()> {
         let k = self.k;
         if k >= self.cap || g.len() != k {
@@ -169,8 +176,8 @@ impl CholGrow {
         let mut row = g.to_vec();
         for i in 0..k {
             let mut s = row[i];
-            for p in 0..i {
-                s -= self.l[i * cap + p] * row[p];
+            for (lp, rp) in self.l[i * cap..i * cap + i].iter().zip(&row[..i]) {
+                s -= lp * rp;
             }
             row[i] = s / self.l[i * cap + i];
         }
@@ -189,15 +196,15 @@ impl CholGrow {
         let (k, cap) = (self.k, self.cap);
         for i in 0..k {
             let mut s = b[i];
-            for p in 0..i {
-                s -= self.l[i * cap + p] * b[p];
+            for (lp, bp) in self.l[i * cap..i * cap + i].iter().zip(&b[..i]) {
+                s -= lp * bp;
             }
             b[i] = s / self.l[i * cap + i];
         }
         for i in (0..k).rev() {
             let mut s = b[i];
-            for p in i + 1..k {
-                s -= self.l[p * cap + i] * b[p];
+            for (p, bp) in b.iter().enumerate().take(k).skip(i + 1) {
+                s -= self.l[p * cap + i] * bp;
             }
             b[i] = s / self.l[i * cap + i];
         }

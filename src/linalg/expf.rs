@@ -16,7 +16,7 @@ pub fn exp_shifted_ref(x: &mut [f32], shift: f32) -> f64 {
     s
 }
 
-/// `x[i] ← exp(x[i] − shift)`; returns Σ x[i] (after) accumulated in f64.
+/// `x[i] ← exp(x[i] − shift)`; returns Σ `x[i]` (after) accumulated in f64.
 /// Arguments below −87.3 give exactly 0 (also for −inf), never a denormal or NaN.
 pub fn exp_shifted_inplace(x: &mut [f32], shift: f32) -> f64 {
     // A struct with an `#[inline(always)]` body, not a closure: pulp only compiles the body for
@@ -33,7 +33,7 @@ pub fn exp_shifted_inplace(x: &mut [f32], shift: f32) -> f64 {
     pulp::Arch::new().dispatch(Op(x, shift))
 }
 
-/// One row of E: `x[i] ← exp(x[i] + bias[i] − μ)` with μ = max_i (x[i] + bias[i]); returns
+/// One row of E: `x[i] ← exp(x[i] + bias[i] − μ)` with μ = `max_i (x[i] + bias[i])`; returns
 /// (μ, Σ exp) with the sum in f64. Same kernel as [`exp_shifted_inplace`], fused with the bias add
 /// and a vectorised max so the row is read from L1 instead of memory.
 pub fn row_softmax_stats(x: &mut [f32], bias: Option<&[f32]>) -> (f32, f64) {
@@ -101,7 +101,7 @@ pub fn expf_poly(x: f32) -> f32 {
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 0.5; // Cephes 5.0000001201e-1, which is exactly 0.5 in f32
     y = y * z + r + 1.0;
     let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
     let v = y * pow2;

@@ -25,25 +25,50 @@ pub enum Guard {
     Off,
     /// As `Off`; when the estimated condition number exceeds `cond_max`, re-solve by column-pivoted
     /// QR truncated at pivots below `rank_tol·|R₀₀|` (basic solution: dropped columns get 0).
-    ColPiv { cond_max: f64, rank_tol: f64 },
+    ColPiv {
+        /// Condition estimate above which the pivoted re-solve runs.
+        cond_max: f64,
+        /// Relative pivot threshold: columns whose |R_kk| ≤ `rank_tol·|R₀₀|` are dropped.
+        rank_tol: f64,
+    },
     /// As `Off`; when the estimated condition number exceeds `cond_max`, re-solve the augmented
     /// system `[A; √λ·I] X = [B; 0]` with λ = `lambda_rel`·‖A‖_F² / columns (spec §6.4).
-    Ridge { cond_max: f64, lambda_rel: f64 },
+    Ridge {
+        /// Condition estimate above which the ridge re-solve runs.
+        cond_max: f64,
+        /// λ relative to the mean squared column norm ‖A‖_F² / columns.
+        lambda_rel: f64,
+    },
 }
 
 /// Which solve produced [`Lstsq::x`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LstsqMethod {
+    /// Unpivoted Householder QR (also the result for a 0-column A).
     Qr,
     /// Reference fallback: Cholesky of `AᵀA + λI` (or `AAᵀ + λI` when rows < columns).
-    RidgeNormal { lambda: f64 },
-    ColPivQr { rank: usize },
-    RidgeAugmented { lambda: f64 },
+    RidgeNormal {
+        /// The absolute λ ([`REFERENCE_RIDGE_LAMBDA`]).
+        lambda: f64,
+    },
+    /// [`Guard::ColPiv`]'s truncated column-pivoted QR ([`colpiv_truncated`]).
+    ColPivQr {
+        /// Number of columns kept; the other `n − rank` entries of each column of X are 0.
+        rank: usize,
+    },
+    /// [`Guard::Ridge`]'s augmented-system QR ([`ridge_augmented`]).
+    RidgeAugmented {
+        /// The absolute λ used, `lambda_rel·‖A‖_F² / columns`.
+        lambda: f64,
+    },
 }
 
+/// Result of [`lstsq()`]: the solution and how it was obtained.
 #[derive(Debug, Clone)]
 pub struct Lstsq {
+    /// The solution X, finite, shape [n, k] for `a` [m, n] and `b` [m, k].
     pub x: Mat<f64>, // [cols(A), cols(B)]
+    /// Which solve produced `x`.
     pub method: LstsqMethod,
     /// max|R_ii| / min|R_ii| of the unpivoted QR (a cheap lower bound on κ(A)); +inf when a pivot
     /// is 0 or QR was not attempted (rows < columns).

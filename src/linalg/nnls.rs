@@ -8,7 +8,7 @@
 //!   Bro & de Jong 1997, spec §5.4), generalised to two bounds: every variable is free, at lo or
 //!   at hi, and the method stops at a KKT point of the box problem (BVLS-style, Stark & Parker 1995).
 //!
-//! Both have a Gram-form twin (`*_gram`) taking G = MᵀM [t,t] and h = Mᵀy, which is what the OMP
+//! Both have a Gram-form twin (`*_gram`) taking G = MᵀM [t, t] and h = Mᵀy, which is what the OMP
 //! fast path maintains incrementally (spec §15). All in f64: the Gram form squares κ (§5.4.5).
 
 use faer::{Mat, MatRef};
@@ -24,9 +24,11 @@ pub const POWER_ITERS: usize = 3;
 /// Output of the reference recipe.
 #[derive(Debug, Clone)]
 pub struct PgFit {
+    /// The fitted coefficients, each in [lo, hi].
     pub b: Vec<f64>, // [t] in [lo, hi]
     /// How the unconstrained start was solved (QR, or the ridge fallback).
     pub ls_method: LstsqMethod,
+    /// Condition estimate of that solve ([`Lstsq::cond_est`](super::Lstsq::cond_est)).
     pub cond_est: f64,
     /// Step 1/L of the projected-gradient phase (0 when `iters` = 0).
     pub step: f64,
@@ -59,7 +61,7 @@ fn check_bounds(lo: f64, hi: f64) -> Result<()> {
     Ok(())
 }
 
-/// Reference recipe on `m` [n, t], `y` [n] (spec §5.2). `seed` fixes the power-iteration start.
+/// Reference recipe on `m` [n, t], `y` `[n]` (spec §5.2). `seed` fixes the power-iteration start.
 pub fn nnls_pg(m: MatRef<'_, f64>, y: &[f64], lo: f64, hi: f64, iters: usize, seed: u64) -> Result<PgFit> {
     check_bounds(lo, hi)?;
     let (n, t) = (m.nrows(), m.ncols());
@@ -105,8 +107,8 @@ pub fn nnls_pg(m: MatRef<'_, f64>, y: &[f64], lo: f64, hi: f64, iters: usize, se
     Ok(PgFit { b, ls_method: ls.method, cond_est: ls.cond_est, step })
 }
 
-/// Gram-form twin of the PG phase: start from the unconstrained solution `b0` [t], clip, then
-/// `iters` steps using G = MᵀM (`g` [t,t] row-major) and h = Mᵀy. Same maths as [`nnls_pg`]
+/// Gram-form twin of the PG phase: start from the unconstrained solution `b0` `[t]`, clip, then
+/// `iters` steps using G = MᵀM (`g` [t, t] row-major) and h = Mᵀy. Same maths as [`nnls_pg`]
 /// (Mᵀ(MB − y) = GB − h; the power iteration's direction Mᵀ(Mu) = Gu), O(t²) per step.
 pub fn nnls_pg_gram(g: &[f64], h: &[f64], b0: &[f64], lo: f64, hi: f64, iters: usize, seed: u64) -> Vec<f64> {
     let t = h.len();
@@ -140,26 +142,35 @@ pub fn nnls_pg_gram(g: &[f64], h: &[f64], b0: &[f64], lo: f64, hi: f64, iters: u
 /// Where a variable of the box problem sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VarState {
+    /// Held at the lower bound `lo`.
     Lo,
+    /// Held at the upper bound `hi`.
     Hi,
+    /// Strictly inside (lo, hi), solved for.
     Free,
 }
 
 /// Output of the active-set solver.
 #[derive(Debug, Clone)]
 pub struct ActiveSet {
+    /// The solution, each entry in [lo, hi].
     pub b: Vec<f64>, // [t] in [lo, hi]
-    /// w = h − G·b = −∇f at the solution [t]: KKT is w ≤ τ at lo, w ≥ −τ at hi, |w| ≤ τ if free.
+    /// w = h − G·b = −∇f at the solution `[t]`: KKT is w ≤ τ at lo, w ≥ −τ at hi, |w| ≤ τ if free.
     pub w: Vec<f64>,
+    /// Where each variable ended `[t]`.
     pub state: Vec<VarState>,
+    /// The KKT tolerance τ used (see [`nnls_active_set_gram`]).
     pub tol: f64,
+    /// Outer iterations run (one variable freed each), at most 3t + 10.
     pub outer_iterations: usize,
+    /// The loop stopped because no variable (other than ones skipped as degenerate) violated
+    /// KKT by more than τ, not at the iteration cap.
     pub converged: bool,
     /// Sub-problems whose Cholesky failed and were solved by QR on M (or a tiny ridge on G).
     pub fallbacks: usize,
 }
 
-/// Active-set solver on `m` [n, t], `y` [n]: builds G = MᵀM and h = Mᵀy in f64 and calls
+/// Active-set solver on `m` [n, t], `y` `[n]`: builds G = MᵀM and h = Mᵀy in f64 and calls
 /// [`nnls_active_set_gram`], with QR on M as the fallback for singular sub-problems.
 pub fn nnls_active_set(m: MatRef<'_, f64>, y: &[f64], lo: f64, hi: f64) -> Result<ActiveSet> {
     let n = m.nrows();
@@ -171,7 +182,7 @@ pub fn nnls_active_set(m: MatRef<'_, f64>, y: &[f64], lo: f64, hi: f64) -> Resul
     nnls_active_set_gram(&g, &h, lo, hi, n, Some((m, y)), None)
 }
 
-/// Active-set solver in Gram form: `g` [t,t] row-major = MᵀM, `h` [t] = Mᵀy, `n_rows` = n (only for
+/// Active-set solver in Gram form: `g` [t, t] row-major = MᵀM, `h` `[t]` = Mᵀy, `n_rows` = n (only for
 /// the tolerance), `m` optionally (M, y) for a QR fallback, `warm` an optional starting point
 /// (projected onto the box; variables strictly inside start free).
 ///
@@ -308,7 +319,7 @@ fn inner_loop(
             b[j] += alpha * (zj - b[j]);
         }
         // Variables at (or numerically past) a bound leave the free set; the blocking one always does.
-        let span = (hi - lo).min(1.0).max(f64::MIN_POSITIVE);
+        let span = (hi - lo).clamp(f64::MIN_POSITIVE, 1.0);
         for (&j, &zj) in free.iter().zip(&z) {
             let at_lo = b[j] <= lo + 1e-14 * span || (j == arg && zj <= lo);
             let at_hi = b[j] >= hi - 1e-14 * hi.abs().min(1e300) || (j == arg && zj >= hi);

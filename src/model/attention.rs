@@ -62,10 +62,12 @@ impl Model {
         let q = &st.q[..n * qd];
         let base = &st.base[..];
         let row_w = group * hd; // one token's G query heads
+        // Per query row: running max, running sum, visible key rows [start, visible).
+        type RowStats = (f32, f32, usize, usize);
         st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
             head_out.par_chunks_mut(ATTN_BLOCK_TOKENS * row_w).enumerate().for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
-                |(qbuf, sbuf, stats): &mut (Vec<f32>, Vec<f32>, Vec<(f32, f32, usize, usize)>), (bi, out)| {
+                |(qbuf, sbuf, stats): &mut (Vec<f32>, Vec<f32>, Vec<RowStats>), (bi, out)| {
                     let t0 = bi * ATTN_BLOCK_TOKENS;
                     let nt = out.len() / row_w;
                     let rows_q = nt * group;

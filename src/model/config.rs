@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// Architectures whose forward pass we implement. They differ only in small switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// `model_type: "llama"` (optional `attention_bias` / `mlp_bias`).
     Llama,
+    /// `model_type: "mistral"`: Llama without biases, with an optional sliding window.
     Mistral,
     /// q/k/v projections carry biases.
     Qwen2,
@@ -23,6 +25,7 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The HF `model_type` string of this architecture.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -36,36 +39,59 @@ impl Arch {
 /// How RoPE frequencies are modified (HF `rope_type`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
+    /// Plain RoPE (`rope_type` "default" or no scaling given).
     None,
     /// Position interpolation: every inverse frequency divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        /// Divisor of every inverse frequency (> 0).
+        factor: f32,
+    },
     /// Llama 3.x: low frequencies divided by `factor`, high kept, a smooth ramp between.
     Llama3 {
+        /// Divisor of the low (long-wavelength) frequencies (> 0).
         factor: f32,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are fully divided.
         low_freq_factor: f32,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept
+        /// (> `low_freq_factor`).
         high_freq_factor: f32,
+        /// The context length the model was pre-trained with (tokens).
         original_max_position_embeddings: usize,
     },
 }
 
+/// A normalised, validated model config (see the module docs). All sizes are positive.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Which forward-pass variant to run.
     pub arch: Arch,
+    /// Residual stream width `d`.
     pub hidden_size: usize,
+    /// MLP inner width (gate/up rows, down columns).
     pub intermediate_size: usize,
+    /// Number of transformer layers.
     pub n_layers: usize,
+    /// Query heads per layer.
     pub n_heads: usize,
+    /// KV heads per layer; divides `n_heads` (equal to it without GQA).
     pub n_kv_heads: usize,
+    /// Floats per head; even. `hidden_size / n_heads` unless the config gives `head_dim`.
     pub head_dim: usize,
+    /// RMSNorm epsilon (> 0).
     pub rms_norm_eps: f32,
+    /// RoPE base (> 1; 10000 when the config gives none).
     pub rope_theta: f32,
+    /// How RoPE frequencies are scaled.
     pub rope_scaling: RopeScaling,
+    /// The model's context length (tokens).
     pub max_position_embeddings: usize,
+    /// Rows of the embedding table and of the LM head.
     pub vocab_size: usize,
+    /// The LM head is the embedding table (a stored `lm_head.weight` is then ignored).
     pub tie_word_embeddings: bool,
-    /// Biases on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    /// Biases on q/k/v projections (Qwen2 always; Llama and Qwen3 when `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on the output projection (Llama `attention_bias` only).
+    /// Bias on the output projection (Llama and Qwen3 when `attention_bias`).
     pub o_bias: bool,
     /// Biases on gate/up/down (Llama `mlp_bias`).
     pub mlp_bias: bool,
@@ -73,7 +99,9 @@ pub struct Config {
     pub qk_norm: bool,
     /// Keys further back than this many positions are invisible (Mistral v0.1 style).
     pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token (the first id if the config lists several).
     pub bos_token_id: Option<u32>,
+    /// Every token that ends generation (possibly empty).
     pub eos_token_ids: Vec<u32>,
 }
 
@@ -82,9 +110,11 @@ impl Config {
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
+    /// Width of all query heads together, `n_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
+    /// Width of all KV heads together, `n_kv_heads * head_dim` (one K or V row of a token).
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
@@ -97,6 +127,7 @@ impl Config {
         2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
     }
 
+    /// Read and normalise a `config.json` file.
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {

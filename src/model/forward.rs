@@ -33,15 +33,20 @@ const WIDEN_TILE_ROWS: usize = 256;
 pub enum Logits {
     /// None (prefilling context only).
     None,
-    /// The last token's logits: [vocab].
+    /// The last token's logits: `[vocab]`.
     Last,
-    /// Every token's logits: [n_tokens, vocab].
+    /// Every token's logits: `[n_tokens, vocab]`.
     All,
 }
 
+/// A loaded model: config, weights and RoPE table; immutable during forward passes, so one
+/// model can serve many caches and [`RunState`]s.
 pub struct Model {
+    /// The normalised `config.json`.
     pub config: Config,
+    /// The memory-mapped weights.
     pub weights: Weights,
+    /// The directory the model was loaded from.
     pub dir: PathBuf,
     pub(super) inv_freq: Vec<f32>, // [head_dim/2] RoPE inverse frequencies after scaling
     /// Slim-attention weights, once [`Model::enable_slim`] has prepared them.
@@ -69,7 +74,7 @@ pub struct RunState {
     pub(super) slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
     pub(super) slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
     pub(super) slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
-    /// Logits of the last forward call: [vocab] (Last) or [n_tokens, vocab] (All).
+    /// Logits of the last forward call: `[vocab]` (Last) or `[n_tokens, vocab]` (All).
     pub logits: Vec<f32>,
     /// When set, what it enables is recorded on every forward call.
     pub capture: Option<Capture>,
@@ -78,23 +83,31 @@ pub struct RunState {
 /// Optional recordings of a forward pass, appended per call (tests, query extraction).
 #[derive(Debug, Default, Clone)]
 pub struct Capture {
+    /// Record `hidden` and `final_norm`.
     pub hidden_enabled: bool,
+    /// Record `queries`.
     pub queries_enabled: bool,
+    /// Per layer, the residual stream after that layer, for every token run so far.
     pub hidden: Vec<Vec<f32>>,  // [n_layers][tokens, d] residual after each layer
+    /// The final-RMSNorm output (the LM head's input) of every token run so far.
     pub final_norm: Vec<f32>,   // [tokens, d]
+    /// Per layer, the attention queries of every token run so far.
     pub queries: Vec<Vec<f32>>, // [n_layers][tokens, nh*hd] post-RoPE (post q_norm) queries
 }
 
 impl Capture {
+    /// A capture recording hidden states and final-norm outputs only.
     pub fn hidden() -> Capture {
         Capture { hidden_enabled: true, ..Default::default() }
     }
+    /// A capture recording queries only.
     pub fn queries() -> Capture {
         Capture { queries_enabled: true, ..Default::default() }
     }
 }
 
 impl Model {
+    /// Load `config.json` and the safetensors weights of a HF model directory.
     pub fn load(dir: &Path) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!("model directory {} does not exist", dir.display())));
@@ -112,6 +125,7 @@ impl Model {
         Ok(self.slim.insert(sw))
     }
 
+    /// An empty cache shaped for this model: K-only (slim) once [`Model::enable_slim`] has run.
     pub fn new_cache(&self) -> KvCache {
         let c = &self.config;
         if self.slim.is_some() {
@@ -121,6 +135,8 @@ impl Model {
         }
     }
 
+    /// Activation buffers for chunks of up to `max_batch` tokens (at least 1); see
+    /// [`DEFAULT_MAX_BATCH`].
     pub fn new_state(&self, max_batch: usize) -> RunState {
         let c = &self.config;
         let b = max_batch.max(1);

@@ -36,7 +36,7 @@ pub fn rope_inv_freq(c: &Config) -> Vec<f32> {
     inv
 }
 
-/// Rotate `x` [d] (rotate-half pairs (i, i + d/2)) by the RoPE angle of `pos`, or back by it
+/// Rotate `x` `[d]` (rotate-half pairs (i, i + d/2)) by the RoPE angle of `pos`, or back by it
 /// with `inverse`: pre-RoPE → post-RoPE and post → pre.
 pub fn rope_rotate(x: &mut [f32], pos: u32, inv_freq: &[f32], inverse: bool) {
     let half = x.len() / 2;

@@ -45,6 +45,7 @@ pub const DEFAULT_MAX_COND: f64 = 1e5;
 /// for memory.
 pub const DEFAULT_MAX_REL_ERR: f64 = 1e-5;
 
+/// The two gates a layer must pass to run slim (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlimOptions {
     /// Layers whose W_K has a larger condition number keep a normal K/V cache.
@@ -63,6 +64,7 @@ impl Default for SlimOptions {
 /// The f64 solve of one layer.
 #[derive(Debug, Clone)]
 pub struct WkvSolve {
+    /// Side of the square matrices (d_model).
     pub d: usize,
     /// W_KV = W_K⁻¹·W_V, [d, d] row-major (row-vector convention); empty when W_K is singular.
     pub w_kv: Vec<f64>,
@@ -158,7 +160,9 @@ pub struct SlimLayer {
     /// W_KVᵀ in HF linear layout [e, d] (row j = column j of W_KV), f32, so head i's output
     /// is a GEMV over rows i·d_v..(i+1)·d_v.
     pub w_kv_t: Vec<f32>,
+    /// The layer's k_proj bias (None without qkv biases); scoring adds it to the cached k0.
     pub b_k: Option<Vec<f32>>, // [e]
+    /// The layer's v_proj bias (None without qkv biases); added to every rebuilt V row.
     pub b_v: Option<Vec<f32>>, // [e]
 }
 
@@ -213,20 +217,28 @@ const REBUILD_ROWS: usize = 64;
 /// What the load-time preparation found for one layer.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerReport {
+    /// Layer index.
     pub layer: usize,
+    /// cond(W_K) (see [`WkvSolve::cond`]).
     pub cond: f64,
+    /// max |W_KV| (see [`WkvSolve::max_abs`]).
     pub max_abs_wkv: f64,
+    /// Relative f64 residual of the solve (see [`WkvSolve::residual`]).
     pub residual: f64,
     /// Whether the layer passed the load-time gate (the first prefill may still veto it).
     pub slim: bool,
+    /// Why the load-time gate refused the layer; None when it passed.
     pub reason: Option<String>,
 }
 
 /// Slim-attention weights for a model: `layers[l]` is None where layer l keeps a normal cache.
 #[derive(Debug, Clone)]
 pub struct SlimWeights {
+    /// The gates the layers were prepared with (the first-prefill gate is applied later).
     pub opts: SlimOptions,
+    /// Per layer, its runtime weights, or None where the load-time gate refused it.
     pub layers: Vec<Option<SlimLayer>>,
+    /// Per layer, what the load-time preparation found.
     pub reports: Vec<LayerReport>,
 }
 

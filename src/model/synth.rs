@@ -10,15 +10,24 @@ use crate::error::{Error, Result};
 use crate::sampling::Rng;
 use crate::tensor_file::{save_safetensors, OutTensor};
 
+/// Shape and seed of a synthetic Llama checkpoint (recorded in its `config.json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SynthSpec {
+    /// `hidden_size` d; must split evenly into `heads` heads of even `head_dim`.
     pub hidden: usize,
+    /// Query heads per layer.
     pub heads: usize,
+    /// KV heads per layer; divides `heads` (equal to it for multi-head attention).
     pub kv_heads: usize,
+    /// Number of decoder layers.
     pub layers: usize,
+    /// MLP `intermediate_size`.
     pub ff: usize,
+    /// Vocabulary size (embedding rows).
     pub vocab: usize,
+    /// `max_position_embeddings`.
     pub max_pos: usize,
+    /// Seed of the weight generator: same spec, same bytes.
     pub seed: u64,
 }
 

@@ -27,11 +27,15 @@ pub use crate::tensor_file::WDtype;
 /// Where one tensor lives: which mapped file, which bytes, what shape and dtype.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
+    /// Index of the mapped file in the store (see [`TensorStore::file_path`]).
     pub file: usize,
+    /// Element dtype as stored.
     pub dtype: Dtype,
+    /// Shape as stored (row-major).
     pub shape: Vec<usize>,
-    /// Absolute byte range inside the mapped file.
+    /// Absolute byte range inside the mapped file: start (inclusive).
     pub start: usize,
+    /// End of the byte range (exclusive).
     pub end: usize,
 }
 
@@ -117,18 +121,22 @@ impl TensorStore {
         Ok(())
     }
 
+    /// The model directory the store was opened from.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Whether a tensor of this HF name is in any of the files.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
+    /// Names of all tensors, in no particular order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
     }
 
+    /// Where a tensor lives; [`Error::MissingTensor`] if no file has it.
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
@@ -136,10 +144,12 @@ impl TensorStore {
         })
     }
 
+    /// Path of the file holding a tensor.
     pub fn file_path(&self, e: &TensorEntry) -> &Path {
         &self.files[e.file].0
     }
 
+    /// A tensor's raw little-endian bytes as mapped (not necessarily aligned for its dtype).
     pub fn bytes(&self, e: &TensorEntry) -> &[u8] {
         &self.files[e.file].1[e.start..e.end]
     }
@@ -313,12 +323,16 @@ enum Src {
 #[derive(Debug, Clone, Copy)]
 pub struct MatrixView {
     src: Src,
+    /// Number of rows (HF "out" features).
     pub rows: usize,
+    /// Number of columns (HF "in" features).
     pub cols: usize,
+    /// Storage dtype (f32, bf16 or f16).
     pub dtype: WDtype,
 }
 
 impl MatrixView {
+    /// Storage size in bytes, `rows * cols * dtype.size()`.
     pub fn bytes(&self) -> usize {
         self.rows * self.cols * self.dtype.size()
     }
@@ -327,36 +341,61 @@ impl MatrixView {
 /// One decoder layer. Shapes use the config's names: d = hidden_size, hd = head_dim,
 /// nh/nkv = query/KV heads, ff = intermediate_size. Matrices are HF [out, in].
 pub struct LayerWeights {
+    /// RMSNorm weight before attention (`input_layernorm`).
     pub attn_norm: Vec<f32>, // [d]
+    /// Query projection (`q_proj`).
     pub wq: MatrixView,      // [nh*hd, d]
+    /// Key projection (`k_proj`).
     pub wk: MatrixView,      // [nkv*hd, d]
+    /// Value projection (`v_proj`).
     pub wv: MatrixView,      // [nkv*hd, d]
+    /// Attention output projection (`o_proj`).
     pub wo: MatrixView,      // [d, nh*hd]
+    /// Query bias; present iff [`Config::qkv_bias`].
     pub bq: Option<Vec<f32>>, // [nh*hd]
+    /// Key bias; present iff [`Config::qkv_bias`].
     pub bk: Option<Vec<f32>>, // [nkv*hd]
+    /// Value bias; present iff [`Config::qkv_bias`].
     pub bv: Option<Vec<f32>>, // [nkv*hd]
+    /// Output-projection bias; present iff [`Config::o_bias`].
     pub bo: Option<Vec<f32>>, // [d]
+    /// Per-head RMSNorm weight on q before RoPE; present iff [`Config::qk_norm`].
     pub q_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    /// Per-head RMSNorm weight on k before RoPE; present iff [`Config::qk_norm`].
     pub k_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    /// RMSNorm weight before the MLP (`post_attention_layernorm`).
     pub ffn_norm: Vec<f32>,  // [d]
+    /// MLP gate projection (SiLU branch).
     pub w_gate: MatrixView,  // [ff, d]
+    /// MLP up projection.
     pub w_up: MatrixView,    // [ff, d]
+    /// MLP down projection.
     pub w_down: MatrixView,  // [d, ff]
+    /// Gate bias; present iff [`Config::mlp_bias`].
     pub b_gate: Option<Vec<f32>>, // [ff]
+    /// Up bias; present iff [`Config::mlp_bias`].
     pub b_up: Option<Vec<f32>>,   // [ff]
+    /// Down bias; present iff [`Config::mlp_bias`].
     pub b_down: Option<Vec<f32>>, // [d]
 }
 
 /// All weights of a model: views into the maps plus small owned vectors.
 pub struct Weights {
+    /// The mapped files every [`MatrixView`] here points into.
     pub store: TensorStore,
+    /// Token embedding table (`embed_tokens`), one row per token id.
     pub embed: MatrixView, // [vocab, d]
+    /// The decoder layers, `[n_layers]`.
     pub layers: Vec<LayerWeights>,
+    /// RMSNorm weight applied before the LM head (`model.norm`).
     pub final_norm: Vec<f32>, // [d]
+    /// Output projection to vocabulary logits.
     pub lm_head: MatrixView,  // [vocab, d]; the embedding itself when tied
 }
 
 impl Weights {
+    /// Open the model directory's safetensors and check every tensor `cfg` calls for
+    /// (shape, dtype, no NaN/inf).
     pub fn load(dir: &Path, cfg: &Config) -> Result<Weights> {
         let mut st = TensorStore::open_dir(dir)?;
         let (d, hd, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
@@ -399,6 +438,7 @@ impl Weights {
         Ok(Weights { store: st, embed, layers, final_norm, lm_head })
     }
 
+    /// The kernel view of a matrix (see [`TensorStore::view`]).
     pub fn view(&self, m: &MatrixView) -> WeightRef<'_> {
         self.store.view(m)
     }

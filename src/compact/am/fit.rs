@@ -32,6 +32,7 @@ impl BetaSolver {
         }
     }
 
+    /// The canonical name [`BetaSolver::parse`] accepts: `reference` or `active-set`.
     pub fn name(self) -> &'static str {
         match self {
             BetaSolver::Reference => "reference",
@@ -43,8 +44,11 @@ impl BetaSolver {
 /// Bounds and solver of a β fit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FitParams {
+    /// Which bounded NNLS solves for B.
     pub solver: BetaSolver,
+    /// Lower bound on B = exp(β − b) (a mass multiplier, not a log); > 0 so that ln B is finite.
     pub lo: f64,
+    /// Upper bound on B.
     pub hi: f64,
     /// Projected-gradient steps of the reference recipe (ignored by the active set).
     pub pg_iters: usize,
@@ -55,13 +59,14 @@ pub struct FitParams {
 pub enum BetaFit {
     /// No fit: β = the prior bias b (0 for a fresh cache). `baseline`.
     Prior,
+    /// β = b + ln B with B fitted to the attention mass within the given bounds (spec §5).
     Fit(FitParams),
 }
 
 /// How C_v is obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueFit {
-    /// C_v = V[S] (every eviction baseline).
+    /// C_v = V\[S\] (every eviction baseline).
     Direct,
     /// Least squares on the outputs (spec §6).
     LeastSquares,
@@ -76,7 +81,9 @@ pub const OMP_BOUNDS: (f64, f64) = (1e-12, 1_096.633_158_428_458_6);
 pub trait Elem: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd + 'static {
     /// Unit roundoff (2⁻²⁴ for f32, 2⁻⁵³ for f64): error bounds of sums computed in this type.
     const UNIT_ROUNDOFF: f64;
+    /// Widen (or keep) an f32 input value.
     fn from_f32(x: f32) -> Self;
+    /// Widen (or keep) to f64 for accumulation.
     fn to_f64(self) -> f64;
     /// One row of E in place: add the bias, μ = max, `row ← exp(row − μ)`; returns (μ, Σ row) in f64.
     fn row_stats(row: &mut [Self], bias: Option<&[f32]>) -> (f64, f64);
@@ -121,14 +128,22 @@ impl Elem for f64 {
 
 /// Attention statistics of one head against its reference queries (spec §1, §3 steps 1–2).
 pub struct AttnStats<T> {
+    /// Reference queries n.
     pub n: usize,
+    /// Span rows T.
     pub t_rows: usize,
+    /// Shifted exponentials of the logits S = s·QKᵀ + 1bᵀ, row-major; each row's max entry is 1.
     pub e: Vec<T>,    // [n, T] row-major: E_ij = exp(S_ij − μ_i)
+    /// Row max of the logits, the shift of row i of E.
     pub mu: Vec<f64>, // [n] μ_i = max_j S_ij
+    /// Shifted partition function of each query (the target mass of the β fit).
     pub z: Vec<f64>,  // [n] Z̃_i = Σ_j E_ij
+    /// Attention outputs of the full span (the target of the C_v fit), A = E / Z̃ row-wise.
     pub y: Vec<f64>,  // [n, d] row-major: Y = A·V
 }
 
+/// faer parallelism for a head: the current rayon pool when `inner` (see
+/// [`AmConfig::inner_par`](super::AmConfig::inner_par)), else sequential.
 pub fn faer_par(inner: bool) -> Par {
     if inner {
         Par::rayon(0)
@@ -255,7 +270,7 @@ pub fn design_x(q: &[f32], keys: &[f32], beta: &[f32], d: usize, scale: f32, par
 
 /// C_v by least squares with the §6.4 guard (`guard` = Some(κ threshold)): trip on κ(X) > cond_max,
 /// max|C_v| > 1e3·max|V| or a non-finite/failed solve → ridge [X; √λI] with λ = 1e-6·‖X‖_F²/t →
-/// if that still trips, C_v = V[S]. Every trip is recorded in `stats`.
+/// if that still trips, C_v = V\[S\]. Every trip is recorded in `stats`.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_values<T: Elem>(
     guard: Option<f64>,

@@ -15,6 +15,7 @@ pub enum Score {
 }
 
 impl Score {
+    /// `rms`, `max` or `mean`.
     pub fn parse(s: &str) -> crate::Result<Score> {
         match s {
             "rms" => Ok(Score::Rms),
@@ -24,6 +25,7 @@ impl Score {
         }
     }
 
+    /// The name [`Score::parse`] accepts.
     pub fn name(self) -> &'static str {
         match self {
             Score::Rms => "rms",
@@ -37,11 +39,13 @@ impl Score {
 /// stride 1, like torch's `max_pool1d` / `avg_pool1d` (avg counts the zero padding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
+    /// Max over a window of the given kernel size (0 is treated as 1).
     Max(usize),
+    /// Mean over a window of the given kernel size, padding counted as 0 (0 is treated as 1).
     Avg(usize),
 }
 
-/// Scores [T] from E [n, T] (row-major) and Z̃ [n], accumulated in f64: A_ij = E_ij / Z̃_i.
+/// Scores \[T\] from E [n, T] (row-major) and Z̃ \[n\], accumulated in f64: A_ij = E_ij / Z̃_i.
 pub fn scores<T: Elem>(e: &[T], z: &[f64], n: usize, t_rows: usize, score: Score) -> Vec<f64> {
     struct Op<'a, T>(&'a [T], &'a [f64], usize, usize, Score);
     impl<T: Elem> pulp::WithSimd for Op<'_, T> {

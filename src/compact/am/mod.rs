@@ -32,6 +32,7 @@ pub use highest::Score;
 /// Storage precision of the n×T matrices (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
+    /// f32 storage, f64 sums (default).
     F32,
     /// Golden mode: S and E in f64, for comparisons with a float64 reference.
     F64,
@@ -40,21 +41,33 @@ pub enum Precision {
 /// How the rows are chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Selector {
-    Highest { score: HScore, pooling: Option<Pooling> },
+    /// HighestAttnKeys (spec §4.1): the top t rows by a per-key attention score.
+    Highest {
+        /// Per-key score over the reference queries.
+        score: HScore,
+        /// Optional pooling of the scores over positions (baselines only).
+        pooling: Option<Pooling>,
+    },
+    /// Greedy pursuit on the mass matrix (spec §4.2).
     Omp(OmpConfig),
 }
 
 /// Every knob of the AM family. Start from [`AmConfig::from_name`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmConfig {
+    /// Canonical method name reported by [`Compressor::name`] (aliases resolved).
     pub name: &'static str,
+    /// How the kept rows are chosen.
     pub selector: Selector,
+    /// How β is obtained (fit with bounds, or the prior bias).
     pub beta: BetaFit,
+    /// How C_v is obtained (least squares, or V\[S\]).
     pub values: ValueFit,
     /// The C_v conditioning guard of spec §6.4 (off = strict parity with the reference).
     pub guard: bool,
     /// Guard threshold on the estimated κ(X) (spec: 1e6).
     pub guard_cond_max: f64,
+    /// Storage precision of the n×T matrices (S, E).
     pub precision: Precision,
     /// t = T returns the input rows unchanged (β = b, C_v = V) instead of fitting: nothing is being
     /// compressed, and a fit could only add rounding. Tests turn it off to exercise the fits.
@@ -144,10 +157,12 @@ impl AmConfig {
 /// An AM-family method ready to run.
 #[derive(Debug, Clone)]
 pub struct AmCompressor {
+    /// The method's knobs.
     pub cfg: AmConfig,
 }
 
 impl AmCompressor {
+    /// Wrap a configuration.
     pub fn new(cfg: AmConfig) -> AmCompressor {
         AmCompressor { cfg }
     }

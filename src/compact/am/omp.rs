@@ -1,6 +1,6 @@
 //! OMP key selection (spec §4.2, `omp.py::OMPCompaction`): greedy pursuit on the mass matrix.
-//! Columns Φ = E [n, T], target m = Z̃ [n]; correlations are raw (c = Eᵀr, no abs, no
-//! normalisation); after each pick B is refitted on the chosen columns and r = m − E[:,S]·B.
+//! Columns Φ = E [n, T], target m = Z̃ \[n\]; correlations are raw (c = Eᵀr, no abs, no
+//! normalisation); after each pick B is refitted on the chosen columns and r = m − E\[:,S\]·B.
 //!
 //! Two solve paths, selectable (`OmpConfig::fast`):
 //! - **reference**: every fit re-solves from scratch on M = E[:, S] (QR, as `_nnls_pg` does) —
@@ -13,7 +13,7 @@
 //!
 //! Correlations c = Eᵀr (raw, f64 accumulation). The reference path streams the whole E once per
 //! iteration (n·T multiply-adds, memory-bound: ≈ 9 ms for a 4096×4096 f32 E on this machine). The
-//! fast path uses [`GramCorr`]: c = Eᵀy − Σ_k B_k·(Eᵀe_k) from Gram columns computed in batches by a
+//! fast path uses `GramCorr`: c = Eᵀy − Σ_k B_k·(Eᵀe_k) from Gram columns computed in batches by a
 //! GEMM, then **verifies** every candidate whose rigorous error bound reaches the k-th best with
 //! an exact dot in the same order as the streaming pass — so it picks the same keys, bit for bit,
 //! at a fraction of the memory traffic.
@@ -29,12 +29,20 @@ use crate::Result;
 /// `(k_choice, nnls_interval)` as a function of the keys selected so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OmpSchedule {
-    Fixed { k_choice: usize, nnls_interval: usize },
+    /// The same pair at every step.
+    Fixed {
+        /// Keys picked per iteration (0 is treated as 1).
+        k_choice: usize,
+        /// Refit B every this many iterations, carrying the last B (new keys at `lo`) in between
+        /// (0 is treated as 1).
+        nnls_interval: usize,
+    },
     /// `DEFAULT_PROGRESSIVE_SCHEDULE`: (1, 1) below 300 keys, (2, 2) below 1500, then (4, 2).
     Progressive,
 }
 
 impl OmpSchedule {
+    /// `(k_choice, nnls_interval)` once `selected` keys are chosen; both ≥ 1.
     pub fn at(self, selected: usize) -> (usize, usize) {
         match self {
             OmpSchedule::Fixed { k_choice, nnls_interval } => (k_choice.max(1), nnls_interval.max(1)),
@@ -51,8 +59,10 @@ impl OmpSchedule {
     }
 }
 
+/// OMP knobs; the default is the reference configuration with both speed-ups on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OmpConfig {
+    /// Keys picked per iteration and refit interval (default [`OmpSchedule::Progressive`]).
     pub schedule: OmpSchedule,
     /// Drop keys with ln B < cutoff after t are chosen, exclude them for good, and select again
     /// (spec §4.2 step 7); `None` disables the refinement.
@@ -75,17 +85,27 @@ impl Default for OmpConfig {
 /// The selected rows (in selection order) and what happened on the way.
 #[derive(Debug, Clone, Default)]
 pub struct OmpOutcome {
+    /// Selected rows of E, in selection order (≤ t; fewer when candidates ran out).
     pub selected: Vec<usize>,
+    /// Selection iterations (drop rounds not counted).
     pub iterations: usize,
+    /// B fits, selection and drop rounds together.
     pub solves: usize,
+    /// Refinement rounds that dropped at least one key.
     pub drop_rounds: usize,
+    /// Keys dropped (and excluded for good) over all rounds.
     pub dropped: usize,
+    /// Cholesky breakdowns that switched the head to the reference (QR) path.
     pub fast_fallbacks: usize,
+    /// Active-set sub-problems solved by a fallback.
     pub active_set_fallbacks: usize,
+    /// Reference-path least-squares solves that were not a plain QR (ridge fallback).
     pub ridge_fallbacks: usize,
-    /// Fast path: Gram-column GEMM batches, rows verified with exact dots, full exact passes.
+    /// Fast path: Gram-column GEMM batches.
     pub gram_batches: usize,
+    /// Fast path: candidate rows verified with exact dots.
     pub verified: usize,
+    /// Fast path: full exact correlation passes (fallback when too many candidates).
     pub exact_passes: usize,
 }
 
@@ -93,7 +113,7 @@ pub struct OmpOutcome {
 /// span, squared, must exceed this fraction of its squared norm (|sin θ| > 1e-6).
 const CHOL_REL_TOL: f64 = 1e-12;
 
-/// c = Eᵀr [T] with f64 accumulation; `par` splits the columns into blocks (same bits either way,
+/// c = Eᵀr \[T\] with f64 accumulation; `par` splits the columns into blocks (same bits either way,
 /// each c_j is summed over the rows in the same order).
 pub fn correlations<T: Elem>(e: &[T], r: &[f64], n: usize, t_rows: usize, c: &mut [f64], par: bool) {
     const BLOCK: usize = 1024;
@@ -384,9 +404,9 @@ impl<'a, T: Elem> State<'a, T> {
             let gk: Vec<f64> = (0..k).map(|p| dense::dot(&self.cols[p * n..(p + 1) * n], newc)).collect();
             let gkk = dense::dot(newc, newc);
             self.h[k] = dense::dot(newc, self.y);
-            for p in 0..k {
-                self.g[k * cap + p] = gk[p];
-                self.g[p * cap + k] = gk[p];
+            for (p, &gp) in gk.iter().enumerate() {
+                self.g[k * cap + p] = gp;
+                self.g[p * cap + k] = gp;
             }
             self.g[k * cap + k] = gkk;
             if self.chol.push(&gk, gkk, CHOL_REL_TOL).is_err() {
@@ -475,7 +495,7 @@ impl<'a, T: Elem> State<'a, T> {
     }
 }
 
-/// Run OMP on E [n, T] (row-major) and target Z̃ [n]; returns up to `t` rows in selection order.
+/// Run OMP on E [n, T] (row-major) and target Z̃ \[n\]; returns up to `t` rows in selection order.
 /// The β of the final set is refitted by the caller (project rule, spec §4.2 step 8).
 #[allow(clippy::too_many_arguments)]
 pub fn omp_select<T: Elem>(

@@ -19,10 +19,15 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::{Error, Result};
 
+/// Expected Attention scorer: attention expected from Gaussian future queries, times ‖v_j‖₂.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpectedAttention {
+    /// Future positions after the logical length that the RoPE rotation is averaged over (default 512).
     pub n_future: usize,
+    /// Context positions < n_sink are left out of the query statistics, and the first n_sink
+    /// span rows are protected (default 4).
     pub n_sink: usize,
+    /// Added to the expected attention before the ‖v_j‖₂ weighting (default 1e-2).
     pub epsilon: f64,
 }
 
@@ -32,7 +37,7 @@ impl Default for ExpectedAttention {
     }
 }
 
-/// Mean [d] and covariance [d, d] (row-major, 1/m) of the rows of `q` [m, d], in f64.
+/// Mean \[d\] and covariance [d, d] (row-major, 1/m) of the rows of `q` [m, d], in f64.
 pub fn moments(q: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
     let m = q.len() / d;
     let mut mu = vec![0.0f64; d];

@@ -111,8 +111,8 @@ const QBLOCK: usize = 128;
 
 /// Attention weights of `queries` [m, d] over the span rows of a head. The softmax runs over every
 /// row the query can see: the full head when `ctx.full` is set (else the span), and with
-/// positions `qpos` [m] only the rows at positions ≤ the query's (causal). `sink(i, w)` receives
-/// query i's weights on the span rows, w [T] (0 for rows it cannot see), accumulated in f64.
+/// positions `qpos` \[m\] only the rows at positions ≤ the query's (causal). `sink(i, w)` receives
+/// query i's weights on the span rows, w \[T\] (0 for rows it cannot see), accumulated in f64.
 pub fn span_attention(input: &HeadInput, ctx: &HeadContext, queries: &[f32], qpos: Option<&[u32]>, mut sink: impl FnMut(usize, &[f64])) {
     let d = input.d;
     let rows = rows_of(input, ctx);
@@ -184,6 +184,8 @@ pub fn log_sum_exp(x: &[f64]) -> f64 {
 
 /// The G query matrices of this KV head: from the observed context queries (with positions) when
 /// present, else `HeadInput::queries` split group-major into G equal parts (no positions).
+// The nested return type is spelled out on purpose: an alias would hide the shapes from callers.
+#[allow(clippy::type_complexity)]
 pub fn group_queries<'a>(input: &HeadInput<'a>, ctx: &HeadContext<'a>) -> Option<(Vec<Vec<f32>>, Option<Vec<u32>>)> {
     let d = input.d;
     if let Some(o) = ctx.observed {

@@ -16,6 +16,7 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::{Error, Result};
 
+/// H2O scorer: observed attention per row, with part of the budget kept for recent rows.
 #[derive(Debug, Clone, Copy)]
 pub struct H2o {
     /// Share of the budget given to the most recent rows (spec default 0.5).

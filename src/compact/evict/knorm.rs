@@ -5,6 +5,7 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::Scorer;
 use crate::Result;
 
+/// K-norm scorer: s_j = −‖k_j‖₂ (small keys kept); needs no queries.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KNorm;
 

@@ -1,19 +1,19 @@
 //! The common frame of the eviction baselines (spec `baselines.md` §1) and the extra inputs some
 //! of them need.
 //!
-//! Every baseline is a [`Scorer`]: per (layer, KV head) it gives each row of the span a score,
+//! Every baseline is a [`Scorer`](crate::compact::Scorer): per (layer, KV head) it gives each row of the span a score,
 //! higher = keep, that does not depend on the budget. [`select`] then applies the frame:
 //! 1. protected rows first: the first `sinks` rows, then the last `window` rows (most recent
 //!    first when the budget cannot hold them all);
 //! 2. the rest of the budget goes to the highest scores, ties to the lower position;
 //! 3. the kept rows are returned sorted by position, with their keys, values and prior bias
-//!    (β = b, C_v = V[S]): [`keep_rows`].
+//!    (β = b, C_v = V\[S\]): [`keep_rows`].
 //!
-//! [`Evict`] turns a scorer into a [`Compressor`], so every method shares one interface; a harness
-//! that compresses one context at many budgets can call [`Scorer::score_layer`] once and
+//! [`Evict`] turns a scorer into a [`Compressor`](crate::compact::Compressor), so every method shares one interface; a harness
+//! that compresses one context at many budgets can call [`Scorer::score_layer`](crate::compact::Scorer::score_layer) once and
 //! [`select`] per budget (`Compressor::scorer`).
 //!
-//! Context ([`HeadContext`]): [`HeadInput`] holds only the span being compressed. Methods whose
+//! Context ([`HeadContext`](crate::compact::HeadContext)): [`HeadInput`](crate::compact::HeadInput) holds only the span being compressed. Methods whose
 //! score is an attention weight (H2O, SnapKV, TOVA, Expected Attention) need the softmax over
 //! *every* row the query sees (template rows included) and the queries of the context tokens with
 //! their positions (causal masking); the harness supplies both. Without them each method falls

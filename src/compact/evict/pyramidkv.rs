@@ -11,9 +11,12 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::Result;
 
+/// PyramidKV: SnapKV scores with budgets falling linearly across layers.
 #[derive(Debug, Clone, Copy)]
 pub struct PyramidKv {
+    /// Pyramid ratio β (not the AM logit bias): the last layer keeps w + b/β rows (default 20).
     pub beta: f64,
+    /// The SnapKV scorer (window, kernel) behind the scores and protected window.
     pub snap: SnapKv,
 }
 

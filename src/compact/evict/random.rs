@@ -6,6 +6,7 @@ use crate::compact::method::Scorer;
 use crate::sampling::Rng;
 use crate::Result;
 
+/// Random eviction: uniform [0, 1) scores from the head's seed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RandomEvict;
 

@@ -18,9 +18,12 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::{Error, Result};
 
+/// SnapKV scorer: pooled attention of the observation window's queries.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapKv {
+    /// Observation window w: the last w span rows, whose queries score the rest; protected (default 64).
     pub window: usize,
+    /// Average-pool kernel over positions (default 5; 0 or 1 = no pooling).
     pub kernel: usize,
 }
 

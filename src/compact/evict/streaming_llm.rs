@@ -10,6 +10,7 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::Result;
 
+/// StreamingLLM scorer: the first `n_sink` rows plus the most recent rows.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamingLlm {
     /// Protected leading rows (spec default 4).

@@ -17,6 +17,7 @@ use crate::compact::head::{HeadContext, HeadInput};
 use crate::compact::method::{Protect, Scorer};
 use crate::{Error, Result};
 
+/// TOVA scorer: the last query's attention, one shared score per layer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tova;
 

@@ -30,6 +30,8 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// Empty statistics for `n_layers` × `n_heads` query heads of dimension `d`, with a reservoir
+    /// of `reservoir_rows` tokens sampled with `seed`.
     pub fn new(n_layers: usize, n_heads: usize, d: usize, reservoir_rows: usize, seed: u64) -> Accumulator {
         Accumulator {
             n_layers,
@@ -44,6 +46,7 @@ impl Accumulator {
         }
     }
 
+    /// Tokens added so far.
     pub fn tokens(&self) -> usize {
         self.tokens
     }
@@ -194,7 +197,9 @@ fn normalize(v: &mut [f64]) {
 
 /// A calibration corpus: token sequences and a description for the metadata.
 pub struct Corpus {
+    /// Token id sequences, each run through the model from an empty cache.
     pub sequences: Vec<Vec<u32>>,
+    /// One line for the filter file's `corpus` metadata (source names and a text hash, or the sampling setup).
     pub description: String,
 }
 
@@ -323,6 +328,7 @@ pub struct CalibrateOptions {
     pub seq_len: usize,
     /// Reservoir rows per head for the majority sign vote.
     pub rows: usize,
+    /// Seed of the reservoir, the self-generated corpus and the power-iteration start.
     pub seed: u64,
     /// Cross-check every direction with power iteration.
     pub check_power: bool,
@@ -330,6 +336,7 @@ pub struct CalibrateOptions {
 
 /// Filters calibrated by [`calibrate_model`], with what the run saw.
 pub struct Calibrated {
+    /// The calibrated filters, metadata filled in (not yet saved).
     pub filters: QFilters,
     /// Heads whose direction is poorly determined (printed as warnings).
     pub warnings: Vec<String>,

@@ -27,15 +27,20 @@ pub const SHIPPED_CORPUS: &[(&str, &str)] = &[
 /// Calibrated filters of one model: f [layers, kv_heads, head_dim], negated convention.
 #[derive(Debug, Clone)]
 pub struct QFilters {
+    /// Model layers.
     pub n_layers: usize,
+    /// KV heads per layer.
     pub n_kv_heads: usize,
+    /// Head dimension d of each filter.
     pub head_dim: usize,
+    /// One filter f = −s·v₁ per (layer, KV head), layer-major (see [`QFilters::filter`]).
     pub filters: Vec<f32>, // [n_layers, n_kv_heads, head_dim]
+    /// Safetensors metadata: convention, model fingerprint, corpus, tokens, sign rule, seed, tool version.
     pub metadata: HashMap<String, String>,
 }
 
 impl QFilters {
-    /// The filter f of one (layer, KV head): [head_dim].
+    /// The filter f of one (layer, KV head): \[head_dim\].
     pub fn filter(&self, layer: usize, kv_head: usize) -> &[f32] {
         let at = (layer * self.n_kv_heads + kv_head) * self.head_dim;
         &self.filters[at..at + self.head_dim]
@@ -47,6 +52,7 @@ impl QFilters {
         keys.chunks(self.head_dim).map(|k| -k.iter().zip(f).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).collect()
     }
 
+    /// Write the filter file: tensor [`TENSOR`] [n_layers, n_kv_heads, head_dim] plus `metadata`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let shape = vec![self.n_layers, self.n_kv_heads, self.head_dim];
         save_safetensors(path, &[OutTensor::F32 { name: TENSOR, shape, data: &self.filters }], Some(self.metadata.clone()))
@@ -86,12 +92,16 @@ impl QFilters {
 /// The Q-Filters scorer: −⟨k, f⟩ with optional protected sinks and window (kvpress protects none).
 #[derive(Debug, Clone)]
 pub struct QFilterScorer {
+    /// The model's calibrated filters (shared).
     pub filters: Arc<QFilters>,
+    /// Leading span rows always kept (default 0).
     pub sinks: usize,
+    /// Trailing span rows always kept (default 0).
     pub window: usize,
 }
 
 impl QFilterScorer {
+    /// A scorer over `filters` with no protected rows.
     pub fn new(filters: Arc<QFilters>) -> QFilterScorer {
         QFilterScorer { filters, sinks: 0, window: 0 }
     }

@@ -1,6 +1,6 @@
 //! Q-Filters (spec `q-filters.md`): calibration, the filter file, scoring, and the streaming cache.
 //!
-//! - **Calibration** (§2, [`calibrate`]): run text through the model, record the post-RoPE queries of every query
+//! - **Calibration** (§2, [`calibrate`](mod@calibrate)): run text through the model, record the post-RoPE queries of every query
 //!   head at every layer, accumulate the uncentered second moment G = Σ q·qᵀ (f64) and m = Σ q, and
 //!   keep a seeded reservoir of token rows. v₁ = top eigenvector of G (faer `self_adjoint_eigen`;
 //!   [`power_iteration`] is the cross-check). Sign by majority vote on the reservoir: s = +1 when
@@ -10,7 +10,7 @@
 //! - **File** (§3): safetensors, one f32 tensor `q_filters` [layers, kv_heads, head_dim] and
 //!   metadata (convention, model fingerprint, corpus, tokens, sign rule, seed, tool version).
 //! - **Scoring** (§4): score(k) = −⟨k, f⟩ on post-RoPE cached keys; keep the highest.
-//! - **Streaming** (§5, [`streaming`]): [`StreamingCache`], a [`CachePolicy`] that keeps at most `budget` rows per
+//! - **Streaming** (§5, [`streaming`]): [`StreamingCache`], a [`CachePolicy`](crate::generate::CachePolicy) that keeps at most `budget` rows per
 //!   KV head during generation: the last `window` rows and the first `sinks` rows always, the rest
 //!   by score. Rows keep their true positions; the logical counter is never touched.
 

@@ -23,17 +23,25 @@ use crate::model::Model;
 /// Invariants after every step: rows ≤ budget + evict_every − 1 per head; the last `window` rows
 /// are the most recent ones; positions unique and sorted.
 pub struct StreamingCache {
+    /// Ranks the rows between the sinks and the window; called with no queries and an empty
+    /// [`HeadContext`].
     pub scorer: Box<dyn Scorer>,
+    /// Rows per KV head after an eviction; > window + sinks.
     pub budget: usize,
+    /// Most recent rows always kept.
     pub window: usize,
+    /// Leading rows always kept.
     pub sinks: usize,
+    /// Evict once a head reaches budget + evict_every rows, so evict_every rows at once (≥ 1; default 1).
     pub evict_every: usize,
+    /// Run seed; each eviction uses [`head_seed`] of it xor the logical position (default 0).
     pub seed: u64,
     /// Eviction rounds run so far (per head).
     pub evictions: usize,
 }
 
 impl StreamingCache {
+    /// A policy evicting every step (`evict_every` 1, seed 0); errors unless budget > window + sinks.
     pub fn new(scorer: Box<dyn Scorer>, budget: usize, window: usize, sinks: usize) -> Result<StreamingCache> {
         if budget == 0 || budget <= window + sinks {
             return Err(Error::Invalid(format!(
