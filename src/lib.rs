@@ -1,6 +1,7 @@
 //! kvcompact: a CPU reference implementation of KV-cache compression for Llama-family models.
 //!
 //! The crate is a house of rooms, each using only the rooms below it (see ARCHITECTURE.md):
+//! - fronts: [`serve`] (the OpenAI-compatible server; the command line is the binary);
 //! - workflows: [`eval`] (the harness), [`document`] (document-level compaction);
 //! - methods: [`compact`] (the per-head trait, Attention Matching, the eviction baselines,
 //!   Q-Filters, the method registry and the compact-head oracle);
@@ -27,6 +28,7 @@ pub mod linalg;
 pub mod model;
 pub mod progress;
 pub mod sampling;
+pub mod serve;
 pub mod tensor_file;
 pub mod tokenizer;
 

@@ -39,6 +39,7 @@ enum Cmd {
     },
     Budgets(cli::budgets::Args),
     CompactHead(cli::compact_head::Args),
+    Serve(cli::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,5 +77,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Qfilters { cmd } => cli::qfilters::run(cmd),
         Cmd::Budgets(a) => cli::budgets::run(a),
         Cmd::CompactHead(a) => cli::compact_head::run(a),
+        Cmd::Serve(a) => cli::serve::run(a),
     })
 }

@@ -407,6 +407,148 @@ pub fn gemv_multi_par(tasks: &mut [GemvTask<'_>]) {
     });
 }
 
+/// Naive twin of [`gemv_batch`]: [`gemv_ref`] of each vector.
+pub fn gemv_batch_ref(w: WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &mut [f32]) {
+    let m = batch_check(&w, rows, cols, xs, ys);
+    for v in 0..m {
+        gemv_ref(w, rows, cols, &xs[v * cols..(v + 1) * cols], &mut ys[v * rows..(v + 1) * rows]);
+    }
+}
+
+/// Checks of a batched GEMV; returns the number of vectors m.
+fn batch_check(w: &WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &[f32]) -> usize {
+    let need = rows.checked_mul(cols).expect("gemv_batch: rows*cols overflows");
+    assert!(w.len() >= need, "gemv_batch: {} weight has {} elements, need {rows}x{cols}", w.dtype_name(), w.len());
+    assert!(cols > 0 || xs.is_empty(), "gemv_batch: cols is 0 but inputs were given");
+    let m = if cols == 0 { ys.len().checked_div(rows).unwrap_or(0) } else { xs.len() / cols };
+    assert_eq!(xs.len(), m * cols, "gemv_batch: xs length is not a multiple of cols");
+    assert_eq!(ys.len(), m * rows, "gemv_batch: ys length != m*rows");
+    m
+}
+
+/// Weight bytes per row block of [`gemv_batch`]: the block is reduced against every vector in
+/// turn while it sits in L1 (32 KiB or more on every x86 core we know), so each weight is read
+/// from memory once per call, not once per vector.
+const BATCH_BLOCK_BYTES: usize = 16 * 1024;
+
+/// Rows `[row0, row0 + n_rows)` of `W x_v` for every vector v, into `out` [n_rows, m] (row-major
+/// by weight row). Each (row, vector) is reduced by [`gemv_rows`], the function single-vector
+/// GEMV uses, so every output is bit-identical to [`gemv`] of that vector alone.
+fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32], tmp: &mut Vec<f32>) {
+    let block = (BATCH_BLOCK_BYTES / (cols * w.bytes_per_weight()).max(1)).max(2);
+    let mut r = 0;
+    while r < n_rows {
+        let nb = block.min(n_rows - r);
+        tmp.resize(nb, 0.0);
+        for v in 0..m {
+            gemv_rows(w, row0 + r, cols, &xs[v * cols..(v + 1) * cols], &mut tmp[..nb]);
+            for (i, &t) in tmp[..nb].iter().enumerate() {
+                out[(r + i) * m + v] = t;
+            }
+        }
+        r += nb;
+    }
+}
+
+/// `ys[v] = W xs[v]` for m vectors at once (`xs` [m, cols], `ys` [m, rows], both row-major),
+/// single thread: the batched decode step of a server, where each weight row is streamed from
+/// memory once for all m sequences. Bit-identical to [`gemv`] of each vector alone (and so to
+/// single-sequence decode), whatever m and whatever the other vectors are.
+pub fn gemv_batch(w: WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &mut [f32]) {
+    let m = batch_check(&w, rows, cols, xs, ys);
+    if m == 0 {
+        return;
+    }
+    let mut out = vec![0.0f32; rows * m];
+    gemv_rows_batch(w, 0, rows, cols, xs, m, &mut out, &mut Vec::new());
+    scatter(&out, 0, rows, m, ys);
+}
+
+/// out [n_rows, m] (weight-row-major) into rows `[row0, row0 + n_rows)` of ys [m, rows].
+fn scatter(out: &[f32], row0: usize, rows: usize, m: usize, ys: &mut [f32]) {
+    for (i, chunk) in out.chunks_exact(m).enumerate() {
+        for (v, &x) in chunk.iter().enumerate() {
+            ys[v * rows + row0 + i] = x;
+        }
+    }
+}
+
+/// One `ys = W xs` of a [`gemv_batch_multi_par`] call (same contract as [`gemv_batch`]).
+pub struct GemvBatchTask<'a> {
+    /// Row-major `[rows, cols]` weights; only the first `rows*cols` are used.
+    pub w: WeightRef<'a>,
+    /// Output length per vector (rows of `w` used).
+    pub rows: usize,
+    /// Input length per vector (columns of `w`).
+    pub cols: usize,
+    /// Input vectors, `[m, cols]`.
+    pub xs: &'a [f32],
+    /// Output vectors, `[m, rows]`; overwritten.
+    pub ys: &'a mut [f32],
+}
+
+/// Several batched GEMVs in one fork/join, rows split across the pool by weight bytes as in
+/// [`gemv_multi_par`]. Every output is bit-identical to [`gemv`] of its vector alone, at any
+/// thread count and any batch size.
+pub fn gemv_batch_multi_par(tasks: &mut [GemvBatchTask<'_>]) {
+    let mut total = 0usize;
+    let mut ms = Vec::with_capacity(tasks.len());
+    for t in tasks.iter() {
+        ms.push(batch_check(&t.w, t.rows, t.cols, t.xs, t.ys));
+        total += t.rows * t.cols * t.w.bytes_per_weight();
+    }
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || total < GEMV_PAR_MIN_BYTES {
+        for (t, &m) in tasks.iter_mut().zip(&ms) {
+            if m > 0 {
+                let mut out = vec![0.0f32; t.rows * m];
+                gemv_rows_batch(t.w, 0, t.rows, t.cols, t.xs, m, &mut out, &mut Vec::new());
+                scatter(&out, 0, t.rows, m, t.ys);
+            }
+        }
+        return;
+    }
+    // (task, first row, rows) per part, cut at equal weight bytes like gemv_multi_par.
+    let parts = threads * GEMV_PARTS_PER_THREAD;
+    let mut segs: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(parts + tasks.len()); // (part, task, row0, n)
+    let mut done = 0usize;
+    for (ti, t) in tasks.iter().enumerate() {
+        let row_bytes = t.cols * t.w.bytes_per_weight();
+        let mut row0 = 0usize;
+        while row0 < t.rows {
+            let part = (done * parts / total.max(1)).min(parts - 1);
+            let end = (part + 1) * total / parts;
+            let fit = if row_bytes == 0 { t.rows - row0 } else { (end - done).div_ceil(row_bytes) };
+            let n = fit.clamp(1, t.rows - row0);
+            segs.push((part, ti, row0, n));
+            row0 += n;
+            done += n * row_bytes;
+        }
+    }
+    let view: Vec<(WeightRef, usize, &[f32], usize)> = tasks.iter().zip(&ms).map(|(t, &m)| (t.w, t.cols, t.xs, m)).collect();
+    let results: Vec<Vec<(usize, usize, Vec<f32>)>> = segs
+        .par_chunk_by(|a, b| a.0 == b.0)
+        .map(|group| {
+            let mut tmp = Vec::new();
+            group
+                .iter()
+                .map(|&(_, ti, row0, n)| {
+                    let (w, cols, xs, m) = view[ti];
+                    let mut out = vec![0.0f32; n * m];
+                    gemv_rows_batch(w, row0, n, cols, xs, m, &mut out, &mut tmp);
+                    (ti, row0, out)
+                })
+                .collect()
+        })
+        .collect();
+    for (ti, row0, out) in results.into_iter().flatten() {
+        let t = &mut tasks[ti];
+        if ms[ti] > 0 {
+            scatter(&out, row0, t.rows, ms[ti], t.ys);
+        }
+    }
+}
+
 /// Naive twin of [`widen_rows`].
 pub fn widen_rows_ref(w: WeightRef, row_start: usize, n_rows: usize, cols: usize, out: &mut [f32]) {
     let (lo, hi) = widen_check(&w, row_start, n_rows, cols, out);

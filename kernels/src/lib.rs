@@ -9,6 +9,7 @@
 //! | [`softmax_inplace`], [`exp_shift_sum`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp) | [`softmax_inplace_ref`], [`exp_shift_sum_ref`], [`silu_mul_ref`] |
 //! | [`argmax`] | AVX2 max + compare/movemask, exact | [`argmax_ref`] |
 //! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C | [`gemv_ref`] |
+//! | [`gemv_batch`], [`gemv_batch_multi_par`] (m vectors, each weight read once; bit-identical to [`gemv()`] per vector) | as [`gemv()`], row blocks kept in L1 | [`gemv_batch_ref`] |
 //! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
 //! | [`attend_group`] | AVX2 GQA decode attention, K/V read once per group | [`attend_group_ref`] |
 //!
@@ -41,7 +42,7 @@ pub use activ::{
     argmax, argmax_ref, exp_shift_sum, exp_shift_sum_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref,
 };
 pub use attn::{attend_group, attend_group_ref};
-pub use gemv::{gemv, gemv_multi_par, gemv_par, gemv_ref, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
+pub use gemv::{gemv, gemv_batch, gemv_batch_multi_par, gemv_batch_ref, gemv_multi_par, gemv_par, gemv_ref, GemvBatchTask, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};
 pub use rope::{rope_dot, rope_dot_ref, rope_rotate_half, rope_rotate_half_ref};
 pub use vecops::{axpy, axpy_ref, dot, dot_ref};

@@ -522,3 +522,64 @@ fn weight_ref_metadata() {
     assert_eq!((WeightRef::F16(&b).bytes_per_weight(), WeightRef::F16(&b).dtype_name()), (2, "f16"));
     assert_eq!(WeightRef::F32(&a).dtype_name(), "f32");
 }
+
+/// The batched GEMV of the server: every (vector, row) bit-identical to `gemv` of that vector
+/// alone — for every dtype, batch sizes 1…17, at 1, 2 and 3 threads, single- and multi-task —
+/// and within the f32 rounding budget of the naive twin.
+#[test]
+fn gemv_batch_bit_identical_to_gemv_per_vector() {
+    let mut rng = Rng(21);
+    let shapes = [(576usize, 579usize), (5, 64), (193, 67), (1, 8), (1500, 33)];
+    let w32: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| (0..r * c).map(|_| rng.f()).collect()).collect();
+    let wb: Vec<Vec<u16>> = w32.iter().map(|w| to_bf16_bits(w)).collect();
+    let wh: Vec<Vec<u16>> = w32.iter().map(|w| w.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()).collect();
+    let weight = |i: usize, dt: usize| match dt {
+        0 => WeightRef::F32(&w32[i]),
+        1 => WeightRef::Bf16(&wb[i]),
+        _ => WeightRef::F16(&wh[i]),
+    };
+    for m in [1usize, 2, 3, 8, 17] {
+        let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| (0..m * c).map(|_| rng.f()).collect()).collect();
+        for dt in 0..3 {
+            // Reference: gemv of each vector alone.
+            let want: Vec<Vec<f32>> = (0..shapes.len())
+                .map(|i| {
+                    let (r, c) = shapes[i];
+                    let mut y = vec![0.0; m * r];
+                    for v in 0..m {
+                        gemv(weight(i, dt), r, c, &xs[i][v * c..(v + 1) * c], &mut y[v * r..(v + 1) * r]);
+                    }
+                    y
+                })
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            for i in 0..shapes.len() {
+                let (r, c) = shapes[i];
+                let mut y = vec![f32::NAN; m * r];
+                gemv_batch(weight(i, dt), r, c, &xs[i], &mut y);
+                assert_eq!(bits(&want[i]), bits(&y), "gemv_batch shape {i} dtype {dt} m {m}");
+                let mut yr = vec![0.0; m * r];
+                gemv_batch_ref(weight(i, dt), r, c, &xs[i], &mut yr);
+                for (k, (a, b)) in y.iter().zip(&yr).enumerate() {
+                    let (v, row) = (k / r, k % r);
+                    let mag: f32 = (0..c).map(|j| (w32[i][row * c + j] * xs[i][v * c + j]).abs()).sum();
+                    let tol = (c + c / 32 + 10) as f32 * f32::EPSILON / 2.0 * mag + 1e-30;
+                    assert!((a - b).abs() <= tol, "twin: shape {i} dtype {dt} m {m} at {k}: {a} vs {b}");
+                }
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; m * r]).collect();
+                let mut tasks: Vec<GemvBatchTask> = ys
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, y)| GemvBatchTask { w: weight(i, dt), rows: shapes[i].0, cols: shapes[i].1, xs: &xs[i], ys: y })
+                    .collect();
+                pool.install(|| gemv_batch_multi_par(&mut tasks));
+                for i in 0..shapes.len() {
+                    assert_eq!(bits(&want[i]), bits(&ys[i]), "gemv_batch_multi_par shape {i} dtype {dt} m {m} threads {threads}");
+                }
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod generate;
 pub mod logits;
 pub mod qfilters;
+pub mod serve;
 pub mod synth;
 
 use std::path::{Path, PathBuf};

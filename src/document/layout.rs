@@ -77,3 +77,21 @@ pub fn followup_tokens(tok: &Tokenizer, chat: bool, text: &str) -> Result<Vec<u3
         .ok_or_else(|| Error::Tokenizer("the chat template does not extend a conversation by appending".into()))?;
     tok.encode(cont, false)
 }
+
+/// Tokens that continue a context with whole chat turns (`messages`, then the assistant header):
+/// what the template adds when those turns are appended to a conversation whose first turn is
+/// the context. Without a chat template, the messages' texts on their own lines.
+pub fn continuation_tokens(tok: &Tokenizer, chat: bool, messages: &[Message]) -> Result<Vec<u32>> {
+    if !chat {
+        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        return tok.encode(&format!("\n\n{}", text.join("\n")), false);
+    }
+    let a = Message::new("user", "A");
+    let one = tok.render_chat(std::slice::from_ref(&a), false)?;
+    let all: Vec<Message> = std::iter::once(a).chain(messages.iter().cloned()).collect();
+    let two = tok.render_chat(&all, true)?;
+    let cont = two
+        .strip_prefix(&one)
+        .ok_or_else(|| Error::Tokenizer("the chat template does not extend a conversation by appending".into()))?;
+    tok.encode(cont, false)
+}

@@ -55,32 +55,52 @@ impl crate::generate::CachePolicy for OnlineCompaction<'_> {
         if cache.max_len() < self.max_cache_tokens {
             return Ok(());
         }
-        let t0 = Instant::now();
-        let c = &model.config;
-        let (nl, nkv) = (c.n_layers, c.n_kv_heads);
-        let rows: Vec<Range<usize>> = (0..nl * nkv).map(|i| 0..cache.len(i / nkv, i % nkv).saturating_sub(self.keep_recent)).collect();
-        // The text behind the compacted rows: every position before the protected window.
-        let cut = cache.next_pos().saturating_sub(self.keep_recent).min(tokens.len());
-        let from = cut.saturating_sub(self.max_cache_tokens);
-        let mut query_tokens = repeat_tokens(self.tok, self.chat, &tokens[from..cut])?;
-        let room = c.max_position_embeddings.saturating_sub(cache.next_pos());
-        query_tokens.truncate(room);
-        let budgets: Vec<usize> = rows.iter().map(|r| ((r.len() as f64 / self.opts.ratio) as usize).max(1).min(r.len())).collect();
-        let mut report = CompactReport { method: self.method.name().into(), queries: "repeat".into(), ratio: self.opts.ratio, ..Default::default() };
-        report.kv_bytes_before = cache.bytes();
         let st = self.state.get_or_insert_with(|| model.new_state(DEFAULT_MAX_BATCH));
-        let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
-        let span = Span { rows, query_tokens };
-        compact_span(model, st, cache, &span, self.method, &budgets, &self.opts, None, &mut evals, &mut report)?;
-        cache.check()?;
-        report.kv_bytes_after = cache.bytes();
-        let es: Vec<&HeadEval> = evals.iter().flatten().map(|(e, _)| e).collect();
-        report.mean_rel_l2 = es.iter().map(|e| e.mean_rel_l2).sum::<f64>() / es.len().max(1) as f64;
-        report.mean_mass_err = es.iter().map(|e| e.mean_mass_err).sum::<f64>() / es.len().max(1) as f64;
-        report.total_seconds = t0.elapsed().as_secs_f64();
+        let report = compact_older_rows(model, st, self.tok, self.method, cache, tokens, self.keep_recent, self.max_cache_tokens, self.chat, &self.opts)?;
         tracing::info!(rows = cache.max_len(), seconds = report.total_seconds, "online compaction");
         self.reports.push(report);
         Ok(())
     }
 }
 
+/// Compact rows [0, len − `keep_recent`) of every head of `cache` to about 1/ratio as many,
+/// earlier β carried as the prior bias. Reference queries repeat the tokens behind the compacted
+/// rows (`tokens` holds the sequence by position; at most the last `max_query_tokens` of them).
+/// What online compaction and the server's memory policy both run.
+#[allow(clippy::too_many_arguments)]
+pub fn compact_older_rows(
+    model: &Model,
+    st: &mut RunState,
+    tok: &Tokenizer,
+    method: &dyn Compressor,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    keep_recent: usize,
+    max_query_tokens: usize,
+    chat: bool,
+    opts: &CompactOptions,
+) -> Result<CompactReport> {
+    let t0 = Instant::now();
+    let c = &model.config;
+    let (nl, nkv) = (c.n_layers, c.n_kv_heads);
+    let rows: Vec<Range<usize>> = (0..nl * nkv).map(|i| 0..cache.len(i / nkv, i % nkv).saturating_sub(keep_recent)).collect();
+    // The text behind the compacted rows: every position before the protected window.
+    let cut = cache.next_pos().saturating_sub(keep_recent).min(tokens.len());
+    let from = cut.saturating_sub(max_query_tokens);
+    let mut query_tokens = repeat_tokens(tok, chat, &tokens[from..cut])?;
+    let room = c.max_position_embeddings.saturating_sub(cache.next_pos());
+    query_tokens.truncate(room);
+    let budgets: Vec<usize> = rows.iter().map(|r| ((r.len() as f64 / opts.ratio) as usize).max(1).min(r.len())).collect();
+    let mut report = CompactReport { method: method.name().into(), queries: "repeat".into(), ratio: opts.ratio, ..Default::default() };
+    report.kv_bytes_before = cache.bytes();
+    let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
+    let span = Span { rows, query_tokens };
+    compact_span(model, st, cache, &span, method, &budgets, opts, None, &mut evals, &mut report)?;
+    cache.check()?;
+    report.kv_bytes_after = cache.bytes();
+    let es: Vec<&HeadEval> = evals.iter().flatten().map(|(e, _)| e).collect();
+    report.mean_rel_l2 = es.iter().map(|e| e.mean_rel_l2).sum::<f64>() / es.len().max(1) as f64;
+    report.mean_mass_err = es.iter().map(|e| e.mean_mass_err).sum::<f64>() / es.len().max(1) as f64;
+    report.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}

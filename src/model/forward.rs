@@ -453,12 +453,12 @@ impl RunState {
 }
 
 /// RMSNorm every row of x [n, d] into out [n, d].
-fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], d: usize, eps: f32) {
+pub(super) fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], d: usize, eps: f32) {
     out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xi)| k::rmsnorm(o, xi, weight, eps));
 }
 
 /// Add a bias [m] to every row of y [n, m].
-fn add_bias_rows(y: &mut [f32], bias: Option<&[f32]>) {
+pub(super) fn add_bias_rows(y: &mut [f32], bias: Option<&[f32]>) {
     if let Some(b) = bias {
         for row in y.chunks_mut(b.len()) {
             row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
@@ -466,13 +466,13 @@ fn add_bias_rows(y: &mut [f32], bias: Option<&[f32]>) {
     }
 }
 
-fn add_into(x: &mut [f32], y: &[f32]) {
+pub(super) fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
 /// For rows [n, heads*hd] (token-major): optional per-head RMSNorm (Qwen3 q/k norm), then
 /// rotate-half RoPE with token i's cos/sin row.
-fn rope_heads(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32], norm: Option<&[f32]>, eps: f32) {
+pub(super) fn rope_heads(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32], norm: Option<&[f32]>, eps: f32) {
     let half = hd / 2;
     x.par_chunks_mut(heads * hd).enumerate().for_each(|(i, row)| {
         let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);

@@ -4,11 +4,13 @@
 //! - [`weights`]: memory-mapped safetensors and typed views of every matrix;
 //! - [`forward`]: [`Model`], [`RunState`], prefill and decode over a [`crate::cache::KvCache`];
 //!   [`attention`]: decode, blocked prefill and slim attention over the ragged cache with β;
+//!   [`batch`]: one decode step for many sequences (the server), bit-identical per sequence;
 //! - [`rope`]: rotary embeddings; [`slim`]: Slim Attention's W_KV ([`slim_report`](mod@slim_report): per-layer
 //!   outcome); [`synth`]: seeded checkpoints;
 //! - [`identity`]: the dtype-independent fingerprint a cache file is checked against.
 
 pub mod attention;
+pub mod batch;
 pub mod config;
 pub mod forward;
 pub mod identity;
