@@ -159,7 +159,8 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// The sampling and length fields shared by chat and text completions.
+/// The sampling and length fields shared by chat and text completions, parsed from the same body
+/// as the request (not flattened into it, so that a type error names its field).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Sampling {
     /// 0 is greedy (default 1, as OpenAI).
@@ -181,6 +182,10 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
     /// Number of choices; only 1 is supported.
     pub n: Option<usize>,
+    /// Keep generating past end-of-sequence tokens (fixed-length runs, as vLLM and llama.cpp's
+    /// server accept it).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/chat/completions`.
@@ -190,9 +195,6 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// The conversation, rendered with the model's chat template.
     pub messages: Vec<ChatMessage>,
-    /// Sampling and length.
-    #[serde(flatten)]
-    pub sampling: Sampling,
     /// kvcompact's extension.
     pub kvcompact: Option<Extension>,
 }
@@ -214,9 +216,6 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     /// Raw text (no chat template; the tokenizer's BOS is added).
     pub prompt: Prompt,
-    /// Sampling and length.
-    #[serde(flatten)]
-    pub sampling: Sampling,
     /// kvcompact's extension (compaction override only: a document starts a chat).
     pub kvcompact: Option<Extension>,
 }

@@ -167,6 +167,7 @@ fn plan(st: &AppState, model: Option<&str>, s: &Sampling, prompt: Vec<u32>, star
         top_p,
         seed: s.seed.unwrap_or(0),
         max_tokens: max_tokens.min(room),
+        ignore_eos: s.ignore_eos,
         compaction,
         events: tx,
         arrived: Instant::now(),
@@ -193,7 +194,9 @@ fn message_text(c: &Option<Content>, i: usize) -> Result<String, ApiError> {
 
 async fn chat(State(st): State<AppState>, b: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
-        let req: ChatRequest = api::parse(&body(b)?)?;
+        let b = body(b)?;
+        let req: ChatRequest = api::parse(&b)?;
+        let sampling: Sampling = api::parse(&b)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad_param("messages", "messages must not be empty"));
         }
@@ -221,7 +224,7 @@ async fn chat(State(st): State<AppState>, b: Result<Bytes, BytesRejection>) -> R
                 (st.tok.encode(&text, !chat).map_err(|e| ApiError::bad_param("messages", e.to_string()))?, None)
             }
         };
-        plan(&st, req.model.as_deref(), &req.sampling, prompt, start, chat, ext)
+        plan(&st, req.model.as_deref(), &sampling, prompt, start, chat, ext)
     }
     .await;
     match r {
@@ -232,7 +235,9 @@ async fn chat(State(st): State<AppState>, b: Result<Bytes, BytesRejection>) -> R
 
 async fn completions(State(st): State<AppState>, b: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
-        let req: CompletionRequest = api::parse(&body(b)?)?;
+        let b = body(b)?;
+        let req: CompletionRequest = api::parse(&b)?;
+        let sampling: Sampling = api::parse(&b)?;
         let text = match &req.prompt {
             Prompt::One(t) => t.clone(),
             Prompt::Many(v) if v.len() == 1 => v[0].clone(),
@@ -245,7 +250,7 @@ async fn completions(State(st): State<AppState>, b: Result<Bytes, BytesRejection
             return Err(ApiError::bad_param("kvcompact.document", "documents start chats: use /v1/chat/completions"));
         }
         let ids = st.tok.encode(&text, true).map_err(|e| ApiError::bad_param("prompt", e.to_string()))?;
-        plan(&st, req.model.as_deref(), &req.sampling, ids, None, false, req.kvcompact.as_ref())
+        plan(&st, req.model.as_deref(), &sampling, ids, None, false, req.kvcompact.as_ref())
     }
     .await;
     match r {

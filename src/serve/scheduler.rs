@@ -65,6 +65,8 @@ pub struct GenJob {
     pub seed: u64,
     /// Tokens to generate at most.
     pub max_tokens: usize,
+    /// Do not stop at end-of-sequence tokens.
+    pub ignore_eos: bool,
     /// Compaction method and ratio for this sequence (else the server's).
     pub compaction: Option<(String, f64)>,
     /// Where tokens go; a closed channel cancels the sequence.
@@ -422,7 +424,7 @@ impl Engine {
         s.last_token_at = Some(now);
         self.metrics.generated_tokens.inc();
         let gone = s.job.events.send(Event::Token(next)).is_err();
-        let stop = if eos.contains(&next) {
+        let stop = if !s.job.ignore_eos && eos.contains(&next) {
             Some("eos")
         } else if s.generated >= s.job.max_tokens {
             Some("max_tokens")

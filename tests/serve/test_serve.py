@@ -1,0 +1,269 @@
+"""`kvcompact serve` through the official `openai` client and raw HTTP: the API, batch
+invariance against `kvcompact generate`, the bad-input catalog, documents across a restart,
+compaction under KV pressure, cancellation on disconnect, and the SIGTERM drain."""
+
+import concurrent.futures as cf
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from conftest import generate, wait_until
+
+EOS_TEXT = ("<|im_end|>", "<|endoftext|>")
+
+
+def strip_eos(text):
+    for e in EOS_TEXT:
+        if text.endswith(e):
+            return text[: -len(e)]
+    return text
+
+
+def client(server, key="none"):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def chat_text(c, prompt, **kw):
+    r = c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": prompt}], temperature=0, **kw)
+    return r
+
+
+def test_models_and_health(server):
+    c = client(server)
+    ids = [m.id for m in c.models.list().data]
+    assert ids == ["smollm2-135m-instruct"]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_chat_equals_generate(server):
+    prompt = "What is the capital of France?"
+    r = chat_text(client(server), prompt, max_tokens=24)
+    ref = generate(prompt, chat=True, max_tokens=24)
+    assert r.choices[0].message.content == strip_eos(ref["text"])
+    assert r.choices[0].finish_reason == ("stop" if ref["stop"] == "eos" else "length")
+    assert r.usage.prompt_tokens == ref["prompt_tokens"]
+    assert r.usage.completion_tokens == len(ref["tokens"])
+
+
+def test_stream_equals_non_stream(server):
+    c = client(server)
+    prompt = "List three colours of the rainbow."
+    whole = chat_text(c, prompt, max_tokens=32).choices[0].message.content
+    stream = c.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.content:
+                parts.append(ch.delta.content)
+            if ch.finish_reason:
+                reasons.append(ch.finish_reason)
+    assert "".join(parts) == whole
+    assert len(reasons) == 1 and reasons[0] in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_completions_equal_generate(server):
+    prompt = "The capital of France is"
+    r = client(server).completions.create(model="smollm2-135m-instruct", prompt=prompt, temperature=0, max_tokens=16)
+    ref = generate(prompt, chat=False, max_tokens=16)
+    assert r.choices[0].text == strip_eos(ref["text"])
+    assert r.usage.completion_tokens == len(ref["tokens"])
+
+
+def test_stop_strings(server):
+    c = client(server)
+    prompt = "Write two sentences about the sea."
+    full = chat_text(c, prompt, max_tokens=40).choices[0].message.content
+    assert len(full) > 20, full
+    stop = full[12:15]  # a stop string taken from the answer itself: the answer must end before it
+    cut = chat_text(c, prompt, max_tokens=40, stop=[stop, "never-appears"]).choices[0]
+    assert cut.message.content == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+    streamed = c.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=40, stop=stop, stream=True
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full[: full.index(stop)]
+
+
+def test_eight_concurrent_streams_equal_sequential(server):
+    c = client(server)
+    prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+
+    def run(p, seed):
+        s = c.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": p}], temperature=0.8, seed=seed, max_tokens=24, stream=True
+        )
+        return "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+
+    sequential = [run(p, i) for i, p in enumerate(prompts)]
+    before = server.metrics()
+    with cf.ThreadPoolExecutor(8) as ex:
+        concurrent = list(ex.map(lambda a: run(*a), [(p, i) for i, p in enumerate(prompts)]))
+    after = server.metrics()
+    assert concurrent == sequential
+    steps = after["kvcompact_decode_batch_size_count"] - before["kvcompact_decode_batch_size_count"]
+    seqs = after["kvcompact_decode_batch_size_sum"] - before["kvcompact_decode_batch_size_sum"]
+    assert seqs / steps > 2.0, f"the concurrent streams were not batched ({seqs} sequence-steps in {steps} steps)"
+
+
+def post(server, path, body, headers=None):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=data, headers={"content-type": "application/json", **(headers or {})}, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (b"{not json", 400, None),
+        (b"", 400, None),
+        ({"messages": "hello"}, 400, "messages"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"messages": [{"role": "user", "content": "hi"}], "kvcompact": {"document": "doc-0000"}}, 404, "document"),
+        ({"messages": [{"role": "user", "content": "hi"}], "kvcompact": {"compaction": {"method": "snapkv"}}}, 400, "kvcompact.compaction.method"),
+    ],
+)
+def test_bad_input_catalog(server, body, status, param):
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param, err
+
+
+def test_other_http_errors(server):
+    assert httpx.get(f"{server.url}/v1/nowhere").status_code == 404
+    assert httpx.get(f"{server.url}/v1/nowhere").json()["error"]["message"]
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+    r = post(server, "/v1/chat/completions", big)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    assert post(server, "/v1/completions", {"prompt": ""}).status_code == 400
+    assert post(server, "/v1/documents", {"text": "  "}).status_code == 400
+    assert httpx.get(f"{server.url}/v1/documents/doc-nope").status_code == 404
+    assert httpx.delete(f"{server.url}/v1/documents/doc-nope").status_code == 404
+
+
+def test_api_key(start_server):
+    s = start_server("--api-key", "sekret")
+    with pytest.raises(openai.AuthenticationError):
+        client(s, key="wrong").models.list()
+    r = httpx.get(f"{s.url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [m.id for m in client(s, key="sekret").models.list().data] == ["smollm2-135m-instruct"]
+    assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+DOC = (
+    "The Harbour Lantern Company was founded in 1921 by Ada Morrow in the port town of Kelby. "
+    "Its first product was a storm lantern with a brass hood. The company's code name for the "
+    "lantern was BLUE-HERON-47. In 1950 the workshop moved to Pier Street, and by 1960 it employed "
+    "forty people. The lanterns were sold to fishing fleets along the whole coast."
+) * 3
+
+
+def test_documents_survive_a_restart(start_server, tmp_path):
+    store = tmp_path / "docstore"
+    s = start_server(store=store)
+    r = post(s, "/v1/documents", {"text": DOC, "ratio": 4})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["id"].startswith("doc-") and info["tokens"] > 100
+    assert 0 < info["kv_bytes"] < info["kv_bytes_full"]
+    assert info["fidelity"]["rel_l2"] >= 0
+    c = client(s)
+    ask = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What was the lantern's code name?"}], temperature=0, max_tokens=24)
+    first = c.chat.completions.create(**ask, extra_body={"kvcompact": {"document": info["id"]}}).choices[0].message.content
+    assert first
+    assert [d["id"] for d in httpx.get(f"{s.url}/v1/documents").json()["data"]] == [info["id"]]
+    assert s.stop() == 0
+    s2 = start_server(store=store)
+    assert httpx.get(f"{s2.url}/v1/documents/{info['id']}").json()["tokens"] == info["tokens"]
+    again = client(s2).chat.completions.create(**ask, extra_body={"kvcompact": {"document": info["id"]}}).choices[0].message.content
+    assert again == first
+    assert httpx.delete(f"{s2.url}/v1/documents/{info['id']}").json()["deleted"] is True
+    assert httpx.get(f"{s2.url}/v1/documents/{info['id']}").status_code == 404
+
+
+def test_budget_pressure_compacts_instead_of_refusing(start_server):
+    # SmolLM2 holds 45 KiB of KV per token: three sequences of ~270 rows need ~35 MiB, more than
+    # twice the budget, so the engine must compact while they run.
+    s = start_server("--kv-budget-mib", "16", "--keep-recent", "16", "--ratio", "4")
+    c = client(s)
+
+    def run(i):
+        r = c.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper named Keeper{i}."}],
+            temperature=0,
+            max_tokens=220,
+        )
+        return r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        reasons = list(ex.map(run, range(3)))
+    assert all(r in ("stop", "length") for r in reasons)
+    m = s.metrics()
+    assert m["kvcompact_compactions_total"] >= 1, m
+    assert m["kvcompact_compaction_freed_bytes_total"] > 0
+    assert m["kvcompact_refused_total"] == 0
+
+
+def test_request_larger_than_budget_is_429(start_server):
+    s = start_server("--kv-budget-mib", "0.2")
+    r = post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 4})
+    assert r.status_code == 429, r.text
+    assert r.headers.get("retry-after")
+    assert r.json()["error"]["code"] == "kv_memory_exhausted"
+
+
+def test_disconnect_frees_memory(server):
+    body = {"messages": [{"role": "user", "content": "Write a very long essay about rivers."}], "max_tokens": 2000, "stream": True, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got += 1
+            if got >= 5:
+                break
+        assert server.metrics()["kvcompact_running_sequences"] == 1
+    assert wait_until(lambda: server.metrics()["kvcompact_running_sequences"] == 0), "the sequence was not dropped"
+    assert server.metrics()["kvcompact_kv_bytes"] == 0
+
+
+def test_sigterm_drains_in_flight(start_server):
+    s = start_server()
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 40, "stream": True, "temperature": 0}
+    lines = []
+
+    def read():
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert wait_until(lambda: len(lines) >= 2)
+    assert s.stop() == 0
+    t.join(30)
+    assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]", lines[-3:]
+    assert any('"finish_reason":"' in ln for ln in lines)
