@@ -1,8 +1,7 @@
 //! The `kvcompact` command line: parse, set up the thread pool, dispatch to `cli/`. Every failure
 //! prints one line `error: ...` and exits 1.
 
-// `!(x >= lo)` rejects NaN along with out-of-range values in the flag checks.
-#![allow(clippy::neg_cmp_op_on_partial_ord)]
+#![allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x >= lo)` also rejects NaN in the flag checks
 
 mod cli;
 
@@ -61,8 +60,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(n) => n,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
-    // The command runs on a worker of this pool, so parallel loops start on the calling thread
-    // instead of waking the pool from outside for every kernel call.
+    // The command runs on a pool worker: parallel loops start there, not from outside the pool.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("kvcompact-{i}")).build().context("setting up the thread pool")?;
     pool.install(|| match cli.cmd {
         Cmd::Generate(a) => cli::generate::run(a),

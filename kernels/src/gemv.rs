@@ -420,7 +420,10 @@ fn batch_check(w: &WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &[f32]) 
     let need = rows.checked_mul(cols).expect("gemv_batch: rows*cols overflows");
     assert!(w.len() >= need, "gemv_batch: {} weight has {} elements, need {rows}x{cols}", w.dtype_name(), w.len());
     assert!(cols > 0 || xs.is_empty(), "gemv_batch: cols is 0 but inputs were given");
-    let m = if cols == 0 { ys.len().checked_div(rows).unwrap_or(0) } else { xs.len() / cols };
+    let m = match xs.len().checked_div(cols) {
+        Some(m) => m,
+        None => ys.len().checked_div(rows).unwrap_or(0), // cols = 0: the vectors are empty
+    };
     assert_eq!(xs.len(), m * cols, "gemv_batch: xs length is not a multiple of cols");
     assert_eq!(ys.len(), m * rows, "gemv_batch: ys length != m*rows");
     m
@@ -434,6 +437,7 @@ const BATCH_BLOCK_BYTES: usize = 16 * 1024;
 /// Rows `[row0, row0 + n_rows)` of `W x_v` for every vector v, into `out` [n_rows, m] (row-major
 /// by weight row). Each (row, vector) is reduced by [`gemv_rows`], the function single-vector
 /// GEMV uses, so every output is bit-identical to [`gemv`] of that vector alone.
+#[allow(clippy::too_many_arguments)] // a private kernel body: shapes passed flat, as in gemv_rows
 fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32], tmp: &mut Vec<f32>) {
     let block = (BATCH_BLOCK_BYTES / (cols * w.bytes_per_weight()).max(1)).max(2);
     let mut r = 0;
