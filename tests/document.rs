@@ -104,13 +104,19 @@ fn other_query_sources_run() {
     }
 }
 
-#[test]
-fn cache_file_round_trip_and_refusal() {
+/// The tiny GQA model and TEXT compacted 5× in chat mode (what the cache-file tests save).
+fn compacted_gqa() -> (Model, kvcompact::cache::KvCache) {
     let (m, tok) = setup("llama-gqa");
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
     let opts = CompactOptions { ratio: 5.0, n_queries: 64, n_test: 16, ..Default::default() };
     let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+    (m, c)
+}
+
+#[test]
+fn cache_file_round_trip_and_refusal() {
+    let (m, c) = compacted_gqa();
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("c.safetensors");
     save_cache(&f, &m.cache_id(), &c, true, &serde_json::json!({"method": "am-highest"})).unwrap();
@@ -135,11 +141,7 @@ fn cache_file_round_trip_and_refusal() {
 /// file (it did while the header was written in `HashMap` order).
 #[test]
 fn cache_file_bytes_are_deterministic() {
-    let (m, tok) = setup("llama-gqa");
-    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
-    let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 5.0, n_queries: 64, n_test: 16, ..Default::default() };
-    let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
+    let (m, c) = compacted_gqa();
     let t = tempfile::tempdir().unwrap();
     let params = serde_json::json!({"method": "am-highest", "ratio": 5.0});
     let files: Vec<Vec<u8>> = (0..4)

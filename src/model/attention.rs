@@ -36,14 +36,8 @@ impl Model {
         let base = &st.base[..];
         st.att[..n * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
             let (i, g) = (idx / nkv, idx % nkv);
-            let visible = base[g] + i + 1;
-            let start = window_start(window, pos0 + i, &metas[g].positions[..visible]);
-            let rows = visible - start;
-            let keys = &stores[g].keys[start * hd..visible * hd];
-            let values = &stores[g].values[start * hd..visible * hd];
-            let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
             let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-            k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+            attend_token(qs, &stores[g], &metas[g], base[g] + i + 1, pos0 + i, window, hd, scale, out, scratch);
         });
     }
 
@@ -290,6 +284,19 @@ impl Model {
 }
 
 /// First visible row for a query at `qpos` under a sliding window (rows are position-sorted).
+/// One token's attention for the G query heads `qs` [G·hd] of one KV head over that head's first
+/// `visible` rows (its own row included), minus the sliding window: the per-token kernel that
+/// decode uses, alone ([`Model::forward`]) or batched ([`Model::decode_batch`]) — one function, so
+/// both give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_token(qs: &[f32], store: &HeadStore, meta: &HeadMeta, visible: usize, qpos: usize, window: Option<usize>, hd: usize, scale: f32, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let start = window_start(window, qpos, &meta.positions[..visible]);
+    let keys = &store.keys[start * hd..visible * hd];
+    let values = &store.values[start * hd..visible * hd];
+    let bias = meta.bias.as_deref().map(|b| &b[start..visible]);
+    k::attend_group(qs, keys, values, bias, visible - start, hd, scale, out, scratch);
+}
+
 pub(super) fn window_start(window: Option<usize>, qpos: usize, positions: &[u32]) -> usize {
     match window {
         Some(w) if qpos >= w => positions.partition_point(|&p| (p as usize) + w <= qpos),

@@ -10,6 +10,7 @@
 use kvcompact_kernels as k;
 use rayon::prelude::*;
 
+use super::attention::attend_token;
 use super::forward::{add_bias_rows, add_into, rmsnorm_rows, rope_heads, Model, RunState};
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
@@ -127,14 +128,8 @@ impl Model {
         st.att[..m * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
             let (i, g) = (idx / nkv, idx % nkv);
             let (stores, metas) = layers[i];
-            let visible = metas[g].positions.len();
-            let start = super::attention::window_start(window, positions[i] as usize, &metas[g].positions[..visible]);
-            let rows = visible - start;
-            let keys = &stores[g].keys[start * hd..visible * hd];
-            let values = &stores[g].values[start * hd..visible * hd];
-            let bias = metas[g].bias.as_deref().map(|b| &b[start..visible]);
             let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-            k::attend_group(qs, keys, values, bias, rows, hd, scale, out, scratch);
+            attend_token(qs, &stores[g], &metas[g], metas[g].positions.len(), positions[i] as usize, window, hd, scale, out, scratch);
         });
         k::gemv_batch_multi_par(&mut [self.batch_task(&lw.wo, &st.att[..m * qd], &mut st.o[..m * d])]);
         add_bias_rows(&mut st.o[..m * d], lw.bo.as_deref());
