@@ -439,6 +439,19 @@ const BATCH_BLOCK_BYTES: usize = 16 * 1024;
 /// GEMV uses, so every output is bit-identical to [`gemv`] of that vector alone.
 #[allow(clippy::too_many_arguments)] // a private kernel body: shapes passed flat, as in gemv_rows
 fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32], tmp: &mut Vec<f32>) {
+    // AVX2: each pair of rows is reduced against every vector while it sits in L1, with the same
+    // per-row function (`dot_rows`) as `gemv_rows`, so the bits are the same.
+    #[cfg(target_arch = "x86_64")]
+    if cols > 0 {
+        if let Some(simd) = v3() {
+            let (lo, hi) = (row0 * cols, (row0 + n_rows) * cols);
+            match w {
+                WeightRef::F32(w) => return simd.vectorize(BatchRowsOp { simd, w: &w[lo..hi], xs, m, out }),
+                WeightRef::Bf16(w) => return simd.vectorize(BatchRowsOp { simd, w: Bf16Bits(&w[lo..hi]), xs, m, out }),
+                WeightRef::F16(_) => {}
+            }
+        }
+    }
     let block = (BATCH_BLOCK_BYTES / (cols * w.bytes_per_weight()).max(1)).max(2);
     let mut r = 0;
     while r < n_rows {
@@ -451,6 +464,44 @@ fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[
             }
         }
         r += nb;
+    }
+}
+
+/// AVX2 body of [`gemv_rows_batch`] for f32 or bf16 storage: rows two at a time (as
+/// [`RowsOp`] pairs them), each pair against every vector.
+#[cfg(target_arch = "x86_64")]
+struct BatchRowsOp<'a, S> {
+    simd: x86::V3,
+    w: S,              // [n_rows, cols]
+    xs: &'a [f32],     // [m, cols]
+    m: usize,
+    out: &'a mut [f32], // [n_rows, m]
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<S: RowSource> pulp::NullaryFnOnce for BatchRowsOp<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn call(self) {
+        let BatchRowsOp { simd, w, xs, m, out } = self;
+        let cols = xs.len() / m;
+        let w = w.slice();
+        let n_rows = w.len() / cols;
+        let pairs = n_rows / 2;
+        for p in 0..pairs {
+            let (a, b) = w[2 * p * cols..(2 * p + 2) * cols].split_at(cols);
+            for v in 0..m {
+                let [ya, yb] = dot_rows::<S, 2>(simd, [a, b], &xs[v * cols..(v + 1) * cols]);
+                out[2 * p * m + v] = ya;
+                out[(2 * p + 1) * m + v] = yb;
+            }
+        }
+        if n_rows % 2 == 1 {
+            let a = &w[(n_rows - 1) * cols..n_rows * cols];
+            for v in 0..m {
+                out[(n_rows - 1) * m + v] = dot_rows::<S, 1>(simd, [a], &xs[v * cols..(v + 1) * cols])[0];
+            }
+        }
     }
 }
 

@@ -19,6 +19,10 @@ pub struct Args {
     pub gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Also measure batched decode (the server's step): this many sequences, each prefilled with
+    /// the prompt, decoded together with `Model::decode_batch`; reports aggregate tok/s.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +77,7 @@ pub fn run(a: Args) -> Result<()> {
     let (pmin, pmax) = (pre.iter().cloned().fold(f64::MAX, f64::min), pre.iter().cloned().fold(0.0, f64::max));
     let (dmin, dmax) = (dec.iter().cloned().fold(f64::MAX, f64::min), dec.iter().cloned().fold(0.0, f64::max));
     let (pm, dm) = (median(&mut pre), median(&mut dec));
+    let batch = if a.batch > 1 { Some(batched_decode(&model, &prompt, a.batch, a.gen_tokens, a.reps)?) } else { None };
     let threads = rayon::current_num_threads();
     let wbytes = model.weights.matrix_bytes();
     if a.json {
@@ -83,7 +88,8 @@ pub fn run(a: Args) -> Result<()> {
                 "prefill_tok_s": pm, "prefill_min": pmin, "prefill_max": pmax,
                 "decode_tok_s": dm, "decode_min": dmin, "decode_max": dmax,
                 "weight_bytes": wbytes, "simd": kvcompact_kernels::simd_level(),
-                "kv_bytes": cache.bytes(), "kv_rows": cache.max_len(), "slim": kvcompact::model::slim_report(&model, &cache)})
+                "kv_bytes": cache.bytes(), "kv_rows": cache.max_len(), "slim": kvcompact::model::slim_report(&model, &cache),
+                "batch": a.batch, "batch_decode_tok_s": batch})
         );
     } else {
         print_slim_cache(&model, &cache);
@@ -91,6 +97,45 @@ pub fn run(a: Args) -> Result<()> {
         println!("prefill {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}, {} reps)", a.prompt_tokens, pm, pmin, pmax, a.reps);
         println!("decode  {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}) = {:.1} GB/s of weights", a.gen_tokens, dm, dmin, dmax, dm * wbytes as f64 / 1e9);
     }
+    if let Some(b) = batch {
+        if !a.json {
+            println!("batched decode, {} sequences: median {:.1} tok/s aggregate ({:.2}x one sequence)", a.batch, b, b / dm);
+        }
+    }
     println!("bench prefill_tok_s={pm:.2} decode_tok_s={dm:.2}");
     Ok(())
+}
+
+/// Median aggregate tok/s of `m` sequences decoded together for `gen` steps (each first
+/// prefilled with `prompt`); the first repetition warms up.
+fn batched_decode(model: &Model, prompt: &[u32], m: usize, gen: usize, reps: usize) -> Result<f64> {
+    if model.slim.is_some() {
+        bail!("--batch does not combine with --slim");
+    }
+    let mut pst = model.new_state(DEFAULT_MAX_BATCH.max(prompt.len().min(512)));
+    let mut st = model.new_state(m);
+    let mut rates = Vec::new();
+    for rep in 0..=reps {
+        let mut caches = Vec::with_capacity(m);
+        let mut next = Vec::with_capacity(m);
+        for _ in 0..m {
+            let mut c = model.new_cache();
+            model.forward(&mut pst, &mut c, prompt, Logits::Last)?;
+            next.push(kvcompact_kernels::argmax(&pst.logits) as u32);
+            caches.push(c);
+        }
+        let vocab = model.config.vocab_size;
+        let t = Instant::now();
+        for _ in 0..gen {
+            let mut refs: Vec<&mut kvcompact::cache::KvCache> = caches.iter_mut().collect();
+            model.decode_batch(&mut st, &mut refs, &next)?;
+            for (k, n) in next.iter_mut().enumerate() {
+                *n = kvcompact_kernels::argmax(&st.logits[k * vocab..(k + 1) * vocab]) as u32;
+            }
+        }
+        if rep > 0 {
+            rates.push((m * gen) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&mut rates))
 }
