@@ -5,7 +5,8 @@
 //! 2. admit waiting requests while a batch slot is free and the KV budget holds their prompt —
 //!    compacting the sequence with the most uncompacted rows when it does not, and refusing
 //!    with 429 only when compaction cannot free enough;
-//! 3. run one prefill chunk (at most `--prefill-chunk` tokens) of the oldest prefilling sequence;
+//! 3. run prefill chunks of the oldest prefilling sequences, up to `--prefill-chunk` tokens in all
+//!    (each sequence's chunks are its own forward calls, cut where `generate` cuts them);
 //! 4. run **one batched decode step** for every decoding sequence ([`Model::decode_batch`]);
 //! 5. hand each new token to its request; drop sequences whose client went away.
 //!
@@ -233,7 +234,7 @@ impl Engine {
         self.metrics.cancelled.inc_by((before - self.running.len()) as u64);
         self.waiting.retain(|g| !g.events.is_closed());
         self.admit();
-        self.prefill_one();
+        self.prefill_some();
         self.decode_all();
     }
 
@@ -332,10 +333,36 @@ impl Engine {
         Ok(())
     }
 
-    /// One prefill chunk of the oldest sequence still prefilling; its first token is sampled
-    /// when its prompt is done.
-    fn prefill_one(&mut self) {
-        let Some(i) = self.running.iter().position(|s| s.pending > 0) else { return };
+    /// Prefill chunks of the sequences still prefilling, oldest first, up to `--prefill-chunk`
+    /// tokens in all per step (at least one chunk): a burst of short prompts is prefilled in one
+    /// or two steps instead of one per step. Each sequence's chunks are its own forward calls —
+    /// never fused with another sequence's — and a sequence's first token is sampled when its
+    /// prompt is done.
+    fn prefill_some(&mut self) {
+        let chunk = self.cfg.prefill_chunk.max(1);
+        let (mut spent, mut i) = (0, 0);
+        while i < self.running.len() {
+            let pending = self.running[i].pending;
+            if pending == 0 {
+                i += 1;
+                continue;
+            }
+            let n = chunk.min(pending);
+            if spent > 0 && spent + n > chunk {
+                break;
+            }
+            spent += n;
+            let before = self.running.len();
+            self.prefill_chunk_of(i);
+            if self.running.len() == before {
+                i += 1; // else sequence i ended (or failed) and the next one moved into its place
+            }
+        }
+    }
+
+    /// The next prefill chunk of sequence `i`: at most `--prefill-chunk` tokens, cut at the same
+    /// boundaries as `Model::forward` cuts a whole prompt, so the bits match `generate`.
+    fn prefill_chunk_of(&mut self, i: usize) {
         let chunk = self.cfg.prefill_chunk.max(1);
         if let Some(budget) = self.cfg.kv_budget_bytes {
             let need = chunk.min(self.running[i].pending) * self.row_bytes();
