@@ -209,3 +209,47 @@ fn slim_refusals_and_cli() {
     assert!(v["slim"]["kv_bytes"].as_u64().unwrap() < v["slim"]["standard_kv_bytes"].as_u64().unwrap());
     assert!(err.contains("slim layer  0: cond(W_K)"), "{err}");
 }
+
+/// Issue 15's size holes, as regression tests: a layer count no file can back, head sizes whose
+/// product wraps, and NaN test queries in a compact-head input — each a one-line error, exit 1.
+#[test]
+fn hostile_sizes_and_nan_test_queries() {
+    let t = tiny_copy("llama-gqa");
+    let c = t.path().join("config.json");
+    let orig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+    // Before: "memory allocation of 721279627820400 bytes failed", exit 134.
+    let mut v = orig.clone();
+    v["num_hidden_layers"] = serde_json::json!(1099511627775u64);
+    std::fs::write(&c, v.to_string()).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["not found"]);
+    // Before: q_dim wrapped to 0 in release builds and the shape checks passed.
+    let mut v = orig.clone();
+    v["num_attention_heads"] = serde_json::json!(1u64 << 39);
+    v["num_key_value_heads"] = serde_json::json!(1u64 << 39);
+    v["head_dim"] = serde_json::json!(1u64 << 39);
+    std::fs::write(&c, v.to_string()).unwrap();
+    expect_error(&["generate", "--model", s(t.path()), "--prompt", "hi"], &["config.json", "overflows"]);
+
+    // Before: NaN test queries gave "rel_l2 0.0" and exit 0.
+    let dir = tempfile::tempdir().unwrap();
+    let (tt, d, n) = (12usize, 4usize, 6usize);
+    let keys: Vec<f32> = (0..tt * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    let values: Vec<f32> = (0..tt * d).map(|i| (i as f32 * 0.11).cos()).collect();
+    let queries: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.53).sin()).collect();
+    let mut test = queries.clone();
+    test[5] = f32::NAN;
+    let input = dir.path().join("in.safetensors");
+    save_safetensors(
+        &input,
+        &[
+            OutTensor::F32 { name: "keys", shape: vec![tt, d], data: &keys },
+            OutTensor::F32 { name: "values", shape: vec![tt, d], data: &values },
+            OutTensor::F32 { name: "queries", shape: vec![n, d], data: &queries },
+            OutTensor::F32 { name: "test_queries", shape: vec![n, d], data: &test },
+        ],
+        None,
+    )
+    .unwrap();
+    let out = dir.path().join("out.safetensors");
+    expect_error(&["compact-head", "--input", s(&input), "--output", s(&out), "--budget", "4"], &["test_queries", "NaN"]);
+}

@@ -127,6 +127,10 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
         Some((_, td, v)) if td == d => Some(v),
         Some((_, td, _)) => return Err(bad("test_queries", input, format!("head_dim {td} differs from the keys' {d}"))),
     };
+    // A NaN test query would make every error NaN, and the max folds would report 0: refuse it.
+    if let Some(i) = test.and_then(|v| v.iter().position(|x| !x.is_finite())) {
+        return Err(bad("test_queries", input, format!("entry {i} is NaN or infinite")));
+    }
     let positions: Vec<u32> = match map.get("positions") {
         None => (0..t_rows as u32).collect(),
         Some((shape, TensorData::I64(p))) if shape.as_slice() == [t_rows] => {

@@ -336,6 +336,26 @@ impl Config {
                 Some(x) => Ok(vec![as_id(x)?]),
             }
         };
+        // Every size the runtime derives must fit in usize: checked here once, so that later
+        // products (q_dim, kv_dim, weight and KV bytes) can neither wrap nor overflow.
+        let mul = |what: &str, a: usize, b: usize| a.checked_mul(b).ok_or_else(|| err(format!("{what} ({a} × {b}) overflows")));
+        let q_dim = mul("num_attention_heads × head_dim", n_heads, head_dim)?;
+        let kv_dim = mul("num_key_value_heads × head_dim", n_kv_heads, head_dim)?;
+        let per_layer = [
+            mul("q_proj size", q_dim, hidden_size)?,
+            mul("k_proj size", kv_dim, hidden_size)?.checked_mul(2).ok_or_else(|| err("k/v_proj size overflows".into()))?,
+            mul("o_proj size", hidden_size, q_dim)?,
+            mul("mlp size", hidden_size, intermediate_size)?.checked_mul(3).ok_or_else(|| err("mlp size overflows".into()))?,
+        ]
+        .iter()
+        .try_fold(0usize, |acc, &x| acc.checked_add(x))
+        .ok_or_else(|| err("a layer's weight count overflows".into()))?;
+        let embed = mul("vocab_size × hidden_size", vocab_size, hidden_size)?;
+        mul("num_hidden_layers × a layer's weights", n_layers, per_layer)?
+            .checked_add(embed.checked_mul(2).ok_or_else(|| err("embedding size overflows".into()))?)
+            .and_then(|w| w.checked_mul(4))
+            .ok_or_else(|| err("the model's weight bytes overflow".into()))?;
+        mul("KV bytes per token", n_layers, kv_dim)?.checked_mul(8).ok_or_else(|| err("KV bytes per token overflow".into()))?;
         let bos_token_id = token_ids("bos_token_id")?.first().copied();
         let eos_token_ids = token_ids("eos_token_id")?;
 

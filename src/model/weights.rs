@@ -401,7 +401,9 @@ impl Weights {
         let (d, hd, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let embed = st.matrix("model.embed_tokens.weight", cfg.vocab_size, d)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
+        // Not sized by the config: a huge num_hidden_layers then fails at the first missing
+        // tensor with a one-line error instead of an allocation abort.
+        let mut layers = Vec::new();
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
             let opt = |st: &TensorStore, on: bool, name: String, len: usize| -> Result<Option<Vec<f32>>> {
