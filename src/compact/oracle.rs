@@ -102,6 +102,111 @@ fn required<'a>(map: &'a Tensors, name: &str, file: &Path) -> Result<(usize, usi
     matrix(map, name, file)?.ok_or_else(|| Error::MissingTensor { name: name.into(), dir: file.into() })
 }
 
+/// One head's arrays for [`compact_head`] (row-major f32; what the input file holds).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadArrays<'a> {
+    /// Head dimension d.
+    pub d: usize,
+    /// Keys \[T, d\], post-RoPE.
+    pub keys: &'a [f32],
+    /// Values \[T, d\].
+    pub values: &'a [f32],
+    /// Reference queries \[n, d\] (n ≥ 1).
+    pub queries: &'a [f32],
+    /// Prior logit bias \[T\] (an earlier compaction's β), or none.
+    pub bias: Option<&'a [f32]>,
+    /// Held-out queries \[m, d\] for the error report, or none.
+    pub test_queries: Option<&'a [f32]>,
+    /// Absolute positions \[T\], strictly increasing (default 0..T).
+    pub positions: Option<&'a [u32]>,
+    /// Attention logit scale (default 1/√d).
+    pub scale: Option<f32>,
+}
+
+/// What [`compact_head`] returns: the kept rows and the report.
+#[derive(Debug, Clone)]
+pub struct HeadResult {
+    /// Rows of the input kept, increasing \[t\].
+    pub indices: Vec<usize>,
+    /// Kept keys \[t, d\].
+    pub keys: Vec<f32>,
+    /// Full new logit bias β \[t\].
+    pub beta: Vec<f32>,
+    /// Fitted values C_v \[t, d\].
+    pub values: Vec<f32>,
+    /// Errors on the test queries, timing and solver events.
+    pub report: OracleReport,
+}
+
+/// Compact one head in memory: the computation behind `kvcompact compact-head` and the Python
+/// package's `compact_head`, so both give the same bits. Shapes and values are checked first
+/// (one-line errors naming the array).
+pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> {
+    let d = a.d;
+    let bad = |name: &str, msg: String| Error::Invalid(format!("compact_head: {name}: {msg}"));
+    if d == 0 || a.keys.len() % d != 0 {
+        return Err(bad("keys", format!("{} values do not form rows of d = {d}", a.keys.len())));
+    }
+    let t_rows = a.keys.len() / d;
+    if a.values.len() != a.keys.len() {
+        return Err(bad("values", format!("{} values, the keys have {}", a.values.len(), a.keys.len())));
+    }
+    if a.queries.is_empty() || a.queries.len() % d != 0 {
+        return Err(bad("queries", format!("{} values do not form one or more rows of d = {d}", a.queries.len())));
+    }
+    if let Some(b) = a.bias {
+        if b.len() != t_rows {
+            return Err(bad("bias", format!("expected {t_rows} values, got {}", b.len())));
+        }
+    }
+    if let Some(tq) = a.test_queries {
+        if tq.len() % d != 0 {
+            return Err(bad("test_queries", format!("{} values do not form rows of d = {d}", tq.len())));
+        }
+        // A NaN test query would make every error NaN, and the max folds would report 0.
+        if let Some(i) = tq.iter().position(|x| !x.is_finite()) {
+            return Err(bad("test_queries", format!("entry {i} is NaN or infinite")));
+        }
+    }
+    let default_positions: Vec<u32>;
+    let positions = match a.positions {
+        Some(p) if p.len() != t_rows => return Err(bad("positions", format!("expected {t_rows} values, got {}", p.len()))),
+        Some(p) => p,
+        None => {
+            default_positions = (0..t_rows as u32).collect();
+            &default_positions
+        }
+    };
+    let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let head = HeadInput { layer: 0, kv_head: 0, d, keys: a.keys, values: a.values, positions, bias: a.bias, queries: Some(a.queries), scale };
+    let test = a.test_queries;
+    let mut cfg = super::registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
+    cfg.inner_par = true;
+    if opts.golden_precision {
+        cfg.precision = Precision::F64;
+    }
+    let method = AmCompressor::new(cfg);
+    let t0 = Instant::now();
+    let out = method.compress_head(&head, opts.budget, opts.seed)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let eval = test.map(|tq| evaluate_head(&head, &out, tq));
+
+    Ok(HeadResult {
+        report: OracleReport {
+            rel_l2: eval.as_ref().map(|e| e.mean_rel_l2),
+            mass_err: eval.as_ref().map(|e| e.mean_mass_err),
+            seconds,
+            kept: out.indices.len(),
+            eval,
+            stats: out.stats,
+        },
+        indices: out.indices,
+        keys: out.keys,
+        beta: out.beta,
+        values: out.values,
+    })
+}
+
 /// Run one compaction from `input` to `output` (see the module docs).
 pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> Result<OracleReport> {
     let map = load_safetensors(input)?;
@@ -143,18 +248,10 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
         Some((_, v)) if v.len() == 1 => v[0],
         Some((shape, _)) => return Err(bad("scale", input, format!("expected a scalar, got shape {shape:?}"))),
     };
-    let head = HeadInput { layer: 0, kv_head: 0, d, keys, values, positions: &positions, bias, queries: Some(queries), scale };
-
-    let mut cfg = super::registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
-    cfg.inner_par = true;
-    if opts.golden_precision {
-        cfg.precision = Precision::F64;
-    }
-    let method = AmCompressor::new(cfg);
-    let t0 = Instant::now();
-    let out = method.compress_head(&head, opts.budget, opts.seed)?;
-    let seconds = t0.elapsed().as_secs_f64();
-    let eval = test.map(|tq| evaluate_head(&head, &out, tq));
+    let arrays = HeadArrays { d, keys, values, queries, bias, test_queries: test, positions: Some(&positions), scale: Some(scale) };
+    let r = compact_head(&arrays, opts)?;
+    let method_name = super::registry::require_am(&opts.method, "compact-head")?.cfg.name;
+    let (out, eval, seconds) = (&r, &r.report.eval, r.report.seconds);
 
     let t = out.indices.len();
     let indices: Vec<i64> = out.indices.iter().map(|&i| i as i64).collect();
@@ -171,7 +268,7 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
         tensors.push(OutTensor::F32 { name: "mass_err", shape: vec![1], data: m });
     }
     let mut meta = HashMap::new();
-    meta.insert("method".to_string(), method.name().to_string());
+    meta.insert("method".to_string(), method_name.to_string());
     meta.insert("budget".to_string(), opts.budget.to_string());
     meta.insert("seed".to_string(), opts.seed.to_string());
     meta.insert("nnls".to_string(), opts.nnls.name().to_string());
@@ -184,12 +281,5 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
         meta.insert("test_queries".to_string(), e.queries.to_string());
     }
     save_safetensors(output, &tensors, Some(meta))?;
-    Ok(OracleReport {
-        rel_l2: eval.as_ref().map(|e| e.mean_rel_l2),
-        mass_err: eval.as_ref().map(|e| e.mean_mass_err),
-        seconds,
-        kept: t,
-        eval,
-        stats: out.stats,
-    })
+    Ok(r.report)
 }
