@@ -14,25 +14,11 @@ REPS=${1:-5}
 PEER=benches/peer
 mkdir -p "$PEER"
 
-# --- tools -------------------------------------------------------------------------------------
-if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq cmake ninja-build
-fi
-
 # --- llama.cpp --------------------------------------------------------------------------------
 BENCH="$PEER/build/bin/llama-bench"
 QUANT="$PEER/build/bin/llama-quantize"
 if [ ! -x "$BENCH" ] || [ ! -x "$QUANT" ]; then
-  if ! ls "$PEER"/llama_cpp_python-0.3.36.tar.gz >/dev/null 2>&1; then
-    # pip may fail while preparing metadata; the downloaded archive is still usable.
-    python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$PEER" || true
-  fi
-  tar -xzf "$PEER"/llama_cpp_python-0.3.36.tar.gz -C "$PEER"
-  SRC="$PEER/llama_cpp_python-0.3.36/vendor/llama.cpp"
-  # GGML_NATIVE is fine for a peer measurement tool; kvcompact itself never builds native.
-  cmake -S "$SRC" -B "$PEER/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-  cmake --build "$PEER/build" --target llama-bench llama-quantize -j 2
+  benches/build_llama_cpp.sh build OFF llama-bench llama-quantize
 fi
 
 # --- models -----------------------------------------------------------------------------------

@@ -16,21 +16,10 @@ THREADS=${3:-2}
 PEER=benches/peer
 mkdir -p "$PEER"
 
-if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq cmake ninja-build
-fi
 SERVER="$PEER/build-server/bin/llama-server"
 QUANT="$PEER/build-server/bin/llama-quantize"
 if [ ! -x "$SERVER" ] || [ ! -x "$QUANT" ]; then
-  if ! ls "$PEER"/llama_cpp_python-0.3.36.tar.gz >/dev/null 2>&1; then
-    python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$PEER" || true
-  fi
-  [ -d "$PEER/llama_cpp_python-0.3.36" ] || tar -xzf "$PEER"/llama_cpp_python-0.3.36.tar.gz -C "$PEER"
-  SRC="$PEER/llama_cpp_python-0.3.36/vendor/llama.cpp"
-  # GGML_NATIVE is fine for a peer measurement tool; kvcompact itself never builds native.
-  cmake -S "$SRC" -B "$PEER/build-server" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
-  cmake --build "$PEER/build-server" --target llama-server llama-quantize -j 2
+  benches/build_llama_cpp.sh build-server ON llama-server llama-quantize
 fi
 
 cargo build --release -q
