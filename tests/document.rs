@@ -216,3 +216,27 @@ fn sensitivity_budgets_are_proportions_over_every_head() {
     let (c, _) = compact_context(&m, &tok, &layout, &method, &with).unwrap();
     c.check().unwrap();
 }
+
+/// `compact` runs every registry name: an eviction method keeps rows of the article span (their
+/// keys, values and positions unchanged, no β) at the budget, and the cache stays consistent.
+#[test]
+fn compact_context_with_eviction_methods() {
+    let (m, tok) = setup("llama-gqa");
+    let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
+    let opts = CompactOptions { ratio: 4.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let art = layout.article.len();
+    for name in ["snapkv", "knorm", "streaming-llm", "tova", "random"] {
+        let method = kvcompact::compact::method_from_name(name).unwrap();
+        let (c, r) = compact_context(&m, &tok, &layout, method.as_ref(), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.check().unwrap();
+        assert_eq!(r.method, name);
+        let keep = art / 4;
+        for l in 0..m.config.n_layers {
+            for h in 0..m.config.n_kv_heads {
+                let meta = c.meta(l, h);
+                assert_eq!(meta.len(), layout.prefix.len() + keep + layout.suffix.len(), "{name} L{l}H{h}");
+                assert!(meta.bias.as_ref().is_none_or(|b| b.iter().all(|&x| x == 0.0)), "{name}: eviction adds no β");
+            }
+        }
+    }
+}

@@ -106,8 +106,6 @@ def test_errors_are_value_errors():
         kvcompact.compact_head(keys, values, nanq, 8)
     with pytest.raises(ValueError, match="budget"):
         kvcompact.compact_head(keys, values, queries, keys.shape[0] + 1)
-    with pytest.raises(ValueError, match="eviction method"):
-        kvcompact.compact_head(keys, values, queries, 8, method="snapkv")
     with pytest.raises(ValueError, match="unknown method"):
         kvcompact.compact_head(keys, values, queries, 8, method="nope")
     with pytest.raises(ValueError, match="nnls|beta solver"):
@@ -130,3 +128,28 @@ def test_score_head_baselines():
         s = kvcompact.score_head(m, keys, values=values, queries=queries)
         assert s.shape == (keys.shape[0],) and np.isfinite(s).all(), m
     assert set(kvcompact.methods()) >= {"am-omp", "am-highest", "snapkv", "knorm", "full"}
+
+
+@pytest.mark.parametrize("method", ["snapkv", "knorm", "streaming-llm", "h2o", "tova", "expected-attention", "random", "pyramidkv"])
+def test_every_eviction_method_through_compact_head(tmp_path, method):
+    keys, values, queries, test, bias = head(seed=11)
+    budget = 20
+    py = kvcompact.compact_head(keys, values, queries, budget, method=method, bias=bias, test_queries=test, seed=2)
+    idx = py["indices"]
+    assert len(idx) == budget and (np.diff(idx) > 0).all()
+    # Eviction keeps rows: keys and values are the originals, β the prior bias.
+    assert py["keys"].tobytes() == keys[idx].tobytes()
+    assert py["values"].tobytes() == values[idx].tobytes()
+    assert py["beta"].tobytes() == bias[idx].tobytes()
+    write_safetensors(tmp_path / "in.safetensors", {"keys": keys, "values": values, "queries": queries, "bias": bias})
+    cmd = [str(BIN), "compact-head", "--input", str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "out.safetensors"), "--method", method, "--budget", str(budget), "--seed", "2"]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert read_safetensors(tmp_path / "out.safetensors")["indices"].tobytes() == idx.tobytes()
+
+
+def test_qfilters_and_full_are_refused_by_compact_head():
+    keys, values, queries, _, _ = head(seed=1)
+    with pytest.raises(ValueError, match="filters"):
+        kvcompact.compact_head(keys, values, queries, 8, method="qfilters")
+    with pytest.raises(ValueError, match="full"):
+        kvcompact.compact_head(keys, values, queries, 8, method="full")

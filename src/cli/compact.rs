@@ -1,12 +1,12 @@
 //! `kvcompact compact`: prefill a context, compact its cache, save the compacted cache file.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
-
 use kvcompact::cache::save_cache;
-use kvcompact::compact::registry;
-use kvcompact::compact::{AmCompressor, BetaSolver};
+use kvcompact::compact::registry::{self, Family, MethodOptions};
+use kvcompact::compact::{qfilters, AmCompressor, BetaSolver, Compressor};
 use kvcompact::document::{compact_context, read_proportions, CompactOptions, ContextLayout, QuerySource};
 
 use super::{model_dir, read_prompt, ModelArg, PromptArg};
@@ -22,8 +22,8 @@ pub struct Args {
     /// Compaction ratio: the article keeps about 1/R of its rows per head.
     #[arg(long, default_value_t = 20.0)]
     pub ratio: f64,
-    /// A method name from the registry; `compact` runs the Attention Matching family
-    /// (am-highest, am-omp, am-omp-fast, baseline).
+    /// Any registry name: the Attention Matching family (am-highest, am-omp, am-omp-fast,
+    /// baseline) fits β and values; eviction methods keep rows by their score.
     #[arg(long, default_value = "am-highest")]
     pub method: String,
     /// Reference queries: repeat, self-study, context, random or mix.
@@ -63,10 +63,27 @@ pub struct Args {
 /// `kvcompact compact`.
 pub fn run(a: Args) -> Result<()> {
     let text = read_prompt(&PromptArg { prompt: None, prompt_file: Some(a.context.clone()) })?;
-    let cfg = registry::require_am(&a.method, "compact")?.cfg.with_beta_solver(BetaSolver::parse(&a.nnls)?);
-    let method = AmCompressor::new(cfg);
+    let family = registry::family(&a.method)?;
+    if family == Family::Full {
+        bail!("`kvcompact compact` compacts a cache; \"full\" keeps it whole");
+    }
+    let solver = BetaSolver::parse(&a.nnls)?;
     let dir = model_dir(&a.model)?;
     let (model, tok) = kvcompact::generate::load(&dir)?;
+    // The AM family with its β solver; an eviction method scores each head with the reference
+    // queries (non-causal, over the span) and keeps rows with their prior bias and values.
+    let method: Box<dyn Compressor> = match family {
+        Family::AttentionMatching => Box::new(AmCompressor::new(registry::require_am(&a.method, "compact")?.cfg.with_beta_solver(solver))),
+        _ => {
+            let filters = if a.method == "qfilters" {
+                let cache = model.dir.join(qfilters::DEFAULT_FILTERS_FILE);
+                Some(Arc::new(qfilters::load_or_calibrate(&model, None, Some(&cache), true)?))
+            } else {
+                None
+            };
+            registry::method_with(&a.method, &MethodOptions { filters })?
+        }
+    };
     let chat = !a.raw && tok.has_chat_template();
     let layout = ContextLayout::build(&tok, &text, chat)?;
     let budgets = a.budgets.as_deref().map(read_proportions).transpose()?;
@@ -94,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
         layout.len(), layout.article.len(), a.method, a.ratio, a.queries, a.n_queries,
         if a.on_policy { ", on-policy" } else { "" }
     );
-    let (cache, report) = compact_context(&model, &tok, &layout, &method, &opts)?;
+    let (cache, report) = compact_context(&model, &tok, &layout, method.as_ref(), &opts)?;
     let params = serde_json::json!({"method": a.method, "ratio": a.ratio, "queries": a.queries, "n_queries": a.n_queries,
         "on_policy": a.on_policy, "chunk_tokens": a.chunk_tokens, "nnls": a.nnls, "seed": a.seed,
         "context_file": a.context.display().to_string(), "context_tokens": layout.len()});

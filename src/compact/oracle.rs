@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::am::{AmCompressor, BetaSolver, Precision};
+use super::registry::{self, Family};
 use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 use crate::{Error, Result};
@@ -21,7 +22,9 @@ use crate::{Error, Result};
 /// Options of `compact-head` (the CLI flags).
 #[derive(Debug, Clone)]
 pub struct OracleOptions {
-    /// `am-omp`, `am-highest`, `am-omp-fast` or `baseline` (and the aliases of [`AmConfig::from_name`](super::am::AmConfig::from_name)).
+    /// Any registry name but `qfilters` (needs filters) and `full`: the AM family (`am-omp`,
+    /// `am-highest`, `am-omp-fast`, `baseline` and the aliases of
+    /// [`AmConfig::from_name`](super::am::AmConfig::from_name)) or an eviction baseline.
     pub method: String,
     /// Rows t to keep, ≤ T.
     pub budget: usize,
@@ -180,12 +183,21 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
     let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let head = HeadInput { layer: 0, kv_head: 0, d, keys: a.keys, values: a.values, positions, bias: a.bias, queries: Some(a.queries), scale };
     let test = a.test_queries;
-    let mut cfg = super::registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
-    cfg.inner_par = true;
-    if opts.golden_precision {
-        cfg.precision = Precision::F64;
-    }
-    let method = AmCompressor::new(cfg);
+    // Every registry name: the AM family with its solver knobs; an eviction method scores the span
+    // with the reference queries (non-causal, normalised over the span: the fallback documented in
+    // `evict`) and keeps rows with their prior bias and values.
+    let method: Box<dyn Compressor> = match registry::family(&opts.method)? {
+        Family::AttentionMatching => {
+            let mut cfg = registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
+            cfg.inner_par = true;
+            if opts.golden_precision {
+                cfg.precision = Precision::F64;
+            }
+            Box::new(AmCompressor::new(cfg))
+        }
+        Family::Eviction => registry::method_from_name(&opts.method)?,
+        Family::Full => return Err(Error::Invalid("compact_head: \"full\" keeps the whole head; give a method that compacts".into())),
+    };
     let t0 = Instant::now();
     let out = method.compress_head(&head, opts.budget, opts.seed)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -250,7 +262,10 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
     };
     let arrays = HeadArrays { d, keys, values, queries, bias, test_queries: test, positions: Some(&positions), scale: Some(scale) };
     let r = compact_head(&arrays, opts)?;
-    let method_name = super::registry::require_am(&opts.method, "compact-head")?.cfg.name;
+    let method_name = match registry::family(&opts.method)? {
+        Family::AttentionMatching => registry::require_am(&opts.method, "compact-head")?.cfg.name.to_string(),
+        _ => opts.method.clone(),
+    };
     let (out, eval, seconds) = (&r, &r.report.eval, r.report.seconds);
 
     let t = out.indices.len();
