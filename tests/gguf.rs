@@ -1101,6 +1101,17 @@ fn overlapping_out_of_range_and_misaligned_offsets() {
     ));
 }
 
+/// A lying header count is reported at its own byte: the tensor count at 8, the metadata count at 16.
+#[test]
+fn header_counts_are_reported_at_their_offsets() {
+    let mut b = G::new().kv("key", V::U8(1)).bytes();
+    b[8..16].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    assert!(matches!(parse(b), Err(GgufError::AbsurdCount { offset: 8, .. })));
+    let mut b = G::new().kv("key", V::U8(1)).bytes();
+    b[16..24].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    assert!(matches!(parse(b), Err(GgufError::AbsurdCount { offset: 16, .. })));
+}
+
 #[test]
 fn lying_counts_are_refused_before_allocating() {
     // string length

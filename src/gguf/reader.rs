@@ -411,8 +411,9 @@ impl GgufFile {
         let n_kv = c.u64("metadata count")?;
         // Smallest possible records: kv = key len (8) + type (4) + a u8 value (1);
         // tensor info = name len (8) + n_dims (4) + type (4) + offset (8).
-        c.check_count(n_kv, 13, 16, || "metadata count".into())?;
-        c.check_count(n_tensors, 24, 8, || "tensor count".into())?;
+        // The cursor is at byte 24: the metadata count sits 8 bytes back, the tensor count 16.
+        c.check_count(n_kv, 13, 8, || "metadata count".into())?;
+        c.check_count(n_tensors, 24, 16, || "tensor count".into())?;
 
         let mut metadata = Vec::with_capacity(prealloc(n_kv));
         let mut meta_index = HashMap::with_capacity(prealloc(n_kv));
