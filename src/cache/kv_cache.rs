@@ -374,12 +374,17 @@ impl KvCache {
         self.truncate_to(0);
     }
 
+    /// Bytes one row of one (layer, KV head) costs without β: f32 key and value, u32 position.
+    pub fn row_bytes(head_dim: usize) -> usize {
+        2 * head_dim * 4 + 4
+    }
+
     /// Bytes held for keys, values, positions and biases (what the cache really costs); for
     /// slim layers the pre-RoPE keys, plus one position and RoPE row per token they share.
     pub fn bytes(&self) -> usize {
         let rows: usize = self.meta.iter().map(HeadMeta::len).sum();
         let bias_rows: usize = self.meta.iter().filter_map(|m| m.bias.as_ref()).map(Vec::len).sum();
-        rows * (2 * self.head_dim * 4 + 4) + bias_rows * 4 + self.slim_bytes()
+        rows * Self::row_bytes(self.head_dim) + bias_rows * 4 + self.slim_bytes()
     }
 
     /// The slim part of [`KvCache::bytes`]: K-only rows, and the shared positions / RoPE rows

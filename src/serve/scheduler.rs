@@ -132,7 +132,6 @@ struct Seq {
     generated: usize,
     /// Rows appended since the last compaction (the longest head).
     fresh_rows: usize,
-    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
 }
 
@@ -221,10 +220,20 @@ impl Engine {
         self.running.iter().map(|s| s.cache.bytes()).sum()
     }
 
-    /// Bytes one more row of every (layer, KV head) costs.
+    /// Bytes one more token costs a sequence: one row in every (layer, KV head).
     fn row_bytes(&self) -> usize {
         let c = &self.model.config;
-        c.n_layers * c.n_kv_heads * (2 * c.head_dim * 4 + 4)
+        c.n_layers * c.n_kv_heads * KvCache::row_bytes(c.head_dim)
+    }
+
+    /// Under a budget, compact until `rows` more tokens' rows fit (as far as compaction can).
+    fn make_room(&mut self, rows: usize) {
+        if let Some(budget) = self.cfg.kv_budget_bytes {
+            let need = rows * self.row_bytes();
+            if self.kv_bytes() + need > budget {
+                self.free_until(budget.saturating_sub(need));
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -290,7 +299,7 @@ impl Engine {
             let pending = job.prompt.len();
             tokens.extend_from_slice(&job.prompt);
             self.metrics.prompt_tokens.inc_by(pending as u64);
-            self.running.push(Seq { job, cache, sampler, tokens, pending, next: None, generated: 0, fresh_rows: 0, first_token_at: None, last_token_at: None });
+            self.running.push(Seq { job, cache, sampler, tokens, pending, next: None, generated: 0, fresh_rows: 0, last_token_at: None });
         }
     }
 
@@ -364,12 +373,7 @@ impl Engine {
     /// boundaries as `Model::forward` cuts a whole prompt, so the bits match `generate`.
     fn prefill_chunk_of(&mut self, i: usize) {
         let chunk = self.cfg.prefill_chunk.max(1);
-        if let Some(budget) = self.cfg.kv_budget_bytes {
-            let need = chunk.min(self.running[i].pending) * self.row_bytes();
-            if self.kv_bytes() + need > budget {
-                self.free_until(budget.saturating_sub(need));
-            }
-        }
+        self.make_room(chunk.min(self.running[i].pending));
         let s = &mut self.running[i];
         let done = s.job.prompt.len() - s.pending;
         let n = chunk.min(s.pending);
@@ -384,8 +388,9 @@ impl Engine {
         s.pending -= n;
         s.fresh_rows += n;
         if last {
-            let logits = self.prefill_state.logits.clone();
+            let logits = std::mem::take(&mut self.prefill_state.logits);
             self.emit(i, &logits);
+            self.prefill_state.logits = logits;
         }
     }
 
@@ -395,12 +400,7 @@ impl Engine {
         if ids.is_empty() {
             return;
         }
-        if let Some(budget) = self.cfg.kv_budget_bytes {
-            let need = ids.len() * self.row_bytes();
-            if self.kv_bytes() + need > budget {
-                self.free_until(budget.saturating_sub(need));
-            }
-        }
+        self.make_room(ids.len());
         let tokens: Vec<u32> = ids.iter().map(|&i| self.running[i].next.expect("filtered")).collect();
         let result = {
             let mut caches: Vec<&mut KvCache> = Vec::with_capacity(ids.len());
@@ -447,7 +447,6 @@ impl Engine {
             None => self.metrics.ttft.observe((now - s.job.arrived).as_secs_f64()),
             Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
         }
-        s.first_token_at.get_or_insert(now);
         s.last_token_at = Some(now);
         self.metrics.generated_tokens.inc();
         let gone = s.job.events.send(Event::Token(next)).is_err();
