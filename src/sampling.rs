@@ -63,6 +63,18 @@ impl Sampler {
         Sampler { temperature, top_p, rng: Rng::new(seed), probs: Vec::new() }
     }
 
+    /// [`Sampler::new`], refusing a temperature that is negative or not finite and a top-p
+    /// outside (0, 1] (one-line errors).
+    pub fn checked(temperature: f32, top_p: f32, seed: u64) -> crate::Result<Sampler> {
+        if !(temperature >= 0.0 && temperature.is_finite()) {
+            return Err(crate::Error::Invalid(format!("temperature must be a finite number ≥ 0, got {temperature}")));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(crate::Error::Invalid(format!("top_p must be in (0, 1], got {top_p}")));
+        }
+        Ok(Sampler::new(temperature, top_p, seed))
+    }
+
     /// True when `temperature <= 0` (no randomness is drawn).
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0

@@ -18,7 +18,7 @@ use kvcompact::compact::am::fit::{attention_stats, OMP_BOUNDS};
 use kvcompact::compact::am::omp::OmpSchedule;
 use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
 use kvcompact::compact::{
-    compress_heads, evaluate_head, AmCompressor, AmConfig, BetaSolver, CompactedHead, Compressor, HeadInput, Precision,
+    compress_heads, evaluate_head, AmCompressor, AmConfig, BetaSolver, Budget, CompactedHead, Compressor, HeadInput, Precision,
     Selector,
 };
 use kvcompact::compare::compare;
@@ -546,7 +546,7 @@ fn oracle_file_contract() {
     save_safetensors(&input, &tensors, None).unwrap();
     let t = t_rows / 10;
     for method in ["am-omp", "am-highest", "baseline"] {
-        let opts = OracleOptions { method: method.into(), budget: t, seed: 7, nnls: BetaSolver::ActiveSet, ..Default::default() };
+        let opts = OracleOptions { method: method.into(), budget: Budget::Rows(t), seed: 7, nnls: BetaSolver::ActiveSet, ..Default::default() };
         let rep = compact_head_file(&input, &output, &opts).unwrap();
         let json: serde_json::Value = serde_json::from_str(&rep.to_json()).unwrap();
         let keys: Vec<&str> = json.as_object().unwrap().keys().map(|s| s.as_str()).collect();
@@ -566,10 +566,10 @@ fn oracle_file_contract() {
         assert_eq!(idx.iter().map(|&i| i as usize).collect::<Vec<_>>(), direct.indices);
         println!("compact-head {method}: {}", rep.to_json());
     }
-    let too_big = OracleOptions { budget: t_rows + 1, ..Default::default() };
+    let too_big = OracleOptions { budget: Budget::Rows(t_rows + 1), ..Default::default() };
     assert!(compact_head_file(&input, &output, &too_big).unwrap_err().to_string().contains("larger than"));
     save_safetensors(&input, &tensors[..2], None).unwrap();
-    assert!(compact_head_file(&input, &output, &OracleOptions { budget: 3, ..Default::default() }).unwrap_err().to_string().contains("queries"));
+    assert!(compact_head_file(&input, &output, &OracleOptions { budget: Budget::Rows(3), ..Default::default() }).unwrap_err().to_string().contains("queries"));
 }
 
 proptest! {

@@ -11,7 +11,7 @@ mod common;
 use common::golden;
 use kvcompact::compact::evict::{keep_rows, select, span_attention};
 use kvcompact::compact::{
-    method_from_name, method_with, Compressor, ExpectedAttention, FullHead, H2o, HeadContext, HeadInput, KNorm, MethodOptions,
+    method_from_name, method_with, Budget, Compressor, ExpectedAttention, FullHead, H2o, HeadContext, HeadInput, KNorm, MethodOptions,
     Observed, Protect, PyramidKv, RandomEvict, Scorer, SnapKv, StreamingLlm, Tova, METHODS,
 };
 use kvcompact::document::{compact_context, CompactOptions, ContextLayout, QuerySource};
@@ -308,7 +308,7 @@ fn every_method_compacts_a_real_cache_within_budget_and_frees_bytes() {
     let template = layout.prefix.len() + layout.suffix.len();
     for name in METHODS.iter().filter(|n| **n != "full") {
         let method = method_with(name, &opts).unwrap();
-        let co = CompactOptions { ratio: 4.0, queries: QuerySource::Context, n_queries: 64, n_test: 16, ..Default::default() };
+        let co = CompactOptions { budget: Budget::Ratio(4.0), queries: QuerySource::Context, n_queries: 64, n_test: 16, ..Default::default() };
         let (c, report) = compact_context(&m, &tok, &layout, method.as_ref(), &co).unwrap();
         c.check().unwrap();
         assert_eq!(c.next_pos(), layout.len(), "{name}: the logical length stays");
@@ -336,7 +336,7 @@ fn eviction_methods_keep_prior_bias_and_values_unchanged() {
     let layout = ContextLayout::build(&tok, "A small text about rivers, boats and the sea, told twice over for length.", true).unwrap();
     for name in ["knorm", "streaming-llm", "h2o", "snapkv", "tova", "expected-attention", "random"] {
         let method = method_from_name(name).unwrap();
-        let co = CompactOptions { ratio: 3.0, queries: QuerySource::Context, n_queries: 48, n_test: 8, ..Default::default() };
+        let co = CompactOptions { budget: Budget::Ratio(3.0), queries: QuerySource::Context, n_queries: 48, n_test: 8, ..Default::default() };
         let (c, _) = compact_context(&m, &tok, &layout, method.as_ref(), &co).unwrap();
         let mut full = m.new_cache();
         // Same chunking as compact_context (prefix, article, suffix), so rows are bit-identical.

@@ -7,7 +7,7 @@ mod common;
 
 use common::golden;
 use kvcompact::cache::KvCache;
-use kvcompact::compact::compressor_from_name;
+use kvcompact::compact::{compressor_from_name, Budget};
 use kvcompact::document::{compact_context, CompactOptions, ContextLayout};
 use kvcompact::model::{Logits, Model};
 use kvcompact::tokenizer::Tokenizer;
@@ -73,7 +73,7 @@ fn check_model(name: &str) {
     let tok = Tokenizer::load(&dir, &m.config).unwrap();
     let layout = ContextLayout::build(&tok, "The river survey counted forty-one herons along the north bank in May.", false).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 3.0, n_queries: 64, n_test: 8, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(3.0), n_queries: 64, n_test: 8, ..Default::default() };
     let (compacted, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
     assert!((0..m.config.n_layers).any(|l| compacted.meta(l, 0).bias.is_some()), "{name}: the compacted cache should carry β");
     caches.push(compacted);

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::golden;
-use kvcompact::compact::compressor_from_name;
+use kvcompact::compact::{compressor_from_name, Budget};
 use kvcompact::cache::{load_cache, save_cache};
 use kvcompact::document::{
     compact_context, followup_tokens, head_budgets, CompactOptions, ContextLayout, QuerySource,
@@ -37,7 +37,7 @@ fn ratio_one_is_the_full_cache() {
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     assert!(!layout.prefix.is_empty() && !layout.suffix.is_empty());
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 1.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(1.0), n_queries: 64, n_test: 16, ..Default::default() };
     let (mut small, report) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
     let mut full = m.new_cache();
     let mut st = m.new_state(64);
@@ -60,7 +60,7 @@ fn compaction_installs_ragged_rows_with_beta_and_keeps_positions() {
     let art = layout.article.len();
     for (name, on_policy, chunk) in [("am-highest", false, None), ("am-omp", true, None), ("baseline", false, Some(17))] {
         let method = compressor_from_name(name).unwrap();
-        let opts = CompactOptions { ratio: 4.0, n_queries: 128, n_test: 32, on_policy, chunk_tokens: chunk, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 128, n_test: 32, on_policy, chunk_tokens: chunk, ..Default::default() };
         let (mut c, report) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
         c.check().unwrap();
         assert_eq!(c.next_pos(), layout.len(), "{name}: logical length must stay the context length");
@@ -96,7 +96,7 @@ fn other_query_sources_run() {
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
     for src in [QuerySource::Context, QuerySource::Random, QuerySource::Mix, QuerySource::SelfStudy] {
-        let opts = CompactOptions { ratio: 3.0, queries: src, n_queries: 96, n_test: 24, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(3.0), queries: src, n_queries: 96, n_test: 24, ..Default::default() };
         let (c, r) = compact_context(&m, &tok, &layout, &method, &opts).unwrap_or_else(|e| panic!("{src:?}: {e}"));
         c.check().unwrap();
         assert!(r.n_queries_per_kv_head > 0, "{src:?}");
@@ -109,7 +109,7 @@ fn compacted_gqa() -> (Model, kvcompact::cache::KvCache) {
     let (m, tok) = setup("llama-gqa");
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 5.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(5.0), n_queries: 64, n_test: 16, ..Default::default() };
     let (c, _) = compact_context(&m, &tok, &layout, &method, &opts).unwrap();
     (m, c)
 }
@@ -180,7 +180,7 @@ fn budgets_water_fill() {
 fn online_compaction_bounds_the_cache_during_generation() {
     let (m, tok) = setup("llama-gqa");
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 4.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 64, n_test: 16, ..Default::default() };
     let mut policy = kvcompact::document::OnlineCompaction::new(&tok, &method, 40, 8, false, opts).unwrap();
     let prompt = tok.encode("The lighthouse", true).unwrap();
     let mut st = m.new_state(32);
@@ -204,7 +204,7 @@ fn sensitivity_budgets_are_proportions_over_every_head() {
     let (m, tok) = setup("llama-mha");
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { ratio: 3.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(3.0), n_queries: 64, n_test: 16, ..Default::default() };
     let (p, a, b) = kvcompact::document::sensitivity_budgets(&m, &tok, &layout, &method, &opts).unwrap();
     let heads = m.config.n_layers * m.config.n_kv_heads;
     assert_eq!((p.len(), a.len(), b.len()), (heads, heads, heads));
@@ -223,7 +223,7 @@ fn sensitivity_budgets_are_proportions_over_every_head() {
 fn compact_context_with_eviction_methods() {
     let (m, tok) = setup("llama-gqa");
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
-    let opts = CompactOptions { ratio: 4.0, n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 64, n_test: 16, ..Default::default() };
     let art = layout.article.len();
     for name in ["snapkv", "knorm", "streaming-llm", "tova", "random"] {
         let method = kvcompact::compact::method_from_name(name).unwrap();

@@ -5,16 +5,18 @@
 //! to C-contiguous float32 (what the CLI's files hold) before anything runs. Errors are
 //! `ValueError` with the library's one-line message. Heavy calls release the GIL.
 
+mod model;
+
 use kvc::compact::oracle::{compact_head as compact_head_rs, HeadArrays, OracleOptions};
 use kvc::compact::registry;
-use kvc::compact::{BetaSolver, HeadContext, HeadInput};
+use kvc::compact::{BetaSolver, Budget, HeadContext, HeadInput};
 use numpy::ndarray::Array2;
 use numpy::{AllowTypeChange, IntoPyArray, PyArrayLike1, PyArrayLike2};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-fn value_error(e: impl std::fmt::Display) -> PyErr {
+pub(crate) fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string().replace('\n', " "))
 }
 
@@ -29,20 +31,23 @@ fn vector(a: &Option<PyArrayLike1<'_, f32, AllowTypeChange>>) -> Option<Vec<f32>
     a.as_ref().map(|x| x.as_array().iter().copied().collect())
 }
 
-/// Compact one attention head with an Attention Matching method — the `compact-head` oracle.
+/// Compact one attention head with any registry method — the `compact-head` oracle.
 ///
-/// keys, values: [T, d]; queries: [n, d] reference queries; budget: rows t to keep.
+/// keys, values: [T, d]; queries: [n, d] reference queries. Rows kept, in exactly one form:
+/// budget (rows t ≤ T), ratio (⌊T/R⌋) or compression_ratio (kvpress: int(T·(1 − r)), at least 1).
 /// Returns a dict: indices (int64 [t]), keys [t, d], beta [t], values [t, d] (float32), and
 /// rel_l2, mass_err (floats, None without test_queries), seconds.
 #[pyfunction]
-#[pyo3(signature = (keys, values, queries, budget, *, method = "am-omp", bias = None, test_queries = None, positions = None, scale = None, seed = 0, nnls = "reference", strict_parity = false))]
+#[pyo3(signature = (keys, values, queries, budget = None, *, ratio = None, compression_ratio = None, method = "am-omp", bias = None, test_queries = None, positions = None, scale = None, seed = 0, nnls = "reference", strict_parity = false))]
 #[allow(clippy::too_many_arguments)]
 fn compact_head<'py>(
     py: Python<'py>,
     keys: PyArrayLike2<'py, f32, AllowTypeChange>,
     values: PyArrayLike2<'py, f32, AllowTypeChange>,
     queries: PyArrayLike2<'py, f32, AllowTypeChange>,
-    budget: usize,
+    budget: Option<usize>,
+    ratio: Option<f64>,
+    compression_ratio: Option<f64>,
     method: &str,
     bias: Option<PyArrayLike1<'py, f32, AllowTypeChange>>,
     test_queries: Option<PyArrayLike2<'py, f32, AllowTypeChange>>,
@@ -52,6 +57,9 @@ fn compact_head<'py>(
     nnls: &str,
     strict_parity: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let budget = Budget::from_forms(ratio, compression_ratio, budget)
+        .map_err(value_error)?
+        .ok_or_else(|| value_error("give the rows to keep: budget, ratio or compression_ratio"))?;
     let (k, t_rows, d) = rows(&keys);
     let (v, vt, vd) = rows(&values);
     if (vt, vd) != (t_rows, d) {
@@ -164,6 +172,8 @@ fn _kvcompact(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compact_head, m)?)?;
     m.add_function(wrap_pyfunction!(score_head, m)?)?;
     m.add_function(wrap_pyfunction!(methods, m)?)?;
+    m.add_class::<model::Model>()?;
+    m.add_class::<model::Cache>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

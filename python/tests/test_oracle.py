@@ -153,3 +153,28 @@ def test_qfilters_and_full_are_refused_by_compact_head():
         kvcompact.compact_head(keys, values, queries, 8, method="qfilters")
     with pytest.raises(ValueError, match="full"):
         kvcompact.compact_head(keys, values, queries, 8, method="full")
+
+
+def test_budget_forms_match_the_cli(tmp_path):
+    # 25 rows: compression ratio 0.56 keeps int(25 * (1 - 0.56)) = 10 (exact arithmetic says 11),
+    # ratio 2.5 keeps 25 / 2.5 = 10; both are the bits of budget=10 and of the CLI's flags.
+    keys, values, queries, test, bias = head(seed=13, t=25)
+    by_rows = kvcompact.compact_head(keys, values, queries, 10, method="am-highest", seed=1)
+    write_safetensors(tmp_path / "in.safetensors", {"keys": keys, "values": values, "queries": queries})
+    for flag, kw in [("--compression-ratio", {"compression_ratio": 0.56}), ("--ratio", {"ratio": 2.5})]:
+        py = kvcompact.compact_head(keys, values, queries, method="am-highest", seed=1, **kw)
+        cmd = [str(BIN), "compact-head", "--input", str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "out.safetensors"), "--method", "am-highest", flag, str(next(iter(kw.values()))), "--seed", "1"]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cli = read_safetensors(tmp_path / "out.safetensors")
+        for name in ("indices", "keys", "beta", "values"):
+            assert py[name].tobytes() == by_rows[name].tobytes() == cli[name].tobytes(), (flag, name)
+    with pytest.raises(ValueError, match="one budget form"):
+        kvcompact.compact_head(keys, values, queries, 10, ratio=2.0)
+    with pytest.raises(ValueError, match="budget, ratio or compression_ratio"):
+        kvcompact.compact_head(keys, values, queries)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        kvcompact.compact_head(keys, values, queries, compression_ratio=1.0)
+    with pytest.raises(ValueError, match="ratio must be"):
+        kvcompact.compact_head(keys, values, queries, ratio=0.9)
+    with pytest.raises(ValueError, match="at least 1"):
+        kvcompact.compact_head(keys, values, queries, 0)

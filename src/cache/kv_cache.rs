@@ -387,6 +387,12 @@ impl KvCache {
         rows * Self::row_bytes(self.head_dim) + bias_rows * 4 + self.slim_bytes()
     }
 
+    /// Bytes the same context would hold uncompacted: one row per logical position in every
+    /// (layer, KV head), without β.
+    pub fn full_bytes(&self) -> usize {
+        self.next_pos() * self.n_layers * self.n_kv_heads * Self::row_bytes(self.head_dim)
+    }
+
     /// The slim part of [`KvCache::bytes`]: K-only rows, and the shared positions / RoPE rows
     /// when any layer is slim.
     pub fn slim_bytes(&self) -> usize {

@@ -38,7 +38,7 @@ pub fn run(a: Args) -> Result<()> {
     let dir = model_dir(&a.model)?;
     let (model, tok) = kvcompact::generate::load(&dir)?;
     let layout = ContextLayout::build(&tok, &text, tok.has_chat_template())?;
-    let opts = CompactOptions { ratio: a.ratio, n_queries: a.n_queries, seed: a.seed, ..Default::default() };
+    let opts = CompactOptions { budget: kvcompact::compact::Budget::Ratio(a.ratio), n_queries: a.n_queries, seed: a.seed, ..Default::default() };
     let (props, at_r, at_2r) = sensitivity_budgets(&model, &tok, &layout, &method, &opts)?;
     write_proportions(&a.out, &props)?;
     let nkv = model.config.n_kv_heads;

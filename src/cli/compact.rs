@@ -1,13 +1,11 @@
 //! `kvcompact compact`: prefill a context, compact its cache, save the compacted cache file.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use kvcompact::cache::save_cache;
-use kvcompact::compact::registry::{self, Family, MethodOptions};
-use kvcompact::compact::{qfilters, AmCompressor, BetaSolver, Compressor};
-use kvcompact::document::{compact_context, read_proportions, CompactOptions, ContextLayout, QuerySource};
+use kvcompact::compact::{registry, BetaSolver, Budget};
+use kvcompact::document::{compact_context, document_method, read_proportions, CompactOptions, ContextLayout, QuerySource};
 
 use super::{model_dir, read_prompt, ModelArg, PromptArg};
 
@@ -19,9 +17,15 @@ pub struct Args {
     /// The context (UTF-8 text) to prefill and compact.
     #[arg(long)]
     pub context: PathBuf,
-    /// Compaction ratio: the article keeps about 1/R of its rows per head.
-    #[arg(long, default_value_t = 20.0)]
-    pub ratio: f64,
+    /// Compaction ratio: the article keeps ⌊T/R⌋ of its T rows per head (default 20).
+    #[arg(long, conflicts_with_all = ["compression_ratio", "budget"])]
+    pub ratio: Option<f64>,
+    /// kvpress's form: the article keeps int(T·(1 − r)) rows per head (at least 1), r in [0, 1).
+    #[arg(long, conflicts_with = "budget")]
+    pub compression_ratio: Option<f64>,
+    /// Rows per KV head the article keeps (all of them when it is shorter).
+    #[arg(long)]
+    pub budget: Option<usize>,
     /// Any registry name: the Attention Matching family (am-highest, am-omp, am-omp-fast,
     /// baseline) fits β and values; eviction methods keep rows by their score.
     #[arg(long, default_value = "am-highest")]
@@ -63,40 +67,10 @@ pub struct Args {
 /// `kvcompact compact`.
 pub fn run(a: Args) -> Result<()> {
     let text = read_prompt(&PromptArg { prompt: None, prompt_file: Some(a.context.clone()) })?;
-    let family = registry::family(&a.method)?;
-    if family == Family::Full {
-        bail!("`kvcompact compact` compacts a cache; \"full\" keeps it whole");
-    }
     let solver = BetaSolver::parse(&a.nnls)?;
-    let dir = model_dir(&a.model)?;
-    let (model, tok) = kvcompact::generate::load(&dir)?;
-    // The AM family with its β solver; an eviction method scores each head with the reference
-    // queries (non-causal, over the span) and keeps rows with their prior bias and values.
-    let method: Box<dyn Compressor> = match family {
-        Family::AttentionMatching => Box::new(AmCompressor::new(registry::require_am(&a.method, "compact")?.cfg.with_beta_solver(solver))),
-        _ => {
-            let filters = if a.method == "qfilters" {
-                let cache = model.dir.join(qfilters::DEFAULT_FILTERS_FILE);
-                Some(Arc::new(qfilters::load_or_calibrate(&model, None, Some(&cache), true)?))
-            } else {
-                None
-            };
-            registry::method_with(&a.method, &MethodOptions { filters })?
-        }
-    };
-    let chat = !a.raw && tok.has_chat_template();
-    let layout = ContextLayout::build(&tok, &text, chat)?;
     let budgets = a.budgets.as_deref().map(read_proportions).transpose()?;
-    if let Some(c) = a.chunk_tokens {
-        if c == 0 {
-            bail!("--chunk-tokens must be at least 1");
-        }
-    }
-    if a.n_queries == 0 {
-        bail!("--n-queries must be at least 1");
-    }
     let opts = CompactOptions {
-        ratio: a.ratio,
+        budget: Budget::from_forms(a.ratio, a.compression_ratio, a.budget)?.unwrap_or_default(),
         queries: QuerySource::parse(&a.queries)?,
         n_queries: a.n_queries,
         n_test: a.n_test.max(1),
@@ -106,15 +80,22 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    // Bad options and unknown names fail before the model loads (or is fetched).
+    opts.check()?;
+    registry::family(&a.method)?;
+    let dir = model_dir(&a.model)?;
+    let (model, tok) = kvcompact::generate::load(&dir)?;
+    let method = document_method(&model, &a.method, solver)?;
+    let chat = !a.raw && tok.has_chat_template();
+    let layout = ContextLayout::build(&tok, &text, chat)?;
     eprintln!(
-        "compacting {} context tokens ({} article) with {} at {}x, {} queries ({}{})",
-        layout.len(), layout.article.len(), a.method, a.ratio, a.queries, a.n_queries,
+        "compacting {} context tokens ({} article) with {} at {}, {} queries ({}{})",
+        layout.len(), layout.article.len(), a.method, opts.budget, a.queries, a.n_queries,
         if a.on_policy { ", on-policy" } else { "" }
     );
     let (cache, report) = compact_context(&model, &tok, &layout, method.as_ref(), &opts)?;
-    let params = serde_json::json!({"method": a.method, "ratio": a.ratio, "queries": a.queries, "n_queries": a.n_queries,
-        "on_policy": a.on_policy, "chunk_tokens": a.chunk_tokens, "nnls": a.nnls, "seed": a.seed,
-        "context_file": a.context.display().to_string(), "context_tokens": layout.len()});
+    // Shared with the Python package, so both write the same bytes for the same arguments.
+    let params = opts.cache_params(&a.method, solver, &layout);
     save_cache(&a.out, &model.cache_id(), &cache, chat, &params)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     // Compacted cache.
-    let opts = CompactOptions { ratio: a.ratio, n_queries: a.n_queries, seed: a.seed, ..Default::default() };
+    let opts = CompactOptions { budget: kvcompact::compact::Budget::Ratio(a.ratio), n_queries: a.n_queries, seed: a.seed, ..Default::default() };
     let (mut small, report) = compact_context(&model, &tok, &layout, &method, &opts)?;
     let mut small_answers = Vec::new();
     for q in &qids {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 use kvcompact::compact::registry::{self, Family};
-use kvcompact::generate::{encode_prompt, render_prompt, GenOptions};
+use kvcompact::document::generation_tokens;
+use kvcompact::generate::GenOptions;
 use kvcompact::model::DEFAULT_MAX_BATCH;
 use kvcompact::sampling::Sampler;
 use kvcompact::tokenizer::TextStream;
@@ -75,12 +76,7 @@ pub struct Args {
 
 /// `kvcompact generate`.
 pub fn run(a: Args) -> Result<()> {
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be a finite number ≥ 0");
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
-    }
+    let mut sampler = Sampler::checked(a.temperature, a.top_p, a.seed)?;
     let text = read_prompt(&a.prompt)?;
     let dir = model_dir(&a.model)?;
     let (mut model, tok) = kvcompact::generate::load(&dir)?;
@@ -89,21 +85,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     enable_slim(&mut model, &a.slim)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
-    let (mut cache, ids) = match &a.cache {
+    let (mut cache, cached_chat) = match &a.cache {
         Some(path) => {
             let loaded = kvcompact::cache::load_cache(path, &model.cache_id())?;
-            let ids = kvcompact::document::followup_tokens(&tok, loaded.chat, &text)?;
-            if loaded.cache.next_pos() + ids.len() + 1 > model.config.max_position_embeddings {
-                bail!("the cached context plus the prompt exceed the model's context of {} tokens", model.config.max_position_embeddings);
-            }
-            (loaded.cache, ids)
+            (loaded.cache, Some(loaded.chat))
         }
-        None => {
-            let rendered = render_prompt(&tok, &text, a.chat, a.system.as_deref())?;
-            (model.new_cache(), encode_prompt(&model, &tok, &rendered, a.chat, 1)?)
-        }
+        None => (model.new_cache(), None),
     };
-    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
+    let ids = generation_tokens(&model, &tok, &text, a.chat, a.system.as_deref(), cached_chat.map(|c| (&cache, c)))?;
     let opts = GenOptions { max_tokens: a.max_tokens, stop_at_eos: !a.ignore_eos };
     let mut stream = TextStream::new();
     let stdout = std::io::stdout();
@@ -114,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
         if registry::family(&a.method)? == Family::AttentionMatching {
             am_method = registry::require_am(&a.method, "generate")?;
             let chat = a.chat || a.cache.is_some();
-            let copts = kvcompact::document::CompactOptions { ratio: a.ratio, seed: a.seed, ..Default::default() };
+            let copts = kvcompact::document::CompactOptions { budget: kvcompact::compact::Budget::Ratio(a.ratio), seed: a.seed, ..Default::default() };
             online = Some(kvcompact::document::OnlineCompaction::new(&tok, &am_method, n, a.keep_recent, chat, copts)?);
         } else {
             streaming = Some(kvcompact::compact::qfilters::streaming_policy(&a.method, a.filters.as_deref(), &model, n, a.window, a.sinks)?);

@@ -14,13 +14,15 @@
 //! | eviction baselines | [`evict`] (the frame + one file each) | top-t of a budget-independent score ([`Scorer`]) | prior bias | V\[S\] |
 //! | `qfilters` | [`qfilters`] | −⟨k, f⟩ with calibrated filters | prior bias | V\[S\] |
 //!
+//! [`budget`] turns the three budget forms (ratio, kvpress compression ratio, rows) into rows;
 //! [`oracle`] wraps one head in a safetensors file contract for other implementations;
 //! [`quality`] measures a compressed head on held-out queries.
 //!
-//! Floors inside the room: [`head`] (data) ← [`method`] (traits) ← [`am`], [`evict`],
+//! Floors inside the room: [`budget`], [`head`] (data) ← [`method`] (traits) ← [`am`], [`evict`],
 //! [`qfilters`] ← [`registry`] ← [`oracle`].
 
 pub mod am;
+pub mod budget;
 pub mod evict;
 pub mod head;
 pub mod method;
@@ -30,6 +32,7 @@ pub mod quality;
 pub mod registry;
 
 pub use am::{AmCompressor, AmConfig, BetaFit, BetaSolver, Precision, Score, Selector, ValueFit};
+pub use budget::Budget;
 pub use evict::{Evict, ExpectedAttention, H2o, KNorm, PyramidKv, RandomEvict, SnapKv, StreamingLlm, Tova};
 pub use head::{head_seed, CompactedHead, FullHead, HeadContext, HeadInput, HeadStats, Observed};
 pub use method::{compress_heads, Compressor, Protect, Scorer};

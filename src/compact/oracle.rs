@@ -5,7 +5,8 @@
 //! \[m,d\], `positions` (i64 \[T\], default 0..T) and `scale` ([] or \[1\], default 1/√d).
 //! OUT: `indices` (i64 \[t\]), `keys` \[t,d\], `beta` \[t\], `values` \[t,d\]; with test queries also
 //! `rel_l2` and `mass_err` (f32 \[1\]: means over the test queries, spec §14). Metadata records the
-//! method, budget, seed, solver and the full-precision metrics.
+//! method, budget (rows, and the ratio or compression ratio it came from), seed, solver and the
+//! full-precision metrics.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::am::{AmCompressor, BetaSolver, Precision};
+use super::budget::Budget;
 use super::registry::{self, Family};
 use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
@@ -26,8 +28,9 @@ pub struct OracleOptions {
     /// `am-highest`, `am-omp-fast`, `baseline` and the aliases of
     /// [`AmConfig::from_name`](super::am::AmConfig::from_name)) or an eviction baseline.
     pub method: String,
-    /// Rows t to keep, ≤ T.
-    pub budget: usize,
+    /// Rows t to keep: a ratio, a kvpress compression ratio, or rows (≤ T: one head is given
+    /// whole, so more rows than it has is refused rather than clamped).
+    pub budget: Budget,
     /// Seed of the head's randomised steps (the reference β solver's power iteration).
     pub seed: u64,
     /// Bounded NNLS solver for B.
@@ -42,7 +45,7 @@ impl Default for OracleOptions {
     fn default() -> Self {
         OracleOptions {
             method: "am-omp".into(),
-            budget: 0,
+            budget: Budget::default(),
             seed: 0,
             nnls: BetaSolver::Reference,
             strict_parity: false,
@@ -180,6 +183,12 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
             &default_positions
         }
     };
+    if let Budget::Rows(n) = opts.budget {
+        if n > t_rows {
+            return Err(bad("budget", format!("{n} rows is larger than the {t_rows} rows of the head")));
+        }
+    }
+    let budget = opts.budget.rows(t_rows)?;
     let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let head = HeadInput { layer: 0, kv_head: 0, d, keys: a.keys, values: a.values, positions, bias: a.bias, queries: Some(a.queries), scale };
     let test = a.test_queries;
@@ -199,7 +208,7 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
         Family::Full => return Err(Error::Invalid("compact_head: \"full\" keeps the whole head; give a method that compacts".into())),
     };
     let t0 = Instant::now();
-    let out = method.compress_head(&head, opts.budget, opts.seed)?;
+    let out = method.compress_head(&head, budget, opts.seed)?;
     let seconds = t0.elapsed().as_secs_f64();
     let eval = test.map(|tq| evaluate_head(&head, &out, tq));
 
@@ -284,7 +293,11 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
     }
     let mut meta = HashMap::new();
     meta.insert("method".to_string(), method_name.to_string());
-    meta.insert("budget".to_string(), opts.budget.to_string());
+    // The rows asked for, and the form they came from when it was not rows.
+    meta.insert("budget".to_string(), opts.budget.rows(t_rows)?.to_string());
+    if let (form @ ("ratio" | "compression_ratio"), v) = opts.budget.entry() {
+        meta.insert(form.to_string(), v.to_string());
+    }
     meta.insert("seed".to_string(), opts.seed.to_string());
     meta.insert("nnls".to_string(), opts.nnls.name().to_string());
     meta.insert("strict_parity".to_string(), opts.strict_parity.to_string());

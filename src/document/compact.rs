@@ -3,13 +3,15 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::budgets::head_budgets;
 use super::layout::ContextLayout;
 use super::queries::{extra_queries, group_queries, local, merge_extra, repeat_tokens, self_study_tokens, subsample, LayerRun, QuerySource, Queries};
 use crate::cache::{HeadRows, KvCache};
-use crate::compact::{compress_heads, evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
+use crate::compact::registry::{self, Family, MethodOptions};
+use crate::compact::{compress_heads, evaluate_head, qfilters, AmCompressor, BetaSolver, Budget, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::error::{Error, Result};
 use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Rng;
@@ -19,8 +21,8 @@ use crate::tokenizer::Tokenizer;
 /// repeat queries, 4096 reference and 256 held-out queries per KV head, off-policy, one chunk.
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
-    /// Article rows kept per head ≈ article_len / ratio.
-    pub ratio: f64,
+    /// Article rows kept per head ([`Budget::rows`] of the article, or of each chunk).
+    pub budget: Budget,
     /// Where the reference queries come from.
     pub queries: QuerySource,
     /// Reference queries per KV head (n in the spec; split evenly over the group's query heads).
@@ -44,7 +46,7 @@ pub struct CompactOptions {
 impl Default for CompactOptions {
     fn default() -> Self {
         CompactOptions {
-            ratio: 20.0,
+            budget: Budget::Ratio(20.0),
             queries: QuerySource::Repeat,
             n_queries: 4096,
             n_test: 256,
@@ -53,6 +55,56 @@ impl Default for CompactOptions {
             budgets: None,
             max_ratio_per_head: 1.0,
             seed: 0,
+        }
+    }
+}
+
+impl CompactOptions {
+    /// Refuse options no compaction can run with (one-line errors), before any prefill.
+    pub fn check(&self) -> Result<()> {
+        self.budget.check()?;
+        if self.budgets.is_some() && !matches!(self.budget, Budget::Ratio(_)) {
+            // The water-fill (spec §11) is defined around a ratio's total.
+            return Err(Error::Invalid(format!("per-head budget proportions take a ratio, not {}", self.budget)));
+        }
+        if self.n_queries == 0 {
+            return Err(Error::Invalid("n_queries must be at least 1".into()));
+        }
+        if self.chunk_tokens == Some(0) {
+            return Err(Error::Invalid("chunk_tokens must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// What a cache file made by [`compact_context`] records of how it was made: `method` as
+    /// given, the budget form, the query settings, the β solver, the seed and the context's length.
+    pub fn cache_params(&self, method: &str, nnls: BetaSolver, layout: &ContextLayout) -> serde_json::Value {
+        let (form, value) = self.budget.entry();
+        let mut p = serde_json::json!({"method": method, "queries": self.queries.name(), "n_queries": self.n_queries,
+            "on_policy": self.on_policy, "chunk_tokens": self.chunk_tokens, "nnls": nnls.name(), "seed": self.seed,
+            "context_tokens": layout.len()});
+        p[form] = value;
+        p
+    }
+}
+
+/// The compressor `kvcompact compact` (and the Python package's `Model.compact`) runs for the
+/// registry name `name`: the Attention Matching family with β solver `nnls`, or an eviction
+/// method that scores each head with the reference queries (non-causal, over the span) and keeps
+/// rows with their prior bias and values. `qfilters` loads the model's filters or calibrates and
+/// saves them next to the model.
+pub fn document_method(model: &Model, name: &str, nnls: BetaSolver) -> Result<Box<dyn Compressor>> {
+    match registry::family(name)? {
+        Family::Full => Err(Error::Invalid("\"full\" keeps the cache whole; give a method that compacts".into())),
+        Family::AttentionMatching => Ok(Box::new(AmCompressor::new(registry::require_am(name, "compact")?.cfg.with_beta_solver(nnls)))),
+        Family::Eviction => {
+            let filters = if name == "qfilters" {
+                let cache = model.dir.join(qfilters::DEFAULT_FILTERS_FILE);
+                Some(Arc::new(qfilters::load_or_calibrate(model, None, Some(&cache), true)?))
+            } else {
+                None
+            };
+            registry::method_with(name, &MethodOptions { filters })
         }
     }
 }
@@ -83,8 +135,8 @@ pub struct CompactReport {
     pub method: String,
     /// The query source's name ([`QuerySource::name`]).
     pub queries: String,
-    /// The compression ratio asked for.
-    pub ratio: f64,
+    /// The budget asked for.
+    pub budget: Budget,
     /// Whether queries were extracted on-policy.
     pub on_policy: bool,
     /// Tokens of the whole context: prefix + article + suffix.
@@ -288,6 +340,7 @@ fn compress_and_install(
 /// Prefill `layout`, compact its article with `method`, and return the compacted cache.
 pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, method: &dyn Compressor, opts: &CompactOptions) -> Result<(KvCache, CompactReport)> {
     let t_all = Instant::now();
+    opts.check()?;
     let c = &model.config;
     let (nl, nkv) = (c.n_layers, c.n_kv_heads);
     if layout.article.is_empty() {
@@ -303,7 +356,7 @@ pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, m
     let mut report = CompactReport {
         method: method.name().into(),
         queries: opts.queries.name().into(),
-        ratio: opts.ratio,
+        budget: opts.budget,
         on_policy: opts.on_policy,
         context_tokens: layout.len(),
         article_tokens: layout.article.len(),
@@ -365,7 +418,10 @@ pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, m
         let share = if opts.queries == QuerySource::Mix { 0.5 } else { 1.0 };
         let extra = extra_queries(model, &captured, opts.queries, opts.n_queries, opts.n_test, opts.seed, share);
         report.query_seconds += tq.elapsed().as_secs_f64();
-        let budgets = head_budgets(nl, nkv, part.len(), opts.ratio, opts.budgets.as_ref(), opts.max_ratio_per_head)?;
+        let budgets = match (&opts.budgets, opts.budget) {
+            (Some(p), Budget::Ratio(r)) => head_budgets(nl, nkv, part.len(), r, Some(p), opts.max_ratio_per_head)?,
+            _ => vec![opts.budget.rows(part.len())?; nl * nkv],
+        };
         let mut sub = opts.clone();
         if opts.queries == QuerySource::Mix {
             sub.n_queries = opts.n_queries / 2;

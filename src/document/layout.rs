@@ -3,7 +3,10 @@
 
 use std::ops::Range;
 
+use crate::cache::KvCache;
 use crate::error::{Error, Result};
+use crate::generate::{encode_prompt, render_prompt};
+use crate::model::Model;
 use crate::tokenizer::{Message, Tokenizer};
 
 /// A context split into the template before the article, the article, and the template after.
@@ -76,6 +79,23 @@ pub fn followup_tokens(tok: &Tokenizer, chat: bool, text: &str) -> Result<Vec<u3
         .strip_prefix(&one)
         .ok_or_else(|| Error::Tokenizer("the chat template does not extend a conversation by appending".into()))?;
     tok.encode(cont, false)
+}
+
+/// The tokens a generation feeds the model for `text`: after a cached context (`cached`: the
+/// cache and whether it was made in chat mode) the follow-up turn ([`followup_tokens`], `chat`
+/// and `system` unused); otherwise the prompt rendered with `chat` and `system`. Checked to leave
+/// room for at least one generated token. What `kvcompact generate` and the Python package run.
+pub fn generation_tokens(model: &Model, tok: &Tokenizer, text: &str, chat: bool, system: Option<&str>, cached: Option<(&KvCache, bool)>) -> Result<Vec<u32>> {
+    let Some((cache, cache_chat)) = cached else {
+        let rendered = render_prompt(tok, text, chat, system)?;
+        return encode_prompt(model, tok, &rendered, chat, 1);
+    };
+    let ids = followup_tokens(tok, cache_chat, text)?;
+    let max = model.config.max_position_embeddings;
+    if cache.next_pos() + ids.len() + 1 > max {
+        return Err(Error::Prompt(format!("the cached context plus the prompt exceed the model's context of {max} tokens")));
+    }
+    Ok(ids)
 }
 
 /// Tokens that continue a context with whole chat turns (`messages`, then the assistant header):

@@ -23,8 +23,8 @@ pub mod sensitivity;
 
 pub use answer::{answer, answer_nll};
 pub use budgets::{head_budgets, read_proportions, write_proportions};
-pub use compact::{compact_context, CompactOptions, CompactReport, LayerSummary};
-pub use layout::{continuation_tokens, followup_tokens, ContextLayout};
+pub use compact::{compact_context, document_method, CompactOptions, CompactReport, LayerSummary};
+pub use layout::{continuation_tokens, followup_tokens, generation_tokens, ContextLayout};
 pub use online::{compact_older_rows, OnlineCompaction};
 pub use queries::{repeat_tokens, self_study_tokens, QuerySource, REPEAT_INSTRUCTION};
 pub use sensitivity::sensitivity_budgets;

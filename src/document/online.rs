@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::compact::{compact_span, CompactOptions, CompactReport, Span};
 use super::queries::repeat_tokens;
 use crate::cache::KvCache;
-use crate::compact::{Compressor, HeadEval};
+use crate::compact::{Budget, Compressor, HeadEval};
 use crate::error::{Error, Result};
 use crate::model::{Model, RunState, DEFAULT_MAX_BATCH};
 use crate::tokenizer::Tokenizer;
@@ -43,8 +43,9 @@ impl<'a> OnlineCompaction<'a> {
                 "--keep-recent {keep_recent} must leave room below --max-cache-tokens {max_cache_tokens}"
             )));
         }
-        if !(opts.ratio > 1.0) {
-            return Err(Error::Invalid(format!("online compaction needs --ratio > 1, got {}", opts.ratio)));
+        // A ratio above 1 shrinks every compaction's span, so the cache falls below the bound.
+        if !matches!(opts.budget, Budget::Ratio(r) if r > 1.0) {
+            return Err(Error::Invalid(format!("online compaction needs a ratio > 1, got {}", opts.budget)));
         }
         Ok(OnlineCompaction { tok, method, max_cache_tokens, keep_recent, chat, opts, reports: Vec::new(), state: None })
     }
@@ -90,8 +91,8 @@ pub fn compact_older_rows(
     let mut query_tokens = repeat_tokens(tok, chat, &tokens[from..cut])?;
     let room = c.max_position_embeddings.saturating_sub(cache.next_pos());
     query_tokens.truncate(room);
-    let budgets: Vec<usize> = rows.iter().map(|r| ((r.len() as f64 / opts.ratio) as usize).max(1).min(r.len())).collect();
-    let mut report = CompactReport { method: method.name().into(), queries: "repeat".into(), ratio: opts.ratio, ..Default::default() };
+    let budgets: Vec<usize> = rows.iter().map(|r| opts.budget.rows(r.len())).collect::<Result<_>>()?;
+    let mut report = CompactReport { method: method.name().into(), queries: "repeat".into(), budget: opts.budget, ..Default::default() };
     report.kv_bytes_before = cache.bytes();
     let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
     let span = Span { rows, query_tokens };

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use super::compact::{compact_context, CompactOptions};
 use super::layout::ContextLayout;
-use crate::compact::Compressor;
-use crate::error::Result;
+use crate::compact::{Budget, Compressor};
+use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -18,9 +18,12 @@ use crate::tokenizer::Tokenizer;
 // The tuple is spelled out on purpose: an alias would hide what the three parts are.
 #[allow(clippy::type_complexity)]
 pub fn sensitivity_budgets(model: &Model, tok: &Tokenizer, layout: &ContextLayout, method: &dyn Compressor, opts: &CompactOptions) -> Result<(HashMap<String, f64>, Vec<f64>, Vec<f64>)> {
+    let Budget::Ratio(ratio) = opts.budget else {
+        return Err(Error::Invalid(format!("the sensitivity sweep doubles a ratio; got {}", opts.budget)));
+    };
     let uniform = CompactOptions { budgets: None, ..opts.clone() };
     let (_, at_r) = compact_context(model, tok, layout, method, &uniform)?;
-    let half = CompactOptions { ratio: opts.ratio * 2.0, ..uniform };
+    let half = CompactOptions { budget: Budget::Ratio(ratio * 2.0), ..uniform };
     let (_, at_2r) = compact_context(model, tok, layout, method, &half)?;
     let sens: Vec<f64> = at_2r.head_rel_l2.iter().zip(&at_r.head_rel_l2).map(|(b, a)| (b - a).max(0.0)).collect();
     let h = sens.len() as f64;

@@ -26,7 +26,7 @@ use super::api::ApiError;
 use super::documents::{DocumentInfo, Store};
 use super::metrics::Metrics;
 use crate::cache::KvCache;
-use crate::compact::registry;
+use crate::compact::{registry, Budget};
 use crate::document::{compact_context, compact_older_rows, CompactOptions, ContextLayout, QuerySource};
 use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Sampler;
@@ -332,7 +332,7 @@ impl Engine {
         let method = registry::require_am(&method, "serve")?;
         let s = &mut self.running[i];
         let before = s.cache.bytes();
-        let opts = CompactOptions { ratio, n_queries: 1024, n_test: 64, seed: s.job.seed, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(ratio), n_queries: 1024, n_test: 64, seed: s.job.seed, ..Default::default() };
         let report = compact_older_rows(&self.model, &mut self.compact_state, &self.tok, &method, &mut s.cache, &s.tokens, self.cfg.keep_recent, 4096, s.job.chat, &opts)?;
         s.fresh_rows = self.cfg.keep_recent;
         self.metrics.compactions.inc();
@@ -475,7 +475,7 @@ impl Engine {
         let method = registry::require_am(&d.method, "serve").map_err(|e| ApiError::bad_param("method", e.to_string()))?;
         let chat = self.tok.has_chat_template();
         let layout = ContextLayout::build(&self.tok, &d.text, chat).map_err(|e| ApiError::bad_param("text", e.to_string()))?;
-        let opts = CompactOptions { ratio: d.ratio, queries: d.queries, n_queries: 2048, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(d.ratio), queries: d.queries, n_queries: 2048, ..Default::default() };
         let full_bytes = layout.len() * self.row_bytes();
         let (cache, report) = compact_context(&self.model, &self.tok, &layout, &method, &opts).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let info = self
