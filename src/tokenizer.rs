@@ -155,16 +155,57 @@ pub fn render_template(tpl: &str, messages: &[Message], add_generation_prompt: b
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+    // A template is code from a stranger's model directory: bound its work and its output so a
+    // loop ends with an error instead of hanging or filling memory.
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(one_line(format!("chat template: {e}"))))?;
     let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos,
         eos_token => eos,
     };
+    let mut out = CappedWriter { buf: Vec::new(), cap: TEMPLATE_MAX_OUTPUT };
     env.get_template("chat")
-        .and_then(|t| t.render(ctx))
-        .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
+        .and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ()))
+        .map_err(|e| {
+            if out.buf.len() >= out.cap {
+                Error::Tokenizer(format!("chat template: the rendered prompt exceeds {} MiB", TEMPLATE_MAX_OUTPUT >> 20))
+            } else {
+                Error::Tokenizer(one_line(format!("chat template: {e}")))
+            }
+        })?;
+    String::from_utf8(out.buf).map_err(|_| Error::Tokenizer("chat template: rendered text is not UTF-8".into()))
+}
+
+/// Template instructions one rendering may run (a long chat needs a few thousand per message).
+const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Rendered bytes at most: far beyond any model's context, far below a machine's memory.
+const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// Collects a rendering and refuses to grow past `cap` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.cap {
+            self.buf.resize(self.cap, 0);
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Template errors can quote several source lines; the project's errors are one line.
+fn one_line(s: String) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Built-in template for a model that stores none, chosen from its vocabulary.

@@ -1311,3 +1311,18 @@ fn error_display_is_one_line_naming_file_and_tensor() {
     let crate_err: kvcompact::Error = e.into();
     assert_eq!(crate_err.to_string(), msg);
 }
+
+/// The GGUF fuzz target's seed (`fuzz/seeds/gguf/toy-llama.gguf`) is this one-layer toy model,
+/// which the converter accepts end to end; `KVCOMPACT_BLESS=1` rewrites it after a format change.
+#[test]
+fn gguf_fuzz_seed_is_the_toy_model() {
+    let bytes = toy_llama_f32(&toy_weights(&mut Rng(31), 1, false), 1).bytes();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf/toy-llama.gguf");
+    if std::env::var_os("KVCOMPACT_BLESS").is_some() {
+        std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
+        std::fs::write(&seed, &bytes).unwrap();
+    }
+    assert_eq!(std::fs::read(&seed).expect("the committed seed"), bytes, "stale fuzz seed; rerun with KVCOMPACT_BLESS=1");
+    let dir = tempfile::tempdir().unwrap();
+    convert_gguf(&seed, &dir.path().join("out"), OutDtype::F32).unwrap();
+}

@@ -165,6 +165,15 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
             return Err(bad("bias", format!("expected {t_rows} values, got {}", b.len())));
         }
     }
+    // One NaN or infinity poisons every score and fit downstream: refuse it where it enters.
+    for (name, v) in [("keys", Some(a.keys)), ("values", Some(a.values)), ("queries", Some(a.queries)), ("bias", a.bias)] {
+        if let Some(i) = v.and_then(|v| v.iter().position(|x| !x.is_finite())) {
+            return Err(bad(name, format!("entry {i} is NaN or infinite")));
+        }
+    }
+    if let Some(s) = a.scale.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(bad("scale", format!("must be a finite number > 0, got {s}")));
+    }
     if let Some(tq) = a.test_queries {
         if tq.len() % d != 0 {
             return Err(bad("test_queries", format!("{} values do not form rows of d = {d}", tq.len())));

@@ -36,8 +36,8 @@ pub fn head_budgets(n_layers: usize, n_kv: usize, t_article: usize, ratio: f64, 
         p[l * n_kv + h] = v;
     }
     let listed: f64 = p.iter().filter(|x| !x.is_nan()).sum();
-    if !(listed > 0.0) {
-        return Err(Error::Invalid("budget proportions sum to 0".into()));
+    if !(listed > 0.0) || !listed.is_finite() {
+        return Err(Error::Invalid(format!("budget proportions must have a finite sum > 0, got {listed}")));
     }
     // Water-fill: cap every head at c, hand the excess to uncapped heads pro rata, repeat.
     let rho = t_keep as f64 / t_article.max(1) as f64;
