@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use kvcompact::cache::file::load_cache;
+use kvcompact::compact::budget::Budget;
 use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
 use kvcompact::gguf::{convert_gguf, GgufFile, OutDtype};
 use kvcompact::model::config::Config;
@@ -123,6 +124,16 @@ fn cache_file_inputs() {
     assert!(loaded_any, "no cache seed loads: the seeds are stale (fuzz/: cargo run --bin make_seeds)");
 }
 
+/// The fuzz target's budget byte: every form, edges included.
+fn pick_budget(b: u8) -> Budget {
+    let k = (b / 3) as usize;
+    match b % 3 {
+        0 => Budget::Rows(1 + k % 16),
+        1 => Budget::Ratio(1.0 + k as f64 / 8.0),
+        _ => Budget::CompressionRatio(k as f64 / 86.0),
+    }
+}
+
 #[test]
 fn compact_head_inputs() {
     const METHODS: [&str; 12] = ["am-highest", "am-omp", "am-omp-fast", "baseline", "streaming-llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "expected-attention", "random"];
@@ -135,7 +146,7 @@ fn compact_head_inputs() {
         }
         let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
         std::fs::write(&input, &b[2..]).unwrap();
-        let opts = OracleOptions { method: METHODS[b[0] as usize % METHODS.len()].into(), budget: 1 + b[1] as usize % 16, ..OracleOptions::default() };
+        let opts = OracleOptions { method: METHODS[b[0] as usize % METHODS.len()].into(), budget: pick_budget(b[1]), ..OracleOptions::default() };
         match compact_head_file(&input, &output, &opts) {
             Ok(r) => assert!(r.rel_l2.is_none_or(f64::is_finite), "{}", p.display()),
             Err(e) => one_line(&p, &e),
