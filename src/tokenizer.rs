@@ -231,9 +231,16 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 
 /// Emits the text of a growing token sequence piece by piece, holding back bytes that do not
 /// yet form complete UTF-8 (byte-level BPE can split a character across tokens).
+///
+/// Each step decodes only the tokens since the last emitted piece plus one piece of context
+/// (`prefix..`), so a long generation costs O(n), not O(n²); the context token keeps decoders
+/// that treat a sequence's first token specially (a SentencePiece leading space) exact.
 pub struct TextStream {
     ids: Vec<u32>,
-    printed: usize,
+    /// Start of the decoding window: the context before the unemitted tokens.
+    prefix: usize,
+    /// Tokens before this have been emitted.
+    read: usize,
 }
 
 impl Default for TextStream {
@@ -245,18 +252,20 @@ impl Default for TextStream {
 impl TextStream {
     /// A stream with no tokens yet.
     pub fn new() -> TextStream {
-        TextStream { ids: Vec::new(), printed: 0 }
+        TextStream { ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// Add a token; return the newly completed text, if any.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, false)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+        let before = tok.decode(&self.ids[self.prefix..self.read], false)?;
+        let text = tok.decode(&self.ids[self.prefix..], false)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= before.len() || !text.is_char_boundary(before.len()) || !text.starts_with(&before) {
             return Ok(String::new());
         }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
+        let new = text[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(new)
     }
 }
@@ -264,6 +273,28 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streaming text equals decoding the whole sequence, multi-byte characters split across
+    /// byte-level tokens included (the tiny golden tokenizer, and the default model's if present).
+    #[test]
+    fn text_stream_equals_whole_decode() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = "Grüße, 世界! Naïve café → 🦀🦀 ok. Zürich—Ωmega 😀 end\n  two  spaces";
+        for dir in [repo.join("golden/tiny/llama-gqa"), repo.join("golden/tiny/mistral"), repo.join("models/smollm2-135m-instruct")] {
+            if !dir.join("tokenizer.json").exists() {
+                continue;
+            }
+            let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+            let tok = Tokenizer::load(&dir, &cfg).unwrap();
+            let ids = tok.encode(&text.repeat(3), false).unwrap();
+            let mut stream = TextStream::new();
+            let mut out = String::new();
+            for &id in &ids {
+                out.push_str(&stream.push(&tok, id).unwrap());
+            }
+            assert_eq!(out, tok.decode(&ids, false).unwrap(), "{}", dir.display());
+        }
+    }
 
     fn conv() -> Vec<Message> {
         vec![Message::new("user", " Hi there ")]

@@ -283,7 +283,10 @@ impl TextOut {
             return String::new();
         }
         self.text.push_str(&self.stream.push(tok, id).unwrap_or_default());
-        if let Some(at) = self.stops.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+        // A stop cannot start in text already sent (the last `hold` bytes are always held back),
+        // so only the unsent tail is searched: linear in the generation, not quadratic.
+        let tail = &self.text[self.sent..];
+        if let Some(at) = self.stops.iter().filter_map(|s| tail.find(s.as_str())).min().map(|i| self.sent + i) {
             self.text.truncate(at);
             self.stopped = true;
             return self.flush();
