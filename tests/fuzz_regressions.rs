@@ -179,3 +179,14 @@ fn runaway_chat_templates_end_with_an_error() {
     let e = render_template(flood, &m, true, "", "").unwrap_err().to_string();
     assert!(e.contains("exceeds"), "{e}");
 }
+
+/// Found by `cache_file` fuzzing: a cache whose keys, values and β are finite but near f32's
+/// limit loaded, and the next token's logits came out NaN. Such a file is now refused by name.
+#[test]
+fn cache_with_huge_magnitudes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"));
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/cache_file/huge-magnitudes-nan-logits");
+    let e = load_cache(&p, &model.cache_id()).err().expect("refused").to_string();
+    assert!(e.contains("beyond any real cache") && !e.contains('\n'), "{e}");
+}

@@ -14,6 +14,13 @@ use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorDa
 /// Format tag of compacted cache files.
 pub const CACHE_FORMAT: &str = "kvcompact-cache-v1";
 
+/// Largest |key| or |value| a loaded cache may hold. Real caches stay below ~1e3 and the
+/// official AM recipe's worst fitted values reach ~1e13; above ~1e16 the f32 residual stream's
+/// RMS norm overflows after one attention output.
+pub const MAX_ROW_ABS: f32 = 1e15;
+/// Largest |β|: fitted biases live in [ln 1e-12, 7] ≈ [−27.6, 7]; priors are logits.
+pub const MAX_BETA_ABS: f32 = 1e4;
+
 /// What a cache file records of the model it was made for, and checks when it is loaded
 /// ([`crate::model::Model::cache_id`] builds it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +139,13 @@ pub fn load_cache(path: &Path, model: &ModelId) -> Result<LoadedCache> {
             let (keys, values, beta) = (f("keys")?, f("values")?, f("beta")?);
             if keys.iter().chain(&values).chain(&beta).any(|x| !x.is_finite()) {
                 return Err(bad(format!("{n} holds NaN or infinite values")));
+            }
+            // Finite is not enough: keys of 1e38 overflow the attention logits and values of 1e38
+            // the residual stream, so the next token's logits come out NaN (found by fuzzing).
+            for (what, v, limit) in [("keys", &keys, MAX_ROW_ABS), ("values", &values, MAX_ROW_ABS), ("beta", &beta, MAX_BETA_ABS)] {
+                if let Some(x) = v.iter().find(|x| x.abs() > limit) {
+                    return Err(bad(format!("{n}.{what} holds {x:e}, beyond any real cache (|x| ≤ {limit:e}): the file is corrupt")));
+                }
             }
             cache.replace_head(l, h, HeadRows { keys, values, positions, bias: Some(beta) }).map_err(|e| bad(e.to_string()))?;
         }
