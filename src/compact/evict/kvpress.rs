@@ -26,7 +26,7 @@ use super::observed_attention::ObservedAttention;
 use super::random::torch_rand_scores;
 use super::{ExpectedAttention, KNorm, PyramidKv, SnapKv, StreamingLlm, Tova};
 use crate::cache::{HeadRows, KvCache};
-use crate::compact::head::{FullHead, HeadContext, HeadInput, Observed};
+use crate::compact::head::{head_seed, FullHead, HeadContext, HeadInput, Observed};
 use crate::compact::method::{Protect, Scorer};
 use crate::model::{Capture, Logits, Model, DEFAULT_MAX_BATCH};
 use crate::{Error, Result};
@@ -254,13 +254,22 @@ impl Prefilled {
     /// the press's `score()` tensor, sentinels included (KVzip: its raw scores, no sentinel; it
     /// needs `kvzip` and runs its repeat passes on a copy of the cache).
     pub fn scores(&self, model: &Model, press: &Press, kvzip: Option<&KvzipSetup>) -> Result<Vec<Vec<f64>>> {
-        let c = &model.config;
-        let (nl, nkv) = (c.n_layers, c.n_kv_heads);
         if let Press::KvZip(k) = press {
             let setup = kvzip.ok_or_else(|| Error::Invalid("kvzip: needs the template prefix length and repeat prompts (KvzipSetup)".into()))?;
             let mut cache = self.cache.clone();
             return k.scores(model, &mut cache, &self.tokens, setup.prefix_len, &setup.prompts);
         }
+        self.score_with(model, press, 0)
+    }
+
+    /// Any scorer's [`Scorer::score_layer`] over the whole context, every layer (layer-major
+    /// result), with the context's queries, the whole head and RoPE as the eval harness gives
+    /// them; head (l, h) gets seed [`head_seed`]`(seed, l, h)`. [`Prefilled::scores`] uses it for
+    /// every press but KVzip; with a default scorer it shows what the paper-faithful scores keep
+    /// on the same context.
+    pub fn score_with(&self, model: &Model, scorer: &dyn Scorer, seed: u64) -> Result<Vec<Vec<f64>>> {
+        let c = &model.config;
+        let (nl, nkv) = (c.n_layers, c.n_kv_heads);
         let t = self.len();
         let inv_freq = crate::model::rope_inv_freq(c);
         let positions: Vec<u32> = (0..t as u32).collect();
@@ -280,8 +289,8 @@ impl Prefilled {
                         }
                     })
                     .collect();
-                let seeds = vec![0u64; nkv];
-                press.score_layer(&inputs, &ctxs, &seeds)
+                let seeds: Vec<u64> = (0..nkv).map(|h| head_seed(seed, l, h)).collect();
+                scorer.score_layer(&inputs, &ctxs, &seeds)
             })
             .collect::<Result<_>>()?;
         Ok(per_layer.into_iter().flatten().collect())

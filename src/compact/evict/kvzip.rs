@@ -111,7 +111,7 @@ impl KvZip {
         out
     }
 
-    /// KVzip scores [L·n_kv][T] (layer-major) of a cache holding exactly the prefilled context
+    /// KVzip scores \[L·n_kv\]\[T\] (layer-major) of a cache holding exactly the prefilled context
     /// `context` (positions 0..T): every repeat pass runs after it (queries captured), each
     /// layer's chunk rows are scored, and the cache is rolled back to T rows. Rows of the template
     /// prefix (`< prefix_len`) score 0; no sentinel is applied (see [`KvZip::keep`]).

@@ -13,6 +13,13 @@
 //! that compresses one context at many budgets can call [`Scorer::score_layer`](crate::compact::Scorer::score_layer) once and
 //! [`select`] per budget (`Compressor::scorer`).
 //!
+//! kvpress semantics ([`kvpress`], spec `oracle.md` §2): [`Press`] reproduces each kvpress 0.5.5
+//! press of the same name (sentinel-score protection, kvpress's PyramidKV budgets, Expected
+//! Attention with ε = 0, torch's generator for random), and two methods only kvpress defines:
+//! [`observed_attention`] (`ObservedAttentionPress`) and [`kvzip`] (`KVzipPress`, scored by a
+//! repeat-the-context pass and selected across the whole model). `golden/kvpress/README.md` lists
+//! every difference from the default scorers.
+//!
 //! Context ([`HeadContext`](crate::compact::HeadContext)): [`HeadInput`](crate::compact::HeadInput) holds only the span being compressed. Methods whose
 //! score is an attention weight (H2O, SnapKV, TOVA, Expected Attention) need the softmax over
 //! *every* row the query sees (template rows included) and the queries of the context tokens with
