@@ -110,7 +110,7 @@ fn qfilters_score_is_minus_dot_with_the_filter() {
     assert_close(&s, &[2.0, -1.0, 0.0], 1e-9);
     assert_eq!(select(&s, 1, sc.protect(3, 1, &HeadContext::default())), vec![0]);
     // Through the registry.
-    let m = method_with("qfilters", &MethodOptions { filters: Some(sc.filters.clone()) }).unwrap();
+    let m = method_with("qfilters", &MethodOptions { filters: Some(sc.filters.clone()), ..Default::default() }).unwrap();
     assert_eq!(m.compress_head(&h.input(None), 2, 0).unwrap().indices, vec![0, 2]);
     assert!(method_from_name("qfilters").is_err(), "qfilters needs filters");
 }
@@ -303,7 +303,7 @@ fn every_method_compacts_a_real_cache_within_budget_and_frees_bytes() {
     let mut full = m.new_cache();
     let mut st = m.new_state(64);
     m.forward(&mut st, &mut full, &layout.tokens(), Logits::None).unwrap();
-    let opts = MethodOptions { filters: Some(some_filters(&m)) };
+    let opts = MethodOptions { filters: Some(some_filters(&m)), ..Default::default() };
     let art = layout.article.len();
     let template = layout.prefix.len() + layout.suffix.len();
     for name in METHODS.iter().filter(|n| **n != "full") {

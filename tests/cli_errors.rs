@@ -253,3 +253,38 @@ fn hostile_sizes_and_nan_test_queries() {
     let out = dir.path().join("out.safetensors");
     expect_error(&["compact-head", "--input", s(&input), "--output", s(&out), "--budget", "4"], &["test_queries", "NaN"]);
 }
+
+/// `compact-head --kvpress`: an eviction baseline runs as its kvpress press; H2O (no kvpress press),
+/// the Attention Matching family and kvzip (needs its repeat pass) are one-line errors, exit 1.
+#[test]
+fn compact_head_kvpress_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tt, d, n) = (40usize, 4usize, 6usize);
+    let keys: Vec<f32> = (0..tt * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    let values: Vec<f32> = (0..tt * d).map(|i| (i as f32 * 0.11).cos()).collect();
+    let queries: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.53).sin()).collect();
+    let input = dir.path().join("in.safetensors");
+    save_safetensors(
+        &input,
+        &[
+            OutTensor::F32 { name: "keys", shape: vec![tt, d], data: &keys },
+            OutTensor::F32 { name: "values", shape: vec![tt, d], data: &values },
+            OutTensor::F32 { name: "queries", shape: vec![n, d], data: &queries },
+        ],
+        None,
+    )
+    .unwrap();
+    let out = dir.path().join("out.safetensors");
+    let head = ["compact-head", "--input", s(&input), "--output", s(&out), "--budget", "8", "--kvpress", "--method"];
+    let with = |m: &'static str| head.iter().copied().chain([m]).collect::<Vec<&str>>();
+    for m in ["snapkv", "knorm", "observed-attention", "random"] {
+        let (code, _, err) = kvc(&with(m));
+        assert_eq!(code, 0, "{m}: {err}");
+        let map = load_safetensors(&out).unwrap();
+        assert_eq!(map["indices"].0, vec![8], "{m}");
+    }
+    expect_error(&with("h2o"), &["observed-attention"]);
+    expect_error(&with("am-omp"), &["--kvpress applies to eviction baselines"]);
+    expect_error(&with("kvzip"), &["kvzip", "repeat"]);
+    expect_error(&with("qfilters"), &["qfilters"]);
+}

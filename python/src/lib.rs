@@ -74,15 +74,6 @@ fn seed_arg(seed: i128) -> PyResult<u64> {
     u64::try_from(seed).map_err(|_| value_error(format!("seed {seed} is out of range (0 ..= {})", u64::MAX)))
 }
 
-/// `kvpress=True` needs a kvpress mode in the one-head oracle (`compact::oracle`), which is not
-/// there yet (the library's presses, `compact::evict::Press`, serve whole prefilled contexts).
-fn refuse_kvpress(kvpress: bool) -> PyResult<()> {
-    if kvpress {
-        return Err(value_error("kvpress=True is not yet supported: the one-head oracle has no kvpress mode yet; without it the baselines use their paper-faithful semantics"));
-    }
-    Ok(())
-}
-
 /// Compact one attention head with any registry method — the `compact-head` oracle.
 ///
 /// keys, values: [T, d]; queries: [n, d] reference queries. Rows kept, in exactly one form:
@@ -110,7 +101,6 @@ fn compact_head<'py>(
     scale: Option<f32>,
     strict_parity: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    refuse_kvpress(kvpress)?;
     let seed = seed_arg(seed)?;
     let budget = budget.map(|b| usize::try_from(b).map_err(|_| value_error(format!("budget {b}: rows to keep must be at least 1")))).transpose()?;
     let budget = Budget::from_forms(ratio, compression_ratio, budget)
@@ -133,7 +123,7 @@ fn compact_head<'py>(
     }
     let b = bias.map(|x| vector(py, "bias", x)).transpose()?;
     let pos = positions.map(|x| positions_arg(py, x)).transpose()?;
-    let opts = OracleOptions { method: method.to_string(), budget, seed, nnls: BetaSolver::parse(nnls).map_err(value_error)?, strict_parity, golden_precision: false };
+    let opts = OracleOptions { method: method.to_string(), budget, seed, nnls: BetaSolver::parse(nnls).map_err(value_error)?, strict_parity, golden_precision: false, kvpress };
     let r = py
         .detach(|| {
             let arrays = HeadArrays {
@@ -179,9 +169,8 @@ fn score_head<'py>(
     seed: i128,
     kvpress: bool,
 ) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
-    refuse_kvpress(kvpress)?;
     let seed = seed_arg(seed)?;
-    let m = registry::method_from_name(method).map_err(value_error)?;
+    let m = registry::method_with(method, &registry::MethodOptions { kvpress, seed, ..Default::default() }).map_err(value_error)?;
     let scorer = m.scorer().ok_or_else(|| value_error(format!("{method:?} fits β and values (Attention Matching); it has no row scores: use compact_head")))?;
     let (k, t_rows, d) = rows(py, "keys", keys)?;
     let v = match values {
@@ -216,10 +205,10 @@ fn score_head<'py>(
     Ok(scores.into_pyarray(py))
 }
 
-/// Every method name the registry knows (the same list `kvcompact eval` takes).
+/// Every method name the registry knows: `kvcompact eval`'s list, then `observed-attention` and `kvzip`.
 #[pyfunction]
 fn methods() -> Vec<&'static str> {
-    registry::METHODS.to_vec()
+    registry::METHODS.iter().chain(registry::PRESS_METHODS).copied().collect()
 }
 
 /// The native module.

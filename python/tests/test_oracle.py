@@ -226,13 +226,39 @@ def test_bad_scalars_and_positions_are_value_errors():
     assert a["indices"].tobytes() == b["indices"].tobytes()
 
 
-def test_kvpress_mode_is_refused_until_the_library_has_it():
+@pytest.mark.parametrize("method", ["streaming-llm", "snapkv", "pyramidkv", "tova", "knorm", "expected-attention", "observed-attention", "random"])
+def test_kvpress_mode_gives_a_result_for_every_eviction_press(method):
+    keys, values, queries, _, bias = head(seed=6)
+    py = kvcompact.compact_head(keys, values, queries, 20, method=method, bias=bias, seed=3, kvpress=True)
+    idx = py["indices"]
+    assert len(idx) == 20 and (np.diff(idx) > 0).all(), method
+    assert py["keys"].tobytes() == keys[idx].tobytes()
+    s = kvcompact.score_head(method, keys, values, queries, seed=3, kvpress=True)
+    assert s.shape == (keys.shape[0],) and np.isfinite(s).all(), method
+
+
+@pytest.mark.parametrize("method", ["snapkv", "tova", "random"])
+def test_kvpress_compact_head_bit_identical_to_cli(tmp_path, method):
+    keys, values, queries, _, bias = head(seed=7)
+    write_safetensors(tmp_path / "in.safetensors", {"keys": keys, "values": values, "queries": queries, "bias": bias})
+    cmd = [str(BIN), "compact-head", "--input", str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "out.safetensors"), "--method", method, "--budget", "17", "--seed", "4", "--kvpress"]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cli = read_safetensors(tmp_path / "out.safetensors")
+    py = kvcompact.compact_head(keys, values, queries, 17, method=method, bias=bias, seed=4, kvpress=True)
+    for name in ("indices", "keys", "beta", "values"):
+        assert py[name].tobytes() == cli[name].tobytes(), f"{method}: {name} differs from the CLI"
+
+
+def test_kvpress_refusals_are_value_errors():
     keys, values, queries, _, _ = head(seed=6)
-    assert kvcompact.compact_head(keys, values, queries, 8, kvpress=False)["indices"].shape == (8,)
-    with pytest.raises(ValueError, match="kvpress=True is not yet supported"):
-        kvcompact.compact_head(keys, values, queries, 8, method="snapkv", kvpress=True)
-    with pytest.raises(ValueError, match="kvpress=True is not yet supported"):
-        kvcompact.score_head("snapkv", keys, values, queries, kvpress=True)
+    with pytest.raises(ValueError, match="observed-attention"):
+        kvcompact.compact_head(keys, values, queries, 8, method="h2o", kvpress=True)
+    with pytest.raises(ValueError, match="observed-attention"):
+        kvcompact.score_head("h2o", keys, values, queries, kvpress=True)
+    with pytest.raises(ValueError, match="eviction baselines"):
+        kvcompact.compact_head(keys, values, queries, 8, method="am-highest", kvpress=True)
+    with pytest.raises(ValueError, match="repeat"):
+        kvcompact.compact_head(keys, values, queries, 8, method="kvzip", kvpress=True)
 
 
 def test_signature_follows_the_spec():

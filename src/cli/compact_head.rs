@@ -39,6 +39,9 @@ pub struct Args {
     /// No conditioning guard; the reference's exact solver path.
     #[arg(long)]
     pub strict_parity: bool,
+    /// kvpress 0.5.5 semantics for an eviction baseline (the press of the same name).
+    #[arg(long)]
+    pub kvpress: bool,
 }
 
 /// `kvcompact compact-head`.
@@ -51,6 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         nnls: BetaSolver::parse(&a.nnls)?,
         strict_parity: a.strict_parity,
+        kvpress: a.kvpress,
         ..Default::default()
     };
     let r = compact_head_file(&a.input, &a.output, &opts)?;

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::am::{AmCompressor, BetaSolver, Precision};
 use super::budget::Budget;
-use super::registry::{self, Family};
+use super::registry::{self, Family, MethodOptions};
 use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 use crate::{Error, Result};
@@ -39,6 +39,9 @@ pub struct OracleOptions {
     pub strict_parity: bool,
     /// S and E in f64 (golden mode) instead of f32.
     pub golden_precision: bool,
+    /// kvpress 0.5.5 semantics for an eviction baseline (`--kvpress`; [`Press`](super::evict::Press));
+    /// refused for the Attention Matching family.
+    pub kvpress: bool,
 }
 
 impl Default for OracleOptions {
@@ -50,6 +53,7 @@ impl Default for OracleOptions {
             nnls: BetaSolver::Reference,
             strict_parity: false,
             golden_precision: false,
+            kvpress: false,
         }
     }
 }
@@ -205,6 +209,9 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
     // with the reference queries (non-causal, normalised over the span: the fallback documented in
     // `evict`) and keeps rows with their prior bias and values.
     let method: Box<dyn Compressor> = match registry::family(&opts.method)? {
+        Family::AttentionMatching if opts.kvpress => {
+            return Err(Error::Invalid(format!("--kvpress applies to eviction baselines; {:?} is an Attention Matching method", opts.method)))
+        }
         Family::AttentionMatching => {
             let mut cfg = registry::require_am(&opts.method, "compact-head")?.cfg.with_beta_solver(opts.nnls).strict_parity(opts.strict_parity);
             cfg.inner_par = true;
@@ -213,7 +220,7 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
             }
             Box::new(AmCompressor::new(cfg))
         }
-        Family::Eviction => registry::method_from_name(&opts.method)?,
+        Family::Eviction => registry::method_with(&opts.method, &MethodOptions { kvpress: opts.kvpress, seed: opts.seed, ..Default::default() })?,
         Family::Full => return Err(Error::Invalid("compact_head: \"full\" keeps the whole head; give a method that compacts".into())),
     };
     let t0 = Instant::now();
@@ -310,6 +317,7 @@ pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> R
     meta.insert("seed".to_string(), opts.seed.to_string());
     meta.insert("nnls".to_string(), opts.nnls.name().to_string());
     meta.insert("strict_parity".to_string(), opts.strict_parity.to_string());
+    meta.insert("kvpress".to_string(), opts.kvpress.to_string());
     meta.insert("seconds".to_string(), format!("{seconds}"));
     meta.insert("generator".to_string(), format!("kvcompact {} compact-head", env!("CARGO_PKG_VERSION")));
     if let Some(e) = &eval {

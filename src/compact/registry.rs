@@ -12,6 +12,11 @@
 //! | `knorm` | −‖k‖ | [`super::evict::knorm`] |
 //! | `expected-attention` | Gaussian future-query attention × ‖v‖ | [`super::evict::expected_attention`] |
 //! | `random` | seeded uniform | [`super::evict::random`] |
+//! | `observed-attention` | kvpress `ObservedAttentionPress`: causal attention received / (T − j) | [`super::evict::observed_attention`] |
+//! | `kvzip` | kvpress `KVzipPress`: max attention received in "repeat the context" passes | [`super::evict::kvzip`] |
+//!
+//! With [`MethodOptions::kvpress`] an eviction name builds the kvpress 0.5.5 press of that name
+//! ([`Press::from_name`]) instead of the paper-faithful default.
 //!
 //! `full` (no compression) is a name the evaluation understands, not a compressor.
 //!
@@ -23,7 +28,7 @@
 use std::sync::Arc;
 
 use super::am::{AmCompressor, AmConfig};
-use super::evict::{Evict, ExpectedAttention, H2o, KNorm, PyramidKv, RandomEvict, SnapKv, StreamingLlm, Tova};
+use super::evict::{Evict, ExpectedAttention, H2o, KNorm, KvZip, ObservedAttention, Press, PyramidKv, RandomEvict, SnapKv, StreamingLlm, Tova};
 use super::method::Compressor;
 use super::qfilters::{QFilterScorer, QFilters};
 use crate::{Error, Result};
@@ -44,6 +49,11 @@ pub const METHODS: &[&str] = &[
     "random",
     "full",
 ];
+
+/// Eviction names outside [`METHODS`] (not in `eval`'s default list): kvpress's
+/// `ObservedAttentionPress` and `KVzipPress`, which need a whole prefilled context (kvzip its
+/// "repeat the context" pass) and are not wired into the evaluation yet.
+pub const PRESS_METHODS: &[&str] = &["observed-attention", "kvzip"];
 
 /// The Attention Matching names, aliases included (see [`AmConfig::from_name`]).
 pub const AM_METHODS: &[&str] = &["am-omp", "am-highest", "am-omp-fast", "baseline"];
@@ -67,10 +77,10 @@ pub fn family(name: &str) -> Result<Family> {
     if AmConfig::from_name(name).is_ok() {
         return Ok(Family::AttentionMatching);
     }
-    if METHODS.contains(&name) {
+    if METHODS.contains(&name) || PRESS_METHODS.contains(&name) {
         return Ok(Family::Eviction);
     }
-    Err(Error::Invalid(format!("unknown method {name:?} (expected one of {}, am-omp-fast)", METHODS.join(", "))))
+    Err(Error::Invalid(format!("unknown method {name:?} (expected one of {}, {}, am-omp-fast)", METHODS.join(", "), PRESS_METHODS.join(", "))))
 }
 
 /// Whether `name` is an Attention Matching method (fitted β / values, reference queries).
@@ -97,6 +107,11 @@ pub fn require_am(name: &str, command: &str) -> Result<AmCompressor> {
 pub struct MethodOptions {
     /// Q-Filters filters (required by `qfilters`).
     pub filters: Option<Arc<QFilters>>,
+    /// kvpress semantics: an eviction name builds kvpress 0.5.5's press of that name
+    /// ([`Press::from_name`]); `h2o` and `qfilters` have none and are refused.
+    pub kvpress: bool,
+    /// `RandomPress`'s seed under `kvpress`.
+    pub seed: u64,
 }
 
 /// Build a method from its name (`qfilters` needs [`method_with`] and filters).
@@ -106,6 +121,13 @@ pub fn method_from_name(name: &str) -> Result<Box<dyn Compressor>> {
 
 /// Build a method from its name with the given options.
 pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compressor>> {
+    if opts.kvpress {
+        return match family(name)? {
+            Family::Eviction => Ok(Box::new(Evict(Press::from_name(name, opts.seed)?))),
+            Family::AttentionMatching => Err(Error::Invalid(format!("--kvpress applies to eviction baselines; {name:?} is an Attention Matching method"))),
+            Family::Full => Err(Error::Invalid("\"full\" keeps the whole cache; it is not a compressor".into())),
+        };
+    }
     Ok(match name {
         "qfilters" => {
             let f = opts.filters.clone().ok_or_else(|| Error::Invalid("qfilters needs calibrated filters (kvcompact qfilters calibrate)".into()))?;
@@ -119,6 +141,8 @@ pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compresso
         "knorm" => Box::new(Evict(KNorm)),
         "expected-attention" => Box::new(Evict(ExpectedAttention::default())),
         "random" => Box::new(Evict(RandomEvict)),
+        "observed-attention" => Box::new(Evict(ObservedAttention)),
+        "kvzip" => Box::new(Evict(Press::KvZip(KvZip::default()))),
         "full" => return Err(Error::Invalid("\"full\" keeps the whole cache; it is not a compressor".into())),
         _ => match AmConfig::from_name(name) {
             Ok(cfg) => Box::new(AmCompressor::new(cfg)),

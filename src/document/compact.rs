@@ -104,7 +104,7 @@ pub fn document_method(model: &Model, name: &str, nnls: BetaSolver) -> Result<Bo
             } else {
                 None
             };
-            registry::method_with(name, &MethodOptions { filters })
+            registry::method_with(name, &MethodOptions { filters, ..Default::default() })
         }
     }
 }

@@ -62,7 +62,7 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     } else {
         None
     };
-    let mopts = MethodOptions { filters };
+    let mopts = MethodOptions { filters, ..Default::default() };
     let methods = plan
         .methods
         .iter()
