@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use kvcompact::compact::am::fit::{attention_stats, OMP_BOUNDS};
-use kvcompact::compact::am::omp::OmpSchedule;
+use kvcompact::compact::am::omp::{OmpSchedule, REFERENCE_DROP_ROUNDS};
 use kvcompact::compact::oracle::{compact_head_file, OracleOptions};
 use kvcompact::compact::{
     compress_heads, evaluate_head, AmCompressor, AmConfig, BetaSolver, Budget, CompactedHead, Compressor, HeadInput, Precision,
@@ -98,6 +98,17 @@ fn golden_cfg(method: &str) -> AmConfig {
     cfg.precision = Precision::F64;
     if let Selector::Omp(ref mut o) = cfg.selector {
         o.fast = false;
+        o.max_drop_rounds = REFERENCE_DROP_ROUNDS; // reference.py: at most 3 drop rounds
+    }
+    cfg
+}
+
+/// The default configuration with the reference's 3 drop rounds: what reference.py computes in
+/// float64 (the default's extra rounds are checked against the official code in tests/am_official.rs).
+fn default_cfg_reference_rounds(method: &str) -> AmConfig {
+    let mut cfg = AmConfig::from_name(method).unwrap();
+    if let Selector::Omp(ref mut o) = cfg.selector {
+        o.max_drop_rounds = REFERENCE_DROP_ROUNDS;
     }
     cfg
 }
@@ -172,7 +183,8 @@ fn golden_parity_f64() {
     assert!(failures.is_empty(), "golden mismatches:\n{}", failures.join("\n"));
 }
 
-/// Default (fast) configurations against the same goldens: f32 S/E, OMP fast path.
+/// Default (fast) configurations against the same goldens: f32 S/E, OMP fast path (with the
+/// reference's 3 drop rounds, as reference.py).
 #[test]
 fn golden_default_precision() {
     let mut failures = vec![];
@@ -184,7 +196,7 @@ fn golden_default_precision() {
             let t = if tag == "t10" { case.rows() / 10 } else { case.rows() / 50 };
             for (key, method, min_jac) in [("highest", "am-highest", 0.9), ("omp", "am-omp", 0.75), ("baseline", "baseline", 0.9)] {
                 let p = format!("{key}.{tag}");
-                let out = run(AmConfig::from_name(method).unwrap(), &head, t);
+                let out = run(default_cfg_reference_rounds(method), &head, t);
                 let ev = evaluate_head(&head, &out, &case.test);
                 let want_idx: Vec<usize> = exp.ids(&format!("{p}.indices")).iter().map(|&i| i as usize).collect();
                 let jac = jaccard(&out.indices, &want_idx);

@@ -1,9 +1,11 @@
 //! The `kvcompact` Python package's native module (`kvcompact._kvcompact`): thin wrappers over the
 //! library, so a call gives the same bits as the CLI.
 //!
-//! Inputs are any array-like numpy accepts, of any float dtype and memory layout: they are converted
-//! to C-contiguous float32 (what the CLI's files hold) before anything runs. Errors are
-//! `ValueError` with the library's one-line message. Heavy calls release the GIL.
+//! Inputs are anything `numpy.asarray` reads (arrays of any memory layout, lists, objects with
+//! `__array__` such as torch CPU tensors) holding floats (float16, float32, float64): they are
+//! converted to C-contiguous float32 (what the CLI's files hold) before anything runs. Integer,
+//! complex, bool or object arrays and arrays of the wrong ndim are refused. Errors are `ValueError`
+//! with the library's one-line message. Heavy calls release the GIL.
 
 mod model;
 
@@ -11,7 +13,7 @@ use kvc::compact::oracle::{compact_head as compact_head_rs, HeadArrays, OracleOp
 use kvc::compact::registry;
 use kvc::compact::{BetaSolver, Budget, HeadContext, HeadInput};
 use numpy::ndarray::Array2;
-use numpy::{AllowTypeChange, IntoPyArray, PyArrayLike1, PyArrayLike2};
+use numpy::{IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -20,15 +22,65 @@ pub(crate) fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string().replace('\n', " "))
 }
 
-/// A 2-D array as C-contiguous f32 rows and its shape.
-fn rows(a: &PyArrayLike2<'_, f32, AllowTypeChange>) -> (Vec<f32>, usize, usize) {
-    let v = a.as_array();
-    let (r, c) = v.dim();
-    (v.iter().copied().collect(), r, c)
+/// `x` through `numpy.asarray`, checked to be an `ndim`-D array whose dtype kind is one of `kinds`
+/// (numpy's letters: `f` float, `i` signed, `u` unsigned integer). `what` names the expected shape.
+fn checked_array<'py>(py: Python<'py>, name: &str, x: &Bound<'py, PyAny>, ndim: usize, what: &str, kinds: &[u8]) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let np = py.import("numpy")?;
+    let a = np.call_method1("asarray", (x,)).map_err(|e| value_error(format!("{name}: numpy.asarray cannot read it ({e})")))?;
+    let arr = a.cast_into::<PyUntypedArray>().map_err(|_| value_error(format!("{name}: numpy.asarray did not return an array")))?;
+    let kind = arr.dtype().kind();
+    if !kinds.contains(&kind) {
+        let want = if kinds.contains(&b'f') { "floats (float16, float32 or float64)" } else { "integers" };
+        return Err(value_error(format!("{name} must hold {want}, got dtype {}", arr.dtype())));
+    }
+    if arr.ndim() != ndim {
+        return Err(value_error(format!("{name} must be {ndim}-D {what}, got shape {:?}", arr.shape())));
+    }
+    Ok(arr)
 }
 
-fn vector(a: &Option<PyArrayLike1<'_, f32, AllowTypeChange>>) -> Option<Vec<f32>> {
-    a.as_ref().map(|x| x.as_array().iter().copied().collect())
+/// An array-like of floats as row-major (C-order) f32 and its shape, exactly as
+/// `numpy.ascontiguousarray(x, dtype=float32)` gives it, whatever the input's layout.
+fn floats(py: Python<'_>, name: &str, x: &Bound<'_, PyAny>, ndim: usize, what: &str) -> PyResult<(Vec<f32>, Vec<usize>)> {
+    let arr = checked_array(py, name, x, ndim, what, b"f")?;
+    let np = py.import("numpy")?;
+    let c = np.call_method1("ascontiguousarray", (arr, "float32"))?.cast_into::<PyArrayDyn<f32>>()?;
+    let ro = c.readonly();
+    let v = ro.as_array();
+    // Iterating the view walks it in logical (row-major) order, whatever its strides.
+    Ok((v.iter().copied().collect(), v.shape().to_vec()))
+}
+
+/// A 2-D float array-like as (row-major f32, rows, columns).
+fn rows(py: Python<'_>, name: &str, x: &Bound<'_, PyAny>) -> PyResult<(Vec<f32>, usize, usize)> {
+    let (v, shape) = floats(py, name, x, 2, "[rows, d]")?;
+    Ok((v, shape[0], shape[1]))
+}
+
+/// A 1-D float array-like as f32.
+fn vector(py: Python<'_>, name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    Ok(floats(py, name, x, 1, "[T]")?.0)
+}
+
+/// Absolute positions: a 1-D integer array-like, each in u32.
+fn positions_arg(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    let arr = checked_array(py, "positions", x, 1, "[T]", b"iu")?;
+    let list: Vec<i128> = arr.call_method0("tolist")?.extract()?;
+    list.iter().map(|&p| u32::try_from(p).map_err(|_| value_error(format!("positions: {p} is out of range (0 ..= {})", u32::MAX)))).collect()
+}
+
+/// A seed: any integer in 0 ..= 2⁶⁴ − 1 (a ValueError, not an OverflowError, outside).
+fn seed_arg(seed: i128) -> PyResult<u64> {
+    u64::try_from(seed).map_err(|_| value_error(format!("seed {seed} is out of range (0 ..= {})", u64::MAX)))
+}
+
+/// `kvpress=True` needs a kvpress mode in the one-head oracle (`compact::oracle`), which is not
+/// there yet (the library's presses, `compact::evict::Press`, serve whole prefilled contexts).
+fn refuse_kvpress(kvpress: bool) -> PyResult<()> {
+    if kvpress {
+        return Err(value_error("kvpress=True is not yet supported: the one-head oracle has no kvpress mode yet; without it the baselines use their paper-faithful semantics"));
+    }
+    Ok(())
 }
 
 /// Compact one attention head with any registry method — the `compact-head` oracle.
@@ -38,48 +90,49 @@ fn vector(a: &Option<PyArrayLike1<'_, f32, AllowTypeChange>>) -> Option<Vec<f32>
 /// Returns a dict: indices (int64 [t]), keys [t, d], beta [t], values [t, d] (float32), and
 /// rel_l2, mass_err (floats, None without test_queries), seconds.
 #[pyfunction]
-#[pyo3(signature = (keys, values, queries, budget = None, *, ratio = None, compression_ratio = None, method = "am-omp", bias = None, test_queries = None, positions = None, scale = None, seed = 0, nnls = "reference", strict_parity = false))]
+#[pyo3(signature = (keys, values, queries, budget = None, method = "am-highest", bias = None, test_queries = None, seed = 0, nnls = "reference", kvpress = false, *, ratio = None, compression_ratio = None, positions = None, scale = None, strict_parity = false))]
 #[allow(clippy::too_many_arguments)]
 fn compact_head<'py>(
     py: Python<'py>,
-    keys: PyArrayLike2<'py, f32, AllowTypeChange>,
-    values: PyArrayLike2<'py, f32, AllowTypeChange>,
-    queries: PyArrayLike2<'py, f32, AllowTypeChange>,
-    budget: Option<usize>,
+    keys: &Bound<'py, PyAny>,
+    values: &Bound<'py, PyAny>,
+    queries: &Bound<'py, PyAny>,
+    budget: Option<i64>,
+    method: &str,
+    bias: Option<&Bound<'py, PyAny>>,
+    test_queries: Option<&Bound<'py, PyAny>>,
+    seed: i128,
+    nnls: &str,
+    kvpress: bool,
     ratio: Option<f64>,
     compression_ratio: Option<f64>,
-    method: &str,
-    bias: Option<PyArrayLike1<'py, f32, AllowTypeChange>>,
-    test_queries: Option<PyArrayLike2<'py, f32, AllowTypeChange>>,
-    positions: Option<Vec<i64>>,
+    positions: Option<&Bound<'py, PyAny>>,
     scale: Option<f32>,
-    seed: u64,
-    nnls: &str,
     strict_parity: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
+    refuse_kvpress(kvpress)?;
+    let seed = seed_arg(seed)?;
+    let budget = budget.map(|b| usize::try_from(b).map_err(|_| value_error(format!("budget {b}: rows to keep must be at least 1")))).transpose()?;
     let budget = Budget::from_forms(ratio, compression_ratio, budget)
         .map_err(value_error)?
         .ok_or_else(|| value_error("give the rows to keep: budget, ratio or compression_ratio"))?;
-    let (k, t_rows, d) = rows(&keys);
-    let (v, vt, vd) = rows(&values);
+    let (k, t_rows, d) = rows(py, "keys", keys)?;
+    let (v, vt, vd) = rows(py, "values", values)?;
     if (vt, vd) != (t_rows, d) {
         return Err(value_error(format!("values has shape [{vt}, {vd}], keys [{t_rows}, {d}]")));
     }
-    let (q, _, qd) = rows(&queries);
+    let (q, _, qd) = rows(py, "queries", queries)?;
     if qd != d {
         return Err(value_error(format!("queries have d = {qd}, keys d = {d}")));
     }
-    let test = test_queries.as_ref().map(rows);
+    let test = test_queries.map(|x| rows(py, "test_queries", x)).transpose()?;
     if let Some((_, _, td)) = &test {
         if *td != d {
             return Err(value_error(format!("test_queries have d = {td}, keys d = {d}")));
         }
     }
-    let b = vector(&bias);
-    let pos: Option<Vec<u32>> = match positions {
-        Some(p) => Some(p.iter().map(|&x| u32::try_from(x).map_err(|_| value_error(format!("position {x} is out of range")))).collect::<PyResult<_>>()?),
-        None => None,
-    };
+    let b = bias.map(|x| vector(py, "bias", x)).transpose()?;
+    let pos = positions.map(|x| positions_arg(py, x)).transpose()?;
     let opts = OracleOptions { method: method.to_string(), budget, seed, nnls: BetaSolver::parse(nnls).map_err(value_error)?, strict_parity, golden_precision: false };
     let r = py
         .detach(|| {
@@ -112,25 +165,28 @@ fn compact_head<'py>(
 /// any protection or selection. Methods that score by attention use `queries` ([n, d], all the
 /// query heads of the group, non-causally); `knorm`, `streaming-llm` and `random` need none.
 #[pyfunction]
-#[pyo3(signature = (method, keys, *, values = None, queries = None, bias = None, positions = None, scale = None, seed = 0))]
+#[pyo3(signature = (method, keys, values = None, queries = None, *, bias = None, positions = None, scale = None, seed = 0, kvpress = false))]
 #[allow(clippy::too_many_arguments)]
 fn score_head<'py>(
     py: Python<'py>,
     method: &str,
-    keys: PyArrayLike2<'py, f32, AllowTypeChange>,
-    values: Option<PyArrayLike2<'py, f32, AllowTypeChange>>,
-    queries: Option<PyArrayLike2<'py, f32, AllowTypeChange>>,
-    bias: Option<PyArrayLike1<'py, f32, AllowTypeChange>>,
-    positions: Option<Vec<i64>>,
+    keys: &Bound<'py, PyAny>,
+    values: Option<&Bound<'py, PyAny>>,
+    queries: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    positions: Option<&Bound<'py, PyAny>>,
     scale: Option<f32>,
-    seed: u64,
+    seed: i128,
+    kvpress: bool,
 ) -> PyResult<Bound<'py, numpy::PyArray1<f64>>> {
+    refuse_kvpress(kvpress)?;
+    let seed = seed_arg(seed)?;
     let m = registry::method_from_name(method).map_err(value_error)?;
     let scorer = m.scorer().ok_or_else(|| value_error(format!("{method:?} fits β and values (Attention Matching); it has no row scores: use compact_head")))?;
-    let (k, t_rows, d) = rows(&keys);
-    let v = match &values {
+    let (k, t_rows, d) = rows(py, "keys", keys)?;
+    let v = match values {
         Some(x) => {
-            let (v, vt, vd) = rows(x);
+            let (v, vt, vd) = rows(py, "values", x)?;
             if (vt, vd) != (t_rows, d) {
                 return Err(value_error(format!("values has shape [{vt}, {vd}], keys [{t_rows}, {d}]")));
             }
@@ -138,15 +194,15 @@ fn score_head<'py>(
         }
         None => vec![0.0; k.len()],
     };
-    let q = queries.as_ref().map(rows);
+    let q = queries.map(|x| rows(py, "queries", x)).transpose()?;
     if let Some((_, _, qd)) = &q {
         if *qd != d {
             return Err(value_error(format!("queries have d = {qd}, keys d = {d}")));
         }
     }
-    let b = vector(&bias);
+    let b = bias.map(|x| vector(py, "bias", x)).transpose()?;
     let pos: Vec<u32> = match positions {
-        Some(p) => p.iter().map(|&x| u32::try_from(x).map_err(|_| value_error(format!("position {x} is out of range")))).collect::<PyResult<_>>()?,
+        Some(x) => positions_arg(py, x)?,
         None => (0..t_rows as u32).collect(),
     };
     let scale = scale.unwrap_or(1.0 / (d.max(1) as f32).sqrt());

@@ -14,7 +14,7 @@ use kvc::tokenizer::Tokenizer;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::PyTuple;
 
 use crate::value_error;
 
@@ -301,20 +301,20 @@ pub struct Cache {
 
 #[pymethods]
 impl Cache {
-    /// One (layer, KV head)'s rows as numpy arrays: keys and values float32 [n, head_dim],
-    /// beta float32 [n] (zeros where no compaction fitted one), positions int64 [n].
-    fn head<'py>(&self, py: Python<'py>, layer: i64, kv_head: i64) -> PyResult<Bound<'py, PyDict>> {
+    /// One (layer, KV head)'s rows as a tuple of numpy arrays `(keys, values, positions, beta)`:
+    /// keys and values float32 [n, head_dim], positions int64 [n] (increasing), beta float32 [n]
+    /// (zeros where no compaction fitted one).
+    fn head<'py>(&self, py: Python<'py>, layer: i64, kv_head: i64) -> PyResult<Bound<'py, PyTuple>> {
         let (nl, nkv, hd) = (self.cache.n_layers, self.cache.n_kv_heads, self.cache.head_dim);
         let l = usize::try_from(layer).ok().filter(|&l| l < nl).ok_or_else(|| out_of("layer", layer, format!("{nl} layers")))?;
         let h = usize::try_from(kv_head).ok().filter(|&h| h < nkv).ok_or_else(|| out_of("kv_head", kv_head, format!("{nkv} KV heads")))?;
         let (keys, values, bias, positions) = self.cache.head(l, h);
         let n = positions.len();
-        let out = PyDict::new(py);
-        out.set_item("keys", Array2::from_shape_vec((n, hd), keys.to_vec()).map_err(value_error)?.into_pyarray(py))?;
-        out.set_item("values", Array2::from_shape_vec((n, hd), values.to_vec()).map_err(value_error)?.into_pyarray(py))?;
-        out.set_item("beta", bias.map_or_else(|| vec![0.0f32; n], <[f32]>::to_vec).into_pyarray(py))?;
-        out.set_item("positions", positions.iter().map(|&p| p as i64).collect::<Vec<i64>>().into_pyarray(py))?;
-        Ok(out)
+        let keys = Array2::from_shape_vec((n, hd), keys.to_vec()).map_err(value_error)?.into_pyarray(py);
+        let values = Array2::from_shape_vec((n, hd), values.to_vec()).map_err(value_error)?.into_pyarray(py);
+        let positions = positions.iter().map(|&p| p as i64).collect::<Vec<i64>>().into_pyarray(py);
+        let beta = bias.map_or_else(|| vec![0.0f32; n], <[f32]>::to_vec).into_pyarray(py);
+        PyTuple::new(py, [keys.into_any(), values.into_any(), positions.into_any(), beta.into_any()])
     }
 
     /// Bytes the cache holds (keys, values, positions, β).

@@ -72,22 +72,179 @@ def test_compact_head_bit_identical_to_cli(tmp_path, method):
     assert py["mass_err"] == report["mass_err"]
 
 
-def test_any_layout_and_float64_give_the_same_bits():
-    keys, values, queries, test, _ = head(seed=7)
-    base = kvcompact.compact_head(keys, values, queries, 10, test_queries=test, seed=1)
-    # Fortran order, float64, and a strided view of a bigger array: converted to C float32 first.
-    big = np.zeros((keys.shape[0] * 2, keys.shape[1]), dtype=np.float32)
-    big[::2] = keys
-    variants = [
-        (np.asfortranarray(keys), np.asfortranarray(values), np.asfortranarray(queries)),
-        (keys.astype(np.float64), values.astype(np.float64), queries.astype(np.float64)),
-        (big[::2], values, queries.tolist()),
+class ArrayOnly:
+    """A torch-like stand-in: numpy sees it only through `__array__` (as it sees a torch CPU tensor)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def strided(a):
+    """A non-contiguous view holding `a`'s values: every other row and column of a bigger array."""
+    big = np.full((a.shape[0] * 2, a.shape[1] * 2) if a.ndim == 2 else (a.shape[0] * 2,), 7.0, dtype=a.dtype)
+    if a.ndim == 2:
+        big[::2, 1::2] = a
+        view = big[::2, 1::2]
+    else:
+        big[1::2] = a
+        view = big[1::2]
+    assert not view.flags.c_contiguous and np.array_equal(view, a)
+    return view
+
+
+# Each variant turns a float32 array into another form holding the same values (float16-exact inputs,
+# so float16 loses nothing): all must give the bits of C-contiguous float32.
+LAYOUTS = {
+    "fortran": np.asfortranarray,
+    "strided": strided,
+    "float64": lambda a: a.astype(np.float64),
+    "float16": lambda a: a.astype(np.float16),
+    "fortran-float64": lambda a: np.asfortranarray(a.astype(np.float64)),
+    "big-endian": lambda a: a.astype(">f4"),
+    "array-only": ArrayOnly,
+    "array-only-float64-strided": lambda a: ArrayOnly(strided(a.astype(np.float64))),
+    "list": lambda a: a.tolist(),
+}
+
+
+def head16(seed=0, t=80, d=16, n=48, m=16):
+    """head() rounded to float16 values (stored as float32)."""
+    return tuple(x.astype(np.float16).astype(np.float32) for x in head(seed, t, d, n, m))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("method", ["am-highest", "am-omp", "snapkv"])
+def test_compact_head_any_layout_and_float_dtype_gives_the_same_bits(layout, method):
+    keys, values, queries, test, bias = head16(seed=7)
+    assert keys.flags.c_contiguous and keys.dtype == np.float32
+    base = kvcompact.compact_head(keys, values, queries, 10, method=method, bias=bias, test_queries=test, seed=1)
+    f = LAYOUTS[layout]
+    r = kvcompact.compact_head(f(keys), f(values), f(queries), 10, method=method, bias=f(bias), test_queries=f(test), seed=1)
+    for name in ("indices", "keys", "beta", "values"):
+        assert r[name].dtype == base[name].dtype and r[name].tobytes() == base[name].tobytes(), (layout, name)
+    assert (r["rel_l2"], r["mass_err"]) == (base["rel_l2"], base["mass_err"])
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("method", ["knorm", "snapkv", "expected-attention", "tova"])
+def test_score_head_any_layout_and_float_dtype_gives_the_same_bits(layout, method):
+    keys, values, queries, _, bias = head16(seed=8)
+    base = kvcompact.score_head(method, keys, values, queries, bias=bias)
+    f = LAYOUTS[layout]
+    r = kvcompact.score_head(method, f(keys), f(values), f(queries), bias=f(bias))
+    assert r.dtype == np.float64 and r.tobytes() == base.tobytes(), layout
+
+
+def test_float64_inputs_are_rounded_like_numpy_astype():
+    # Not float16-exact: float64 → float32 must round exactly as numpy's astype does.
+    keys, values, queries, test, _ = (x.astype(np.float64) * (1 + 1e-9) for x in head(seed=9))
+    base = kvcompact.compact_head(*(x.astype(np.float32) for x in (keys, values, queries)), 10, test_queries=test.astype(np.float32))
+    r = kvcompact.compact_head(np.asfortranarray(keys), values, queries, 10, test_queries=test)
+    for name in ("indices", "keys", "beta", "values"):
+        assert r[name].tobytes() == base[name].tobytes(), name
+
+
+def bad_inputs():
+    """(what, keyword overrides of compact_head's arrays, a word the message must hold)."""
+    keys, values, queries, test, bias = head(seed=4)
+    nan = lambda a, *i: (lambda c: (c.__setitem__(i, np.nan), c)[1])(a.copy())
+    inf = lambda a, *i: (lambda c: (c.__setitem__(i, -np.inf), c)[1])(a.copy())
+    return [
+        ("int keys", {"keys": np.arange(keys.size).reshape(keys.shape)}, "keys must hold floats"),
+        ("int32 values", {"values": values.astype(np.int32)}, "values must hold floats"),
+        ("uint8 queries", {"queries": queries.astype(np.uint8)}, "queries must hold floats"),
+        ("int bias", {"bias": np.zeros(len(bias), dtype=np.int64)}, "bias must hold floats"),
+        ("complex keys", {"keys": keys.astype(np.complex64)}, "keys must hold floats"),
+        ("complex test", {"test_queries": test + 0j}, "test_queries must hold floats"),
+        ("bool queries", {"queries": queries > 0}, "queries must hold floats"),
+        ("object keys", {"keys": np.array([["a"] * 4] * 3, dtype=object)}, "keys must hold floats"),
+        ("string keys", {"keys": "keys"}, "keys must hold floats"),
+        ("int list", {"queries": [[1, 2], [3, 4]]}, "queries must hold floats"),
+        ("1-D keys", {"keys": keys[0]}, "keys must be 2-D"),
+        ("3-D queries", {"queries": queries[None]}, "queries must be 2-D"),
+        ("0-D values", {"values": np.float32(1.0)}, "values must be 2-D"),
+        ("2-D bias", {"bias": bias[:, None]}, "bias must be 1-D"),
+        ("1-D test", {"test_queries": test[0]}, "test_queries must be 2-D"),
+        ("ragged list", {"queries": [[1.0, 2.0], [3.0]]}, "queries"),
+        ("NaN keys", {"keys": nan(keys, 3, 1)}, "NaN"),
+        ("NaN values", {"values": nan(values, 0, 0)}, "NaN"),
+        ("NaN queries", {"queries": nan(queries, 5, 2)}, "NaN"),
+        ("NaN bias", {"bias": nan(bias, 7)}, "NaN"),
+        ("NaN test", {"test_queries": nan(test, 1, 1)}, "NaN"),
+        ("inf keys", {"keys": inf(keys, 2, 2)}, "infinit"),
+        ("float64 overflow", {"values": values.astype(np.float64) * 1e300}, "infinit"),
+        ("NaN float16", {"queries": nan(queries.astype(np.float16), 0, 0)}, "NaN"),
+        ("NaN array-only", {"keys": ArrayOnly(nan(keys, 1, 1))}, "NaN"),
+    ], (keys, values, queries, test, bias)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("case", range(len(bad_inputs()[0])))
+def test_bad_arrays_are_value_errors_never_panics(case):
+    cases, (keys, values, queries, test, bias) = bad_inputs()
+    what, over, needle = cases[case]
+    args = {"keys": keys, "values": values, "queries": queries, "test_queries": test, "bias": bias, **over}
+    for method in ("am-highest", "snapkv"):
+        with pytest.raises(ValueError) as e:
+            kvcompact.compact_head(budget=8, method=method, **args)
+        assert needle in str(e.value) and "\n" not in str(e.value), (what, str(e.value))
+    if "test_queries" not in over:
+        with pytest.raises(ValueError) as e:
+            kvcompact.score_head("snapkv", args["keys"], args["values"], args["queries"], bias=args["bias"])
+        assert needle in str(e.value), (what, str(e.value))
+
+
+def test_bad_scalars_and_positions_are_value_errors():
+    keys, values, queries, _, _ = head(seed=5)
+    t = keys.shape[0]
+    cases = [
+        (lambda: kvcompact.compact_head(keys, values, queries, -3), "at least 1"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, positions=np.arange(t) * 0.5), "positions must hold integers"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, positions=np.arange(t) - 1), "out of range"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, positions=np.arange(t)[::-1].copy()), "increasing"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, positions=np.arange(t - 1)), "positions"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, positions=np.arange(t)[None]), "positions must be 1-D"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, scale=float("nan")), "scale"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, seed=-1), "seed -1 is out of range"),
+        (lambda: kvcompact.compact_head(keys, values, queries, 8, seed=2**64), "out of range"),
+        (lambda: kvcompact.score_head("random", keys, seed=-5), "seed -5 is out of range"),
+        (lambda: kvcompact.score_head("knorm", keys, positions=[0.0] * t), "positions must hold integers"),
+        (lambda: kvcompact.score_head("knorm", keys, values[:-1]), "values"),
+        (lambda: kvcompact.score_head("snapkv", keys, values, queries[:, :-1]), "d ="),
     ]
-    for k, v, q in variants:
-        r = kvcompact.compact_head(k, v, q, 10, test_queries=test, seed=1)
-        for name in ("indices", "keys", "beta", "values"):
-            assert r[name].tobytes() == base[name].tobytes(), name
-        assert r["rel_l2"] == base["rel_l2"]
+    for call, needle in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert needle in str(e.value), (needle, str(e.value))
+    # Positions as any integer array-like, including a big-endian one or a list.
+    pos = np.arange(t, dtype=">u4") * 3
+    a = kvcompact.compact_head(keys, values, queries, 8, method="streaming-llm", positions=pos)
+    b = kvcompact.compact_head(keys, values, queries, 8, method="streaming-llm", positions=(np.arange(t) * 3).tolist())
+    assert a["indices"].tobytes() == b["indices"].tobytes()
+
+
+def test_kvpress_mode_is_refused_until_the_library_has_it():
+    keys, values, queries, _, _ = head(seed=6)
+    assert kvcompact.compact_head(keys, values, queries, 8, kvpress=False)["indices"].shape == (8,)
+    with pytest.raises(ValueError, match="kvpress=True is not yet supported"):
+        kvcompact.compact_head(keys, values, queries, 8, method="snapkv", kvpress=True)
+    with pytest.raises(ValueError, match="kvpress=True is not yet supported"):
+        kvcompact.score_head("snapkv", keys, values, queries, kvpress=True)
+
+
+def test_signature_follows_the_spec():
+    # compact_head(keys, values, queries, budget, method="am-highest", bias=None, test_queries=None,
+    # seed=0, nnls="reference", kvpress=False): positional in that order; the default is am-highest.
+    keys, values, queries, test, bias = head(seed=10)
+    by_kw = kvcompact.compact_head(keys, values, queries, budget=9, method="am-highest", bias=bias, test_queries=test, seed=2, nnls="reference", kvpress=False)
+    by_pos = kvcompact.compact_head(keys, values, queries, 9, "am-highest", bias, test, 2, "reference", False)
+    default = kvcompact.compact_head(keys, values, queries, 9, bias=bias, test_queries=test, seed=2)
+    for name in ("indices", "keys", "beta", "values"):
+        assert by_kw[name].tobytes() == by_pos[name].tobytes() == default[name].tobytes(), name
+    assert kvcompact.score_head("snapkv", keys, values, queries).tobytes() == kvcompact.score_head("snapkv", keys, values=values, queries=queries).tobytes()
 
 
 def test_errors_are_value_errors():

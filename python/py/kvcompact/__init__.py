@@ -1,9 +1,12 @@
 """kvcompact: the CPU reference for KV-cache compression, in-process from Python.
 
-    compact_head(keys, values, queries, budget=None, ratio=None, compression_ratio=None,
-                 method="am-omp", ...)                                  -> dict of numpy arrays
-    score_head(method, keys, queries=None, ...)                        -> float64 scores [T]
-    methods()                                                          -> every registry name
+    compact_head(keys, values, queries, budget=None, method="am-highest", bias=None,
+                 test_queries=None, seed=0, nnls="reference", kvpress=False,
+                 *, ratio=None, compression_ratio=None, positions=None, scale=None,
+                 strict_parity=False)                -> dict: indices, keys, beta, values, rel_l2, mass_err, seconds
+    score_head(method, keys, values=None, queries=None, *, bias=None, positions=None, scale=None,
+               seed=0, kvpress=False)                -> float64 scores [T] (higher = keep)
+    methods()                                        -> every registry name
 
     Model(path=None)                        the default model (as the CLI) or an HF directory
       .prefill(text | ids, chat=False)      -> Cache (full)
@@ -13,16 +16,18 @@
       .logits(text | ids)                   -> float32 [T, vocab]
       .tokenize(text), .detokenize(ids)
     Cache
-      .head(layer, kv_head)                 -> dict keys, values, beta, positions (numpy)
+      .head(layer, kv_head)                 -> (keys, values, positions, beta) numpy arrays
       .kv_bytes, .kv_bytes_full, len(cache), .n_layers, .n_kv_heads, .head_dim, .params, .report
       .save(path), Cache.load(path, model)
 
 Rows kept take one of three forms: ratio R (⌊T/R⌋, the AM paper's R×), compression_ratio r
 (kvpress: int(T·(1 − r)), at least 1) or budget N (rows per KV head).
 
-Array inputs may be any array-like of any float dtype and memory layout; they are converted to
-C-contiguous float32 first, so results equal the CLI's bit for bit. Errors raise ValueError with
-the library's one-line message.
+Array arguments are anything numpy.asarray reads (any memory layout, lists, torch CPU tensors and
+other objects with __array__) holding float16, float32 or float64; they are converted to
+C-contiguous float32 first, so results equal the CLI's bit for bit. Integer, complex, bool or object
+arrays, the wrong number of dimensions, NaN and infinity raise ValueError with a one-line message.
+kvpress=True raises ValueError until the one-head oracle has a kvpress mode.
 """
 
 from ._kvcompact import Cache, Model, __version__, compact_head, methods, score_head

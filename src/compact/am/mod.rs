@@ -127,12 +127,14 @@ impl AmConfig {
     }
 
     /// Strict parity with the reference: guard off, and OMP on the reference path (a QR solve per
-    /// fit, a streaming correlation pass per iteration).
+    /// fit, a streaming correlation pass per iteration, at most 3 drop rounds). Off restores the
+    /// defaults (guard, fast paths, [`omp::DEFAULT_DROP_ROUNDS`]).
     pub fn strict_parity(mut self, on: bool) -> AmConfig {
         self.guard = !on;
         if let Selector::Omp(ref mut o) = self.selector {
             o.fast = !on;
             o.gram_corr = !on;
+            o.max_drop_rounds = if on { omp::REFERENCE_DROP_ROUNDS } else { omp::DEFAULT_DROP_ROUNDS };
         }
         self
     }

@@ -133,16 +133,11 @@ fn sandwich(r: &[f64], s: &[f64], d: usize) -> Vec<f64> {
     out
 }
 
-impl Scorer for ExpectedAttention {
-    fn name(&self) -> &'static str {
-        "expected-attention"
-    }
-
-    fn needs_queries(&self) -> bool {
-        true
-    }
-
-    fn score_head(&self, input: &HeadInput, ctx: &HeadContext, _seed: u64) -> Result<Vec<f64>> {
+impl ExpectedAttention {
+    /// The scores of [`Scorer::score_head`]. With `skip_sinks` (kvpress), the first `n_sink` rows
+    /// of the whole head are left out of the softmax (kvpress slices them off the keys before
+    /// scoring) and their span rows score 0 (the caller protects them).
+    pub(crate) fn scores(&self, input: &HeadInput, ctx: &HeadContext, skip_sinks: bool) -> Result<Vec<f64>> {
         let d = input.d;
         let t = input.rows();
         let s = input.scale as f64;
@@ -164,10 +159,13 @@ impl Scorer for ExpectedAttention {
                 let quad: f64 = k.iter().zip(&sk).map(|(&a, b)| a as f64 * b).sum();
                 z[j] = s * lin + 0.5 * s * s * quad + bias.map_or(0.0, |b| b[j] as f64);
             }
-            let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let tot: f64 = z.iter().map(|x| (x - mx).exp()).sum();
-            for (a, &zj) in attn.iter_mut().zip(&z[span.clone()]) {
-                *a += (zj - mx).exp() / tot / moms.len() as f64;
+            let from = if skip_sinks { self.n_sink.min(z.len()) } else { 0 };
+            let mx = z[from..].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let tot: f64 = z[from..].iter().map(|x| (x - mx).exp()).sum();
+            for (j, (a, &zj)) in attn.iter_mut().zip(&z[span.clone()]).enumerate() {
+                if span.start + j >= from {
+                    *a += (zj - mx).exp() / tot / moms.len() as f64;
+                }
             }
         }
         Ok(attn
@@ -175,6 +173,20 @@ impl Scorer for ExpectedAttention {
             .zip(input.values.chunks(d))
             .map(|(a, v)| (a + self.epsilon) * v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
             .collect())
+    }
+}
+
+impl Scorer for ExpectedAttention {
+    fn name(&self) -> &'static str {
+        "expected-attention"
+    }
+
+    fn needs_queries(&self) -> bool {
+        true
+    }
+
+    fn score_head(&self, input: &HeadInput, ctx: &HeadContext, _seed: u64) -> Result<Vec<f64>> {
+        self.scores(input, ctx, false)
     }
 
     fn protect(&self, _rows: usize, _budget: usize, _ctx: &HeadContext) -> Protect {

@@ -39,32 +39,40 @@ impl Scorer for H2o {
     }
 
     fn score_head(&self, input: &HeadInput, ctx: &HeadContext, _seed: u64) -> Result<Vec<f64>> {
-        let t = input.rows();
-        let (heads, qpos) = group_queries(input, ctx).ok_or_else(|| Error::Invalid("h2o: no queries (observed context queries or HeadInput::queries)".into()))?;
-        let mut acc = vec![0.0f64; t];
-        let mut n_total = 0usize;
-        for q in &heads {
-            span_attention(input, ctx, q, qpos.as_deref(), |_, w| {
-                acc.iter_mut().zip(w).for_each(|(a, x)| *a += x);
-            });
-            n_total += q.len() / input.d;
-        }
-        let g = heads.len().max(1) as f64;
-        match qpos {
-            // Causal: row j is seen by the queries at positions ≥ p_j.
-            Some(p) => {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let seen = p.len() - p.partition_point(|&x| x < input.positions[j]);
-                    *a = if seen > 0 { *a / (g * seen as f64) } else { 0.0 };
-                }
-            }
-            None => acc.iter_mut().for_each(|a| *a /= n_total.max(1) as f64),
-        }
-        Ok(acc)
+        observed_scores(input, ctx, "h2o")
     }
 
     fn protect(&self, _rows: usize, budget: usize, _ctx: &HeadContext) -> Protect {
         let heavy = ((budget as f64) * (1.0 - self.recent_fraction)).floor() as usize;
         Protect { sinks: 0, window: budget - heavy.min(budget) }
     }
+}
+
+/// The observed-attention score shared by H2O and `observed-attention` (kvpress
+/// `ObservedAttentionPress`): per span row, the causal attention it received from the observed
+/// context queries, summed and divided by the number of queries that could see it (T − j for a
+/// fresh prefill), then the mean over the GQA group. `method` names the caller in errors.
+pub(crate) fn observed_scores(input: &HeadInput, ctx: &HeadContext, method: &str) -> Result<Vec<f64>> {
+    let t = input.rows();
+    let (heads, qpos) = group_queries(input, ctx).ok_or_else(|| Error::Invalid(format!("{method}: no queries (observed context queries or HeadInput::queries)")))?;
+    let mut acc = vec![0.0f64; t];
+    let mut n_total = 0usize;
+    for q in &heads {
+        span_attention(input, ctx, q, qpos.as_deref(), |_, w| {
+            acc.iter_mut().zip(w).for_each(|(a, x)| *a += x);
+        });
+        n_total += q.len() / input.d;
+    }
+    let g = heads.len().max(1) as f64;
+    match qpos {
+        // Causal: row j is seen by the queries at positions ≥ p_j.
+        Some(p) => {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let seen = p.len() - p.partition_point(|&x| x < input.positions[j]);
+                *a = if seen > 0 { *a / (g * seen as f64) } else { 0.0 };
+            }
+        }
+        None => acc.iter_mut().for_each(|a| *a /= n_total.max(1) as f64),
+    }
+    Ok(acc)
 }

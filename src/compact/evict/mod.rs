@@ -13,6 +13,13 @@
 //! that compresses one context at many budgets can call [`Scorer::score_layer`](crate::compact::Scorer::score_layer) once and
 //! [`select`] per budget (`Compressor::scorer`).
 //!
+//! kvpress semantics ([`kvpress`], spec `oracle.md` §2): [`Press`] reproduces each kvpress 0.5.5
+//! press of the same name (sentinel-score protection, kvpress's PyramidKV budgets, Expected
+//! Attention with ε = 0, torch's generator for random), and two methods only kvpress defines:
+//! [`observed_attention`] (`ObservedAttentionPress`) and [`kvzip`] (`KVzipPress`, scored by a
+//! repeat-the-context pass and selected across the whole model). `golden/kvpress/README.md` lists
+//! every difference from the default scorers.
+//!
 //! Context ([`HeadContext`](crate::compact::HeadContext)): [`HeadInput`](crate::compact::HeadInput) holds only the span being compressed. Methods whose
 //! score is an attention weight (H2O, SnapKV, TOVA, Expected Attention) need the softmax over
 //! *every* row the query sees (template rows included) and the queries of the context tokens with
@@ -24,6 +31,9 @@ pub mod expected_attention;
 pub mod frame;
 pub mod h2o;
 pub mod knorm;
+pub mod kvpress;
+pub mod kvzip;
+pub mod observed_attention;
 pub mod pyramidkv;
 pub mod random;
 pub mod snapkv;
@@ -34,8 +44,11 @@ pub use expected_attention::ExpectedAttention;
 pub use frame::{avg_pool, group_queries, keep_rows, log_sum_exp, select, span_attention, Evict};
 pub use h2o::H2o;
 pub use knorm::KNorm;
+pub use kvpress::Press;
+pub use kvzip::{KvZip, KvzipPrompts};
+pub use observed_attention::ObservedAttention;
 pub use pyramidkv::PyramidKv;
-pub use random::RandomEvict;
+pub use random::{Mt19937, RandomEvict};
 pub use snapkv::SnapKv;
 pub use streaming_llm::StreamingLlm;
 pub use tova::Tova;

@@ -45,6 +45,37 @@ impl PyramidKv {
     }
 }
 
+impl PyramidKv {
+    /// Rows kept by layer `layer` as kvpress 0.5.5 `PyramidKVPress.get_layer_budget` computes them,
+    /// for a context of `q_len` rows and `kept` = q_len·(1 − compression_ratio) **unrounded**:
+    /// min = kept/β, max = 2·kept − min (the window is inside the pyramid, not added to it); when
+    /// max ≥ q_len − w, max = q_len − w and min = 2·kept − max; unless q_len ≥ max ≥ min ≥ w, every
+    /// layer keeps max(1, round(kept)) (uniform SnapKV). Otherwise round(max − layer·(max − min)/(L − 1)).
+    /// `round` is Python's, half to even.
+    pub fn kvpress_layer_budget(&self, n_layers: usize, layer: usize, q_len: usize, kept: f64) -> usize {
+        let w = self.snap.window as f64;
+        let q = q_len as f64;
+        let max_capacity = w + kept;
+        let mut min = (max_capacity - w) / self.beta;
+        let mut max = (max_capacity - w) * 2.0 - min;
+        if max >= q - w {
+            max = q - w;
+            min = (max_capacity - w) * 2.0 - max;
+        }
+        if !(q >= max && max >= min && min >= w) {
+            return (kept.round_ties_even() as usize).max(1);
+        }
+        let steps = if n_layers > 1 { (max - min) / (n_layers - 1) as f64 } else { 0.0 };
+        ((max - layer as f64 * steps).round_ties_even() as usize).min(q_len)
+    }
+
+    /// [`PyramidKv::kvpress_layer_budget`] for every layer, with kept = q_len·(1 − compression_ratio).
+    pub fn kvpress_layer_budgets(&self, n_layers: usize, q_len: usize, compression_ratio: f64) -> Vec<usize> {
+        let kept = q_len as f64 * (1.0 - compression_ratio);
+        (0..n_layers).map(|l| self.kvpress_layer_budget(n_layers, l, q_len, kept)).collect()
+    }
+}
+
 impl Scorer for PyramidKv {
     fn name(&self) -> &'static str {
         "pyramidkv"
