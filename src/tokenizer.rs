@@ -95,8 +95,9 @@ impl Tokenizer {
         let mut eos_ids = cfg.eos_token_ids.clone();
         if let Some(g) = gc.as_ref().and_then(|g| g.get("eos_token_id")) {
             match g {
-                Value::Number(n) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
-                Value::Array(a) => eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
+                // An id beyond u32 is no token of any vocabulary: skip it rather than wrap it onto one.
+                Value::Number(n) => eos_ids.extend(n.as_u64().and_then(|x| u32::try_from(x).ok())),
+                Value::Array(a) => eos_ids.extend(a.iter().filter_map(Value::as_u64).filter_map(|x| u32::try_from(x).ok())),
                 _ => {}
             }
         }
