@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 
 use kvcompact::compact::am::fit::{attention_stats, OMP_BOUNDS};
 use kvcompact::compact::am::omp::{OmpSchedule, REFERENCE_DROP_ROUNDS};
@@ -78,16 +77,6 @@ fn manifest() -> serde_json::Value {
     serde_json::from_str(&text).expect("manifest is JSON")
 }
 
-fn jaccard(a: &[usize], b: &[usize]) -> f64 {
-    let (a, b): (BTreeSet<_>, BTreeSet<_>) = (a.iter().collect(), b.iter().collect());
-    let u = a.union(&b).count();
-    if u == 0 {
-        1.0
-    } else {
-        a.intersection(&b).count() as f64 / u as f64
-    }
-}
-
 fn rel_close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
     (got - want).abs() <= rel * want.abs() + abs
 }
@@ -139,7 +128,7 @@ fn golden_parity_f64() {
                 let out = run(cfg, &head, t);
                 let ev = evaluate_head(&head, &out, &case.test);
                 let want_idx: Vec<usize> = exp.ids(&format!("{p}.indices")).iter().map(|&i| i as usize).collect();
-                let jac = jaccard(&out.indices, &want_idx);
+                let jac = common::jaccard(&out.indices, &want_idx);
                 let want_rel = exp.f32(&format!("{p}.rel_l2"))[0] as f64;
                 let want_mass = exp.f32(&format!("{p}.mass_err"))[0] as f64;
                 let mut dbeta = f64::NAN;
@@ -199,7 +188,7 @@ fn golden_default_precision() {
                 let out = run(default_cfg_reference_rounds(method), &head, t);
                 let ev = evaluate_head(&head, &out, &case.test);
                 let want_idx: Vec<usize> = exp.ids(&format!("{p}.indices")).iter().map(|&i| i as usize).collect();
-                let jac = jaccard(&out.indices, &want_idx);
+                let jac = common::jaccard(&out.indices, &want_idx);
                 let want_rel = exp.f32(&format!("{p}.rel_l2"))[0] as f64;
                 let want_mass = exp.f32(&format!("{p}.mass_err"))[0] as f64;
                 let ok = jac >= min_jac && rel_close(ev.mean_rel_l2, want_rel, 0.05, 1e-3) && rel_close(ev.mean_mass_err, want_mass, 0.05, 1e-3);
@@ -489,7 +478,7 @@ fn omp_variants_on_real_head() {
     }
     let qr = run(qr_cfg, &head, t);
     let e_qr = evaluate_head(&head, &qr, &case.test);
-    let jac = jaccard(&base.indices, &qr.indices);
+    let jac = common::jaccard(&base.indices, &qr.indices);
     println!("fast vs QR path: jaccard {jac:.3}, rel_l2 {:.4e} vs {:.4e}", e_base.mean_rel_l2, e_qr.mean_rel_l2);
     assert!(jac >= 0.75 && rel_close(e_base.mean_rel_l2, e_qr.mean_rel_l2, 0.05, 1e-3));
     for cfg in [

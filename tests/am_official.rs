@@ -43,16 +43,6 @@ fn load_head(name: &str) -> Option<Head> {
     })
 }
 
-fn jaccard(a: &[usize], b: &[usize]) -> f64 {
-    let (a, b): (BTreeSet<_>, BTreeSet<_>) = (a.iter().collect(), b.iter().collect());
-    let u = a.union(&b).count();
-    if u == 0 {
-        1.0
-    } else {
-        a.intersection(&b).count() as f64 / u as f64
-    }
-}
-
 #[test]
 fn am_matches_official_code() {
     let path = common::golden("am_official/results.json");
@@ -102,7 +92,7 @@ fn am_matches_official_code() {
                 let (def, st) = (run(false), run(true));
                 let (d_rel, d_mass) = (def.report.rel_l2.unwrap(), def.report.mass_err.unwrap());
                 let (s_rel, s_mass) = (st.report.rel_l2.unwrap(), st.report.mass_err.unwrap());
-                let jac = jaccard(&st.indices, &off_idx);
+                let jac = common::jaccard(&st.indices, &off_idx);
                 println!(
                     "{name:6} {ours:16} {t:>4} | {d_rel:>9.5} {s_rel:>9.5} {off_rel:>9.5} | {d_mass:>9.5} {s_mass:>9.5} {off_mass:>9.5} | {jac:>5.3}"
                 );

@@ -63,3 +63,14 @@ impl Golden {
         self.map.contains_key(name)
     }
 }
+
+/// Jaccard overlap |a ∩ b| / |a ∪ b| of two index sets (1 when both are empty).
+pub fn jaccard(a: &[usize], b: &[usize]) -> f64 {
+    let (a, b): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) = (a.iter().collect(), b.iter().collect());
+    let u = a.union(&b).count();
+    if u == 0 {
+        1.0
+    } else {
+        a.intersection(&b).count() as f64 / u as f64
+    }
+}
