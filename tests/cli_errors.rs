@@ -288,3 +288,27 @@ fn compact_head_kvpress_flag() {
     expect_error(&with("kvzip"), &["kvzip", "repeat"]);
     expect_error(&with("qfilters"), &["qfilters"]);
 }
+
+#[test]
+fn compact_kvpress_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx.txt");
+    std::fs::write(&ctx, "The lighthouse at Kestrel Point was built in 1871 by Ada Brant; its lamp is seen 22 miles away.").unwrap();
+    let out = dir.path().join("c.safetensors");
+    let model = golden("tiny/llama-gqa");
+    let base = ["compact", "--model", s(&model), "--context", s(&ctx), "--out", s(&out)];
+    let with = |extra: &[&'static str]| base.iter().copied().chain(extra.iter().copied()).collect::<Vec<&str>>();
+    for extra in [&["--kvpress", "--method", "snapkv", "--budget", "3", "--json"][..], &["--method", "kvzip", "--compression-ratio", "0.5", "--json"]] {
+        let (code, stdout, err) = kvc(&with(extra));
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{extra:?}: {e}: {stdout}"));
+        assert_eq!(report["kvpress"], true, "{extra:?}");
+        assert!(report["kv_bytes_after"].as_u64().unwrap() < report["kv_bytes_before"].as_u64().unwrap(), "{extra:?}");
+        // The file is an ordinary compacted cache: generation continues from it.
+        let (code, _, err) = kvc(&["generate", "--model", s(&model), "--cache", s(&out), "--prompt", "Who built it?", "--max-tokens", "2"]);
+        assert_eq!(code, 0, "{extra:?}: generate from the cache: {err}");
+    }
+    expect_error(&with(&["--kvpress", "--method", "am-omp"]), &["--kvpress applies to eviction baselines"]);
+    expect_error(&with(&["--kvpress", "--method", "h2o"]), &["observed-attention"]);
+    expect_error(&with(&["--kvpress", "--method", "snapkv", "--on-policy"]), &["kvpress press takes none"]);
+}

@@ -327,3 +327,57 @@ fn default_scorers_against_the_kvpress_goldens() {
         }
     }
 }
+
+/// `kvcompact compact --kvpress` (`press_context`) on a golden context: the rows it keeps of the
+/// template prefix and article are kvpress's (exact for StreamingLLM, ≥ 99 % otherwise), the
+/// template's end of turn follows uncompressed, and the cache file records the press.
+#[test]
+fn compact_kvpress_keeps_the_golden_rows() {
+    use kvcompact::compact::{registry, Budget};
+    use kvcompact::document::{press_context, ContextLayout};
+    let Some(dir) = model_dir() else { return };
+    let model = Model::load(&dir).unwrap();
+    let tok = Tokenizer::load(&dir, &model.config).unwrap();
+    let (nl, nkv) = (model.config.n_layers, model.config.n_kv_heads);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join("golden/kvpress/manifest.json")).unwrap()).unwrap();
+    let name = "names";
+    let g = Golden::load(&repo().join(format!("golden/kvpress/{name}.safetensors")));
+    let ctx_ids = g.ids("context_ids");
+    let t = ctx_ids.len();
+    let layout = ContextLayout::build(&tok, manifest["contexts"][name]["context"].as_str().unwrap(), true).unwrap();
+    assert_eq!([&layout.prefix[..], &layout.article[..]].concat(), ctx_ids, "the layout's prefix + article are kvpress's context ids");
+    let mut failures = Vec::new();
+    for (pname, r) in [("streaming-llm", 0.5), ("snapkv", 0.8), ("observed-attention", 0.5), ("kvzip", 0.8), ("random", 0.5)] {
+        let press = registry::press_from_name(pname, 1234).unwrap();
+        let (cache, report) = press_context(&model, &tok, &layout, &press, Budget::CompressionRatio(r)).unwrap();
+        assert_eq!((report.compressed_tokens, report.context_tokens), (t, layout.len()));
+        assert_eq!(cache.next_pos(), layout.len(), "{pname}: the logical length is the whole context");
+        let gold = g.kept(&format!("kept/{pname}/{r}"), t);
+        let mut ours = Vec::new();
+        for l in 0..nl {
+            for h in 0..nkv {
+                let (_, _, bias, pos) = cache.head(l, h);
+                assert!(bias.is_none_or(|b| b.iter().all(|&x| x == 0.0)), "{pname}: a press fits no β");
+                let kept: Vec<usize> = pos.iter().filter(|&&p| (p as usize) < t).map(|&p| p as usize).collect();
+                let tail: Vec<u32> = pos.iter().copied().filter(|&p| p as usize >= t).collect();
+                assert_eq!(tail, (t as u32..layout.len() as u32).collect::<Vec<_>>(), "{pname} L{l}H{h}: the end of turn follows whole");
+                ours.push(kept);
+            }
+        }
+        assert_eq!(report.kept_rows, ours.iter().map(Vec::len).collect::<Vec<_>>());
+        let (hit, tot, worst) = overlap(&ours, &gold);
+        let n: usize = ours.iter().map(Vec::len).sum();
+        let exact = matches!(pname, "streaming-llm" | "random");
+        eprintln!("compact --kvpress {pname} {r}: {n} rows, overlap {:.4} (worst head {worst:.3})", hit as f64 / tot as f64);
+        if n != tot || (exact && hit != tot) || (hit as f64) < 0.99 * tot as f64 {
+            failures.push(format!("{pname} {r}: kept {n} vs golden {tot}, overlap {hit}"));
+        }
+    }
+    // The row-count form gives the press the matching ratio: int(T·(1 − r)) is the count asked.
+    let press = registry::press_from_name("snapkv", 0).unwrap();
+    let (_, report) = press_context(&model, &tok, &layout, &press, Budget::Rows(37)).unwrap();
+    assert!(report.kept_rows.iter().all(|&n| n == 37), "{:?}", &report.kept_rows[..4]);
+    assert_eq!(report.cache_params(0)["budget"], 37);
+    assert_eq!(report.cache_params(0)["kvpress"], true);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use kvc::cache::{load_cache, save_cache, KvCache, ModelId};
 use kvc::compact::{registry, BetaSolver, Budget};
-use kvc::document::{compact_context, document_method, generation_tokens, read_proportions, CompactOptions, ContextLayout, QuerySource};
+use kvc::document::{compact_context, document_method, generation_tokens, press_context, read_proportions, CompactOptions, ContextLayout, QuerySource};
 use kvc::generate::{encode_prompt, generate, GenOptions};
 use kvc::model::{Logits, DEFAULT_MAX_BATCH};
 use kvc::sampling::Sampler;
@@ -159,8 +159,10 @@ impl Model {
     /// arguments, same cache bits). `source` is the context's text (laid out with the chat
     /// template unless chat=False, like the CLI's --raw) or a Cache from `prefill`, whose context
     /// is compacted. One budget form at most: ratio (default 20), compression_ratio (kvpress:
-    /// int(T·(1 − r)) rows) or budget (rows per KV head).
-    #[pyo3(signature = (source, *, method = "am-highest", ratio = None, compression_ratio = None, budget = None, queries = "repeat", n_queries = 4096, n_test = 256, on_policy = false, chunk_tokens = None, budgets = None, nnls = "reference", chat = None, seed = 0))]
+    /// int(T·(1 − r)) rows) or budget (rows per KV head). kvpress=True (always for
+    /// observed-attention and kvzip) runs the kvpress press of an eviction name on the whole
+    /// context, as `kvcompact compact --kvpress`.
+    #[pyo3(signature = (source, *, method = "am-highest", ratio = None, compression_ratio = None, budget = None, queries = "repeat", n_queries = 4096, n_test = 256, on_policy = false, chunk_tokens = None, budgets = None, nnls = "reference", chat = None, seed = 0, kvpress = false))]
     #[allow(clippy::too_many_arguments)]
     fn compact(
         &self,
@@ -179,6 +181,7 @@ impl Model {
         nnls: &str,
         chat: Option<bool>,
         seed: u64,
+        kvpress: bool,
     ) -> PyResult<Cache> {
         let solver = BetaSolver::parse(nnls).map_err(value_error)?;
         let budgets = budgets.as_deref().map(read_proportions).transpose().map_err(value_error)?;
@@ -208,6 +211,17 @@ impl Model {
             let chat = chat.unwrap_or(true) && self.tok.has_chat_template();
             ContextLayout::build(&self.tok, &text, chat).map_err(value_error)?
         };
+        if registry::runs_as_press(method, kvpress) {
+            // As `compact --kvpress`: the press compresses the whole context (no reference queries).
+            let press = registry::press_from_name(method, seed).map_err(value_error)?;
+            if opts.budgets.is_some() || on_policy || chunk_tokens.is_some() {
+                return Err(value_error("budgets, on_policy and chunk_tokens shape Attention Matching's compaction; a kvpress press takes none of them"));
+            }
+            let (cache, report) = py.detach(|| press_context(&self.model, &self.tok, &layout, &press, opts.budget)).map_err(value_error)?;
+            let params = report.cache_params(seed);
+            let report = serde_json::to_string(&report).map_err(value_error)?;
+            return Ok(Cache { cache, chat: layout.chat, layout: None, id: self.id.clone(), params, report: Some(report) });
+        }
         let (cache, report) = py
             .detach(|| {
                 let m = document_method(&self.model, method, solver)?;

@@ -71,6 +71,25 @@ def test_compact_saves_the_cli_file(compacted):
     assert cache.params["compression_ratio"] == 0.5 and cache.params["method"] == "am-highest"
 
 
+@pytest.mark.parametrize("method,kvpress", [("snapkv", True), ("kvzip", False), ("random", True)])
+def test_compact_kvpress_saves_the_cli_file(model, context_file, tmp_path, method, kvpress):
+    flag = ["--kvpress"] if kvpress else []
+    cli("compact", "--context", context_file, "--method", method, *flag, "--budget", 12, "--seed", 7, "--out", tmp_path / "cli.safetensors")
+    cache = model.compact(CONTEXT, method=method, budget=12, seed=7, kvpress=kvpress)
+    cache.save(tmp_path / "py.safetensors")
+    assert (tmp_path / "py.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
+    assert cache.params["kvpress"] is True and cache.params["budget"] == 12
+    report = cache.report
+    assert report["kvpress"] and report["method"] == method
+    if method != "kvzip":  # KVzip's global selection keeps different counts per head
+        assert set(report["kept_rows"]) == {12}
+    assert cache.kv_bytes < cache.kv_bytes_full
+    with pytest.raises(ValueError, match="Attention Matching"):
+        model.compact(CONTEXT, method="am-omp", kvpress=True)
+    with pytest.raises(ValueError, match="takes none"):
+        model.compact(CONTEXT, method="snapkv", kvpress=True, on_policy=True)
+
+
 def test_compact_of_a_prefilled_cache_is_the_compaction_of_its_text(model, compacted, tmp_path):
     _, d = compacted
     full = model.prefill(CONTEXT, chat=True)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use kvcompact::cache::save_cache;
 use kvcompact::compact::{registry, BetaSolver, Budget};
+use kvcompact::document::press_context;
 use kvcompact::document::{compact_context, document_method, read_proportions, CompactOptions, ContextLayout, QuerySource};
 
 use super::{model_dir, read_prompt, ModelArg, PromptArg};
@@ -30,6 +31,11 @@ pub struct Args {
     /// baseline) fits β and values; eviction methods keep rows by their score.
     #[arg(long, default_value = "am-highest")]
     pub method: String,
+    /// kvpress 0.5.5 semantics for an eviction baseline: the press of the same name compresses
+    /// the whole prefilled context (template prefix included), as kvpress's pipeline does.
+    /// observed-attention and kvzip always run this way.
+    #[arg(long)]
+    pub kvpress: bool,
     /// Reference queries: repeat, self-study, context, random or mix.
     #[arg(long, default_value = "repeat")]
     pub queries: String,
@@ -83,6 +89,9 @@ pub fn run(a: Args) -> Result<()> {
     // Bad options and unknown names fail before the model loads (or is fetched).
     opts.check()?;
     registry::family(&a.method)?;
+    if registry::runs_as_press(&a.method, a.kvpress) {
+        return run_press(&a, opts.budget);
+    }
     let dir = model_dir(&a.model)?;
     let (model, tok) = kvcompact::generate::load(&dir)?;
     let method = document_method(&model, &a.method, solver)?;
@@ -119,3 +128,34 @@ pub fn run(a: Args) -> Result<()> {
     println!("saved {}", a.out.display());
     Ok(())
 }
+
+/// `compact` through a kvpress press ([`press_context`]).
+fn run_press(a: &Args, budget: Budget) -> Result<()> {
+    let press = registry::press_from_name(&a.method, a.seed)?;
+    if a.budgets.is_some() || a.on_policy || a.chunk_tokens.is_some() {
+        anyhow::bail!("--budgets, --on-policy and --chunk-tokens shape Attention Matching's compaction; a kvpress press takes none of them");
+    }
+    let text = read_prompt(&PromptArg { prompt: None, prompt_file: Some(a.context.clone()) })?;
+    let dir = model_dir(&a.model)?;
+    let (model, tok) = kvcompact::generate::load(&dir)?;
+    let chat = !a.raw && tok.has_chat_template();
+    let layout = ContextLayout::build(&tok, &text, chat)?;
+    eprintln!("compressing {} context tokens ({} article) with kvpress's {} at {budget}", layout.len(), layout.article.len(), a.method);
+    let (cache, report) = press_context(&model, &tok, &layout, &press, budget)?;
+    save_cache(&a.out, &model.cache_id(), &cache, chat, &report.cache_params(a.seed))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let (lo, hi) = report.kept_rows.iter().fold((usize::MAX, 0), |(lo, hi), &n| (lo.min(n), hi.max(n)));
+    println!(
+        "kept {lo}–{hi} of {} rows per head (compression ratio {:.4}) | KV bytes: {:.2} MiB → {:.2} MiB ({:.1}x smaller)",
+        report.compressed_tokens, report.compression_ratio, mib(report.kv_bytes_before), mib(report.kv_bytes_after),
+        report.kv_bytes_before as f64 / report.kv_bytes_after.max(1) as f64
+    );
+    println!("time: total {:.2} s = prefill {:.2} + scores {:.2}", report.total_seconds, report.prefill_seconds, report.score_seconds);
+    println!("saved {}", a.out.display());
+    Ok(())
+}
+

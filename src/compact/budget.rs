@@ -61,6 +61,32 @@ impl Budget {
         Ok(kept.clamp(1.min(t), t))
     }
 
+    /// The compression ratio r a kvpress press gets for a span of `t` rows: r itself for
+    /// [`Budget::CompressionRatio`]; otherwise the r whose kvpress row count int(t·(1 − r)) is
+    /// exactly [`Budget::rows`]`(t)` (1 − n/t, moved by one ulp where f64 rounding would lose a
+    /// row). Presses whose budget is not one count per head (PyramidKV's layer schedule, KVzip's
+    /// global selection) see the same r a kvpress user would pass.
+    pub fn compression_ratio(&self, t: usize) -> Result<f64> {
+        if let Budget::CompressionRatio(r) = *self {
+            self.check()?;
+            return Ok(r);
+        }
+        let n = self.rows(t)?;
+        if t == 0 || n >= t {
+            return Ok(0.0);
+        }
+        let kept = |r: f64| (t as f64 * (1.0 - r)) as usize;
+        let mut r = 1.0 - n as f64 / t as f64;
+        // r is in (0, 1): stepping the bit pattern moves it by one ulp.
+        while kept(r) < n {
+            r = f64::from_bits(r.to_bits() - 1);
+        }
+        while kept(r) > n {
+            r = f64::from_bits(r.to_bits() + 1);
+        }
+        Ok(r)
+    }
+
     /// The form's name as a flag (`ratio`, `compression_ratio`, `budget`) and its value, for
     /// records such as a cache file's parameters.
     pub fn entry(&self) -> (&'static str, serde_json::Value) {
@@ -98,6 +124,20 @@ mod tests {
         assert_eq!(Budget::CompressionRatio(0.9).rows(10).unwrap(), 1);
         assert_eq!(Budget::CompressionRatio(0.5).rows(1).unwrap(), 1);
         assert_eq!(Budget::CompressionRatio(0.5).rows(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn budget_compression_ratio_round_trips_every_row_count() {
+        for t in [1usize, 2, 3, 7, 10, 29, 100, 511, 1858, 4096] {
+            for n in 1..=t.min(300) {
+                let r = Budget::Rows(n).compression_ratio(t).unwrap();
+                assert!((0.0..1.0).contains(&r), "T={t} n={n}: r={r}");
+                assert_eq!(Budget::CompressionRatio(r).rows(t).unwrap(), n, "T={t} n={n}: r={r}");
+            }
+        }
+        assert_eq!(Budget::Ratio(20.0).compression_ratio(100).unwrap(), 0.95);
+        assert_eq!(Budget::CompressionRatio(0.3).compression_ratio(10).unwrap(), 0.3);
+        assert_eq!(Budget::Rows(40).compression_ratio(10).unwrap(), 0.0);
     }
 
     #[test]

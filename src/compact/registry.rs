@@ -114,6 +114,23 @@ pub struct MethodOptions {
     pub seed: u64,
 }
 
+/// The kvpress 0.5.5 press of an eviction name (kvpress's defaults; `seed` is `RandomPress`'s);
+/// an Attention Matching name, `full`, `h2o` or `qfilters` is a one-line error.
+pub fn press_from_name(name: &str, seed: u64) -> Result<Press> {
+    match family(name)? {
+        Family::Eviction => Press::from_name(name, seed),
+        Family::AttentionMatching => Err(Error::Invalid(format!("--kvpress applies to eviction baselines; {name:?} is an Attention Matching method"))),
+        Family::Full => Err(Error::Invalid("\"full\" keeps the whole cache; it is not a compressor".into())),
+    }
+}
+
+/// Whether a whole-context command (`compact`, `Model.compact`) runs `name` as a kvpress press
+/// ([`crate::document::press_context`]): every eviction name under `kvpress`, and
+/// [`PRESS_METHODS`] always (they exist only with kvpress's semantics).
+pub fn runs_as_press(name: &str, kvpress: bool) -> bool {
+    kvpress || PRESS_METHODS.contains(&name)
+}
+
 /// Build a method from its name (`qfilters` needs [`method_with`] and filters).
 pub fn method_from_name(name: &str) -> Result<Box<dyn Compressor>> {
     method_with(name, &MethodOptions::default())
@@ -122,11 +139,7 @@ pub fn method_from_name(name: &str) -> Result<Box<dyn Compressor>> {
 /// Build a method from its name with the given options.
 pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compressor>> {
     if opts.kvpress {
-        return match family(name)? {
-            Family::Eviction => Ok(Box::new(Evict(Press::from_name(name, opts.seed)?))),
-            Family::AttentionMatching => Err(Error::Invalid(format!("--kvpress applies to eviction baselines; {name:?} is an Attention Matching method"))),
-            Family::Full => Err(Error::Invalid("\"full\" keeps the whole cache; it is not a compressor".into())),
-        };
+        return Ok(Box::new(Evict(press_from_name(name, opts.seed)?)));
     }
     Ok(match name {
         "qfilters" => {

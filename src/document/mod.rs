@@ -9,6 +9,7 @@
 //! - [`budgets`]: per-head budgets (uniform or the spec §11 water-fill); [`sensitivity`]: the
 //!   sweep that produces budget proportions;
 //! - [`answer`](mod@answer): greedy answers and answer log-likelihoods on a cached context;
+//! - [`press`]: [`press_context`], a whole context through one kvpress press (`--kvpress`);
 //! - [`online`]: compaction during generation, as a [`crate::generate::CachePolicy`].
 //!
 //! The compacted-cache file format lives in [`crate::cache::file`].
@@ -18,6 +19,7 @@ pub mod budgets;
 pub mod compact;
 pub mod layout;
 pub mod online;
+pub mod press;
 pub mod queries;
 pub mod sensitivity;
 
@@ -26,5 +28,6 @@ pub use budgets::{head_budgets, read_proportions, write_proportions};
 pub use compact::{compact_context, document_method, CompactOptions, CompactReport, LayerSummary};
 pub use layout::{continuation_tokens, followup_tokens, generation_tokens, ContextLayout};
 pub use online::{compact_older_rows, OnlineCompaction};
+pub use press::{generation_suffix, press_context, PressReport};
 pub use queries::{repeat_tokens, self_study_tokens, QuerySource, REPEAT_INSTRUCTION};
 pub use sensitivity::sensitivity_budgets;

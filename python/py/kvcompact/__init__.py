@@ -11,7 +11,8 @@
     Model(path=None)                        the default model (as the CLI) or an HF directory
       .prefill(text | ids, chat=False)      -> Cache (full)
       .compact(text | Cache, method="am-highest", ratio=20 | compression_ratio=r | budget=N,
-               queries="repeat", seed=0, ...)  -> Cache (the bits `kvcompact compact` saves)
+               queries="repeat", seed=0, kvpress=False, ...)
+                                            -> Cache (the bits `kvcompact compact` saves)
       .generate(prompt, max_tokens=64, cache=None, temperature=0.0, seed=0, ...) -> str
       .logits(text | ids)                   -> float32 [T, vocab]
       .tokenize(text), .detokenize(ids)
@@ -27,7 +28,8 @@ Array arguments are anything numpy.asarray reads (any memory layout, lists, torc
 other objects with __array__) holding float16, float32 or float64; they are converted to
 C-contiguous float32 first, so results equal the CLI's bit for bit. Integer, complex, bool or object
 arrays, the wrong number of dimensions, NaN and infinity raise ValueError with a one-line message.
-kvpress=True raises ValueError until the one-head oracle has a kvpress mode.
+kvpress=True gives kvpress 0.5.5's press of an eviction name (spec oracle.md §2); compact_head and
+score_head refuse kvzip, whose scores need the model's repeat pass (Model.compact runs it).
 """
 
 from ._kvcompact import Cache, Model, __version__, compact_head, methods, score_head
