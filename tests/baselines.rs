@@ -307,6 +307,10 @@ fn every_method_compacts_a_real_cache_within_budget_and_frees_bytes() {
     let art = layout.article.len();
     let template = layout.prefix.len() + layout.suffix.len();
     for name in METHODS.iter().filter(|n| **n != "full") {
+        if kvcompact::compact::registry::runs_as_press(name, false) {
+            // `compact` runs these through press_context: checked after the loop.
+            continue;
+        }
         let method = method_with(name, &opts).unwrap();
         let co = CompactOptions { budget: Budget::Ratio(4.0), queries: QuerySource::Context, n_queries: 64, n_test: 16, ..Default::default() };
         let (c, report) = compact_context(&m, &tok, &layout, method.as_ref(), &co).unwrap();
@@ -324,6 +328,27 @@ fn every_method_compacts_a_real_cache_within_budget_and_frees_bytes() {
         }
         assert!(report.kv_bytes_after < full.bytes(), "{name}: {} bytes, full {}", report.kv_bytes_after, full.bytes());
         // The compacted cache still answers (no NaN).
+        let mut cc = c.clone();
+        m.forward(&mut st, &mut cc, &[10, 20, 30], Logits::Last).unwrap();
+        assert!(st.logits.iter().all(|x| x.is_finite()), "{name}");
+    }
+    // The kvpress-only names, as `compact` runs them: the whole context (prefix + article) at the
+    // same number of rows per head, the end of turn after it.
+    for name in kvcompact::compact::registry::PRESS_METHODS {
+        let press = kvcompact::compact::registry::press_from_name(name, 0).unwrap();
+        let b = (layout.prefix.len() + art) / 4;
+        let (c, report) = kvcompact::document::press_context(&m, &tok, &layout, &press, Budget::Rows(b)).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.next_pos(), layout.len(), "{name}: the logical length stays");
+        let total: usize = (0..m.config.n_layers).flat_map(|l| (0..m.config.n_kv_heads).map(move |h| (l, h))).map(|(l, h)| c.meta(l, h).len()).sum();
+        let heads = m.config.n_layers * m.config.n_kv_heads;
+        assert_eq!(total, heads * (b + layout.suffix.len()), "{name}: {b} rows per head on average, plus the end of turn");
+        for l in 0..m.config.n_layers {
+            for h in 0..m.config.n_kv_heads {
+                assert!(c.meta(l, h).positions.windows(2).all(|w| w[0] < w[1]), "{name} L{l}H{h}: positions unique and sorted");
+            }
+        }
+        assert!(report.kv_bytes_after < full.bytes(), "{name}");
         let mut cc = c.clone();
         m.forward(&mut st, &mut cc, &[10, 20, 30], Logits::Last).unwrap();
         assert!(st.logits.iter().all(|x| x.is_finite()), "{name}");

@@ -19,6 +19,9 @@ fn args(out: &Path, model: PathBuf) -> EvalOptions {
         model: Some(model),
         methods: vec![],
         ratios: vec![2.0, 4.0],
+        compression_ratios: vec![],
+        row_budgets: vec![],
+        kvpress: false,
         tasks: vec![],
         samples: Some(1),
         seed: 3,
@@ -163,6 +166,73 @@ fn bad_arguments_are_named() {
     let mut a = args(t.path(), model.clone());
     a.ratios = vec![0.5];
     assert!(run(&model, &a).unwrap_err().to_string().contains("0.5"));
+}
+
+#[test]
+fn eval_takes_kvpress_and_every_budget_form() {
+    let t = tempfile::tempdir().unwrap();
+    let model = golden("tiny/llama-gqa");
+    let methods = ["snapkv", "observed-attention", "kvzip", "h2o", "full"];
+    let base = |out: &Path| {
+        let mut a = args(out, model.clone());
+        a.methods = methods.iter().map(|s| s.to_string()).collect();
+        a.tasks = vec!["passkey".into()];
+        a.ratios = vec![];
+        a
+    };
+    // kvpress's form, with kvpress's presses.
+    let out = t.path().join("cr");
+    let mut a = base(&out);
+    a.compression_ratios = vec![0.5, 0.75];
+    a.kvpress = true;
+    run(&model, &a).unwrap();
+    let r = rows(&out);
+    let get = |r: &[serde_json::Value], m: &str, point: f64, metric: &str| {
+        r.iter().find(|x| x["method"] == m && x["ratio"] == point && x["metric"] == metric).unwrap_or_else(|| panic!("no row {m} {point} {metric}"))["value"].as_f64().unwrap()
+    };
+    for m in methods {
+        for metric in METRICS {
+            for p in [0.5, 0.75] {
+                assert!(get(&r, m, p, metric).is_finite(), "{m} {p} {metric}");
+            }
+        }
+        if m != "full" {
+            assert!(get(&r, m, 0.75, "kv_bytes") < get(&r, m, 0.5, "kv_bytes"), "{m}");
+            assert!(get(&r, m, 0.5, "kv_bytes") < get(&r, "full", 0.5, "kv_bytes"), "{m}");
+        }
+    }
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!((info["budget_form"].as_str(), info["kvpress"].as_bool()), (Some("compression_ratio"), Some(true)));
+    assert!(info["command"].as_str().unwrap().contains("--compression-ratios 0.5,0.75 --kvpress"), "{}", info["command"]);
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| r=0.5 |") && summary.contains("| r=0.75 |"), "{summary}");
+    // Every method at the same kvpress budget holds the same bytes (KVzip spreads the same
+    // total over its heads; h2o keeps its own budget split but the same count).
+    let full = get(&r, "full", 0.5, "kv_bytes");
+    for m in ["snapkv", "observed-attention", "kvzip", "h2o"] {
+        // KVzip's int(L·n_kv·T·r) may round to one row more or less than L·n_kv·int(T·(1 − r)).
+        let (x, y) = (get(&r, m, 0.5, "kv_bytes"), get(&r, "snapkv", 0.5, "kv_bytes"));
+        assert!((x - y).abs() <= 1e-3 * y, "{m}: {x} vs snapkv {y}");
+        assert!(get(&r, m, 0.5, "kv_bytes") < full);
+    }
+
+    // Rows per KV head.
+    let out = t.path().join("rows");
+    let mut a = base(&out);
+    a.row_budgets = vec![8, 16];
+    run(&model, &a).unwrap();
+    let r = rows(&out);
+    assert!(get(&r, "kvzip", 8.0, "kv_bytes") < get(&r, "kvzip", 16.0, "kv_bytes"));
+    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| 8 rows |"));
+
+    // One form at a time; per-head proportions need ratios.
+    let mut a = base(&t.path().join("bad"));
+    a.row_budgets = vec![8];
+    a.compression_ratios = vec![0.5];
+    assert!(run(&model, &a).unwrap_err().to_string().contains("one budget form"));
+    let mut a = base(&t.path().join("bad"));
+    a.compression_ratios = vec![1.5];
+    assert!(run(&model, &a).unwrap_err().to_string().contains("[0, 1)"));
 }
 
 fn cfg() -> TaskConfig {

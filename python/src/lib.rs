@@ -205,10 +205,10 @@ fn score_head<'py>(
     Ok(scores.into_pyarray(py))
 }
 
-/// Every method name the registry knows: `kvcompact eval`'s list, then `observed-attention` and `kvzip`.
+/// Every method name the registry knows (`kvcompact eval`'s list), `full` included.
 #[pyfunction]
 fn methods() -> Vec<&'static str> {
-    registry::METHODS.iter().chain(registry::PRESS_METHODS).copied().collect()
+    registry::METHODS.to_vec()
 }
 
 /// The native module.

@@ -15,12 +15,24 @@ pub struct Args {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Comma-separated methods (default: all): am-omp, am-highest, baseline, qfilters,
-    /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random, full.
+    /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
+    /// observed-attention, kvzip, full.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 2,5,10,20,50).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["compression_ratios", "row_budgets"])]
     pub ratios: Vec<f64>,
+    /// kvpress's form instead: comma-separated compression ratios r in [0, 1); each head keeps
+    /// int(T·(1 − r)) article rows.
+    #[arg(long, value_delimiter = ',', conflicts_with = "row_budgets")]
+    pub compression_ratios: Vec<f64>,
+    /// Absolute budgets instead: comma-separated article rows kept per KV head.
+    #[arg(long, value_delimiter = ',')]
+    pub row_budgets: Vec<usize>,
+    /// kvpress 0.5.5 semantics for every eviction baseline that has a press (h2o and qfilters
+    /// have none and run as defined here).
+    #[arg(long)]
+    pub kvpress: bool,
     /// Comma-separated tasks (default all): passkey, niah-multikey, variable-tracking, qa.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
@@ -94,6 +106,9 @@ impl Args {
             model: self.model,
             methods: self.methods,
             ratios: self.ratios,
+            compression_ratios: self.compression_ratios,
+            row_budgets: self.row_budgets,
+            kvpress: self.kvpress,
             tasks: self.tasks,
             samples: self.samples,
             seed: self.seed,

@@ -47,12 +47,15 @@ pub const METHODS: &[&str] = &[
     "knorm",
     "expected-attention",
     "random",
+    "observed-attention",
+    "kvzip",
     "full",
 ];
 
-/// Eviction names outside [`METHODS`] (not in `eval`'s default list): kvpress's
-/// `ObservedAttentionPress` and `KVzipPress`, which need a whole prefilled context (kvzip its
-/// "repeat the context" pass) and are not wired into the evaluation yet.
+/// The names that exist only with kvpress's semantics (`ObservedAttentionPress`, `KVzipPress`):
+/// they score with a whole prefilled context (KVzip with its "repeat the context" pass), so a
+/// whole-context command (`compact`, `Model.compact`) runs them as presses, and the evaluation
+/// gives them the context's own queries (KVzip its repeat pass).
 pub const PRESS_METHODS: &[&str] = &["observed-attention", "kvzip"];
 
 /// The Attention Matching names, aliases included (see [`AmConfig::from_name`]).
@@ -77,10 +80,10 @@ pub fn family(name: &str) -> Result<Family> {
     if AmConfig::from_name(name).is_ok() {
         return Ok(Family::AttentionMatching);
     }
-    if METHODS.contains(&name) || PRESS_METHODS.contains(&name) {
+    if METHODS.contains(&name) {
         return Ok(Family::Eviction);
     }
-    Err(Error::Invalid(format!("unknown method {name:?} (expected one of {}, {}, am-omp-fast)", METHODS.join(", "), PRESS_METHODS.join(", "))))
+    Err(Error::Invalid(format!("unknown method {name:?} (expected one of {}, am-omp-fast)", METHODS.join(", "))))
 }
 
 /// Whether `name` is an Attention Matching method (fitted β / values, reference queries).

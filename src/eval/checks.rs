@@ -44,6 +44,10 @@ impl Check {
 /// eviction method on answer_logppl averaged over tasks (10×, 20×, 50×; loose = within 0.05 nats).
 pub fn ordering_checks(rows: &[ResultRow], plan: &Plan) -> Vec<Check> {
     let mut out = Vec::new();
+    if plan.form != "ratio" {
+        // The targets are stated at ratios.
+        return out;
+    }
     let has = |m: &str| plan.methods.iter().any(|x| x == m);
     for &ratio in plan.ratios.iter().filter(|r| [10.0, 20.0].contains(*r)) {
         let n = rows.iter().find(|r| r.method == "qfilters" && r.ratio == ratio && r.task == "passkey" && r.metric == "accuracy").map_or(1, |r| r.n);

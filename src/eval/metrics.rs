@@ -230,15 +230,15 @@ pub fn mean_over_tasks(rows: &[ResultRow], method: &str, ratio: f64, metric: &st
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// Markdown summary tables: per metric, methods × ratios (mean over tasks, and per task for
-/// accuracy).
-pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], tasks: &[String], command: &str) -> String {
+/// Markdown summary tables: per metric, methods × budget points (mean over tasks, and per task
+/// for accuracy); `form` is the points' budget form ([`fmt_point`]).
+pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], form: &str, tasks: &[String], command: &str) -> String {
     let mut s = String::new();
     s.push_str(&format!("Reproduce with:\n\n```\n{command}\n```\n\n"));
     let header = |s: &mut String, title: &str| {
         s.push_str(&format!("**{title}**\n\n| method |"));
         for r in ratios {
-            s.push_str(&format!(" {}× |", fmt_ratio(*r)));
+            s.push_str(&format!(" {} |", fmt_point(form, *r)));
         }
         s.push_str("\n|---|");
         for _ in ratios {
@@ -273,6 +273,16 @@ pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], 
     table(&mut s, "kv_bytes (MiB, mean over tasks)", &|m, r| mean_over_tasks(rows, m, r, "kv_bytes").map(|b| b / (1024.0 * 1024.0)), 2);
     table(&mut s, "compress_s (seconds per context, mean over tasks)", &|m, r| mean_over_tasks(rows, m, r, "compress_s"), 2);
     s
+}
+
+/// A budget point as written in reports, by its form ([`crate::compact::Budget::entry`]):
+/// `10×` (ratio), `r=0.5` (kvpress's compression ratio) or `64 rows` (rows per KV head).
+pub fn fmt_point(form: &str, v: f64) -> String {
+    match form {
+        "compression_ratio" => format!("r={v}"),
+        "budget" => format!("{} rows", fmt_ratio(v)),
+        _ => format!("{}×", fmt_ratio(v)),
+    }
 }
 
 /// A ratio as written in reports: `10` for whole numbers, `2.5` otherwise.

@@ -31,7 +31,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::compact::registry::{method_with, MethodOptions};
+use crate::compact::registry::{self, method_with, Family, MethodOptions};
+
+/// Eviction names with no kvpress press: `--kvpress` leaves them as defined here.
+const NO_PRESS: &[&str] = &["h2o", "qfilters"];
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -62,11 +65,19 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     } else {
         None
     };
-    let mopts = MethodOptions { filters, ..Default::default() };
+    let mopts = MethodOptions { filters, kvpress: false, seed: args.seed };
+    // --kvpress: the press of every eviction name that has one; h2o and qfilters have none.
+    let press = |m: &str| args.kvpress && matches!(registry::family(m), Ok(Family::Eviction)) && !NO_PRESS.contains(&m);
+    if args.kvpress {
+        let own: Vec<&String> = plan.methods.iter().filter(|m| NO_PRESS.contains(&m.as_str())).collect();
+        if !own.is_empty() {
+            eprintln!("--kvpress: {} ha{} no kvpress press and run{} as defined here", own.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "), if own.len() == 1 { "s" } else { "ve" }, if own.len() == 1 { "s" } else { "" });
+        }
+    }
     let methods = plan
         .methods
         .iter()
-        .map(|m| Ok((m.clone(), if m == "full" { None } else { Some(method_with(m, &mopts)?) })))
+        .map(|m| Ok((m.clone(), if m == "full" { None } else { Some(method_with(m, &MethodOptions { kvpress: press(m), ..mopts.clone() })?) })))
         .collect::<Result<Vec<_>>>()?;
     let budgets = args.budgets.as_deref().map(crate::document::budgets::read_proportions).transpose()?;
     let env = Env { model: &model, tok: &tok, chat, args, plan: &plan, methods, inv_freq: crate::model::rope_inv_freq(&model.config), budgets };
@@ -114,9 +125,9 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     metrics::write_results(&args.out, &rows)?;
     let raw: String = records.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
     metrics::write(&args.out, "records.jsonl", &raw)?;
-    plots::write_plots(&args.out, &rows, &plan.methods, &plan.tasks)?;
+    plots::write_plots(&args.out, &rows, &plan.methods, &plan.tasks, plan.form)?;
     let command = command_line(args);
-    let mut summary = metrics::summary_markdown(&rows, &plan.methods, &plan.ratios, &plan.tasks, &command);
+    let mut summary = metrics::summary_markdown(&rows, &plan.methods, &plan.ratios, plan.form, &plan.tasks, &command);
     let checks = if plan.checks { ordering_checks(&rows, &plan) } else { Vec::new() };
     if !checks.is_empty() {
         summary.push_str("**ordering checks**\n\n");
@@ -128,7 +139,7 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     summary.push_str(&format!("\n{} samples ({} skipped), {} records, {:.0} s total.\n", samples.len(), skipped.len(), records.len(), elapsed));
     metrics::write(&args.out, "summary.md", &summary)?;
     let run_info = serde_json::json!({
-        "command": command, "model": model_dir.display().to_string(), "methods": plan.methods, "ratios": plan.ratios,
+        "command": command, "model": model_dir.display().to_string(), "methods": plan.methods, "ratios": plan.ratios, "budget_form": plan.form, "kvpress": args.kvpress,
         "tasks": plan.tasks, "samples": plan.samples, "lengths": plan.lengths, "depths": plan.depths, "seed": args.seed,
         "n_queries": args.n_queries, "am_queries": args.am_queries, "chat": chat, "skipped": skipped, "seconds": elapsed, "seconds_by_phase": timings,
         "checks": checks.iter().map(|c| c.json()).collect::<Vec<_>>(),
@@ -156,6 +167,15 @@ fn command_line(a: &EvalOptions) -> String {
     }
     if !a.ratios.is_empty() {
         s.push_str(&format!(" --ratios {}", a.ratios.iter().map(|r| metrics::fmt_ratio(*r)).collect::<Vec<_>>().join(",")));
+    }
+    if !a.compression_ratios.is_empty() {
+        s.push_str(&format!(" --compression-ratios {}", a.compression_ratios.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if !a.row_budgets.is_empty() {
+        s.push_str(&format!(" --row-budgets {}", a.row_budgets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if a.kvpress {
+        s.push_str(" --kvpress");
     }
     if !a.tasks.is_empty() {
         s.push_str(&format!(" --tasks {}", list(&a.tasks)));

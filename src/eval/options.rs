@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::tasks;
 use crate::compact::registry::{self, METHODS};
+use crate::compact::Budget;
 use crate::error::{Error, Result};
 
 /// What `kvcompact eval` runs (the CLI flags of the same names fill it; see `cli/eval.rs`).
@@ -13,10 +14,19 @@ pub struct EvalOptions {
     /// HF-format model directory (default: the default model).
     pub model: Option<PathBuf>,
     /// Comma-separated methods (default: all): am-omp, am-highest, baseline, qfilters,
-    /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random, full.
+    /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
+    /// observed-attention, kvzip, full.
     pub methods: Vec<String>,
     /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 2,5,10,20,50).
     pub ratios: Vec<f64>,
+    /// kvpress's budget form instead of ratios: compression ratios r in [0, 1), each head keeps
+    /// int(T·(1 − r)) article rows.
+    pub compression_ratios: Vec<f64>,
+    /// Absolute budgets instead of ratios: article rows kept per KV head.
+    pub row_budgets: Vec<usize>,
+    /// kvpress 0.5.5 semantics for every eviction baseline that has a press (h2o and qfilters
+    /// have none and run as defined here).
+    pub kvpress: bool,
     /// Comma-separated tasks (default all): passkey, niah-multikey, variable-tracking, qa.
     pub tasks: Vec<String>,
     /// Samples (contexts) per task (default 3; --quick 4). QA has one sample per document.
@@ -69,8 +79,14 @@ pub struct EvalOptions {
 pub struct Plan {
     /// Method names, each known to the registry, in reporting order.
     pub methods: Vec<String>,
-    /// Compression ratios, each finite and ≥ 1.
+    /// The budget points of the sweep, all of one form (`--ratios`, `--compression-ratios` or
+    /// `--row-budgets`).
+    pub points: Vec<Budget>,
+    /// Each point's value (R, r or N): the `ratio` column of the results, which is the point's
+    /// key whatever its form.
     pub ratios: Vec<f64>,
+    /// The points' form: "ratio", "compression_ratio" or "budget" ([`Budget::entry`]).
+    pub form: &'static str,
     /// Task names, each in [`tasks::TASKS`].
     pub tasks: Vec<String>,
     /// Samples per task, ≥ 1.
@@ -103,10 +119,27 @@ impl Plan {
                 return Err(Error::Invalid(format!("unknown task {t:?} (expected one of {})", tasks::TASKS.join(", "))));
             }
         }
-        let ratios = if a.ratios.is_empty() { dr.to_vec() } else { a.ratios.clone() };
-        if let Some(r) = ratios.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
-            return Err(Error::Invalid(format!("--ratios: {r} is not a compression ratio ≥ 1")));
+        let given = [!a.ratios.is_empty(), !a.compression_ratios.is_empty(), !a.row_budgets.is_empty()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(Error::Invalid("give one budget form: --ratios, --compression-ratios or --row-budgets, not several".into()));
         }
+        let points: Vec<Budget> = if !a.compression_ratios.is_empty() {
+            a.compression_ratios.iter().map(|&r| Budget::CompressionRatio(r)).collect()
+        } else if !a.row_budgets.is_empty() {
+            a.row_budgets.iter().map(|&n| Budget::Rows(n)).collect()
+        } else if !a.ratios.is_empty() {
+            a.ratios.iter().map(|&r| Budget::Ratio(r)).collect()
+        } else {
+            dr.iter().map(|&r| Budget::Ratio(r)).collect()
+        };
+        for p in &points {
+            p.check()?;
+        }
+        if a.budgets.is_some() && !matches!(points[0], Budget::Ratio(_)) {
+            return Err(Error::Invalid("--budgets (per-head proportions) takes --ratios".into()));
+        }
+        let form = points[0].entry().0;
+        let ratios: Vec<f64> = points.iter().map(|p| p.entry().1.as_f64().unwrap_or(f64::NAN)).collect();
         let depths = if a.depths.is_empty() { vec![0.5, 0.1, 0.9, 0.3, 0.7] } else { a.depths.clone() };
         if depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
             return Err(Error::Invalid("--depths must lie in [0, 1]".into()));
@@ -115,6 +148,6 @@ impl Plan {
         if lengths.contains(&0) {
             return Err(Error::Invalid("--lengths must be positive".into()));
         }
-        Ok(Plan { methods, ratios, tasks, samples: a.samples.unwrap_or(if a.quick { 4 } else { 3 }).max(1), lengths, depths, checks: a.quick || a.check })
+        Ok(Plan { methods, points, ratios, form, tasks, samples: a.samples.unwrap_or(if a.quick { 4 } else { 3 }).max(1), lengths, depths, checks: a.quick || a.check })
     }
 }

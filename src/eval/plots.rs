@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::metrics::{fmt_ratio, ResultRow};
+use super::metrics::{fmt_point, ResultRow};
 use crate::error::{Error, Result};
 
 type Rgb = [u8; 3];
@@ -133,8 +133,18 @@ const MB: f64 = 40.0;
 const TITLE: f64 = 30.0;
 const LEGEND: f64 = 170.0;
 
-/// The figure of one metric: a panel per task, x = ratio (log), a line per method.
-pub fn metric_figure(rows: &[ResultRow], metric: &str, methods: &[String], tasks: &[String]) -> Figure {
+/// Where a budget point sits on the log x axis: the ratio R, the ratio 1/(1 − r) a kvpress
+/// compression ratio r stands for, or the rows N.
+fn x_of(form: &str, v: f64) -> f64 {
+    if form == "compression_ratio" {
+        1.0 / (1.0 - v)
+    } else {
+        v
+    }
+}
+
+/// The figure of one metric: a panel per task, x = the budget point (log), a line per method.
+pub fn metric_figure(rows: &[ResultRow], metric: &str, methods: &[String], tasks: &[String], form: &str) -> Figure {
     let tasks: Vec<&String> = tasks.iter().filter(|t| rows.iter().any(|r| r.task == **t && r.metric == metric)).collect();
     let np = tasks.len().max(1);
     let title = match metric {
@@ -158,7 +168,7 @@ pub fn metric_figure(rows: &[ResultRow], metric: &str, methods: &[String], tasks
         let pts: Vec<&ResultRow> = rows.iter().filter(|r| r.task == **task && r.metric == metric).collect();
         let logy = log_y(metric);
         let ok = |v: f64| v.is_finite() && (!logy || v > 0.0);
-        let xs: Vec<f64> = pts.iter().map(|r| r.ratio).filter(|r| *r > 0.0).collect();
+        let xs: Vec<f64> = pts.iter().map(|r| x_of(form, r.ratio)).filter(|r| *r > 0.0).collect();
         let ys: Vec<f64> = pts.iter().map(|r| r.value).filter(|v| ok(*v)).collect();
         sh.push(Shape::Text { x: x0 + ML + aw / 2.0, y: TITLE + 16.0, s: task.to_string(), size: 12.0, anchor: 1, color: [0, 0, 0] });
         sh.push(Shape::Rect { x: ax, y: ay, w: aw, h: ah, stroke: Some([80, 80, 80]), fill: None });
@@ -199,15 +209,21 @@ pub fn metric_figure(rows: &[ResultRow], metric: &str, methods: &[String], tasks
             ay + ah - ah * (t - y0) / (y1 - y0)
         };
         // x ticks at the ratios.
-        let mut ticks: Vec<f64> = xs.clone();
+        let mut ticks: Vec<f64> = pts.iter().map(|r| r.ratio).filter(|r| x_of(form, *r) > 0.0).collect();
         ticks.sort_by(f64::total_cmp);
         ticks.dedup();
         for r in &ticks {
-            let x = px(*r);
+            let x = px(x_of(form, *r));
             sh.push(Shape::Line { x1: x, y1: ay + ah, x2: x, y2: ay + ah + 4.0, color: [80, 80, 80], width: 1.0 });
-            sh.push(Shape::Text { x, y: ay + ah + 16.0, s: format!("{}x", fmt_ratio(*r)), size: 10.0, anchor: 1, color: [40, 40, 40] });
+            let label = fmt_point(form, *r).replace('×', "x").replace(" rows", "");
+            sh.push(Shape::Text { x, y: ay + ah + 16.0, s: label, size: 10.0, anchor: 1, color: [40, 40, 40] });
         }
-        sh.push(Shape::Text { x: ax + aw / 2.0, y: ay + ah + 32.0, s: "compression ratio".into(), size: 10.0, anchor: 1, color: [40, 40, 40] });
+        let axis = match form {
+            "compression_ratio" => "kvpress compression ratio",
+            "budget" => "rows kept per KV head",
+            _ => "compression ratio",
+        };
+        sh.push(Shape::Text { x: ax + aw / 2.0, y: ay + ah + 32.0, s: axis.into(), size: 10.0, anchor: 1, color: [40, 40, 40] });
         // y ticks.
         let yt: Vec<(f64, String)> = if logy {
             (y0 as i64..=y1 as i64).map(|e| (10f64.powi(e as i32), format!("1e{e}"))).collect()
@@ -223,7 +239,7 @@ pub fn metric_figure(rows: &[ResultRow], metric: &str, methods: &[String], tasks
             sh.push(Shape::Text { x: ax - 5.0, y: y + 4.0, s: label, size: 10.0, anchor: 2, color: [40, 40, 40] });
         }
         for m in methods {
-            let mut line: Vec<(f64, f64)> = pts.iter().filter(|r| r.method == *m && ok(r.value) && r.ratio > 0.0).map(|r| (px(r.ratio), py(r.value))).collect();
+            let mut line: Vec<(f64, f64)> = pts.iter().filter(|r| r.method == *m && ok(r.value) && x_of(form, r.ratio) > 0.0).map(|r| (px(x_of(form, r.ratio)), py(r.value))).collect();
             line.sort_by(|a, b| a.0.total_cmp(&b.0));
             if line.is_empty() {
                 continue;
@@ -532,7 +548,7 @@ pub fn encode_png(w: usize, h: usize, rgb: &[u8]) -> Vec<u8> {
 }
 
 /// Write `plots/<metric>.svg` and `.png` for every metric that has rows.
-pub fn write_plots(dir: &Path, rows: &[ResultRow], methods: &[String], tasks: &[String]) -> Result<Vec<String>> {
+pub fn write_plots(dir: &Path, rows: &[ResultRow], methods: &[String], tasks: &[String], form: &str) -> Result<Vec<String>> {
     let pdir = dir.join("plots");
     std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
     let mut written = Vec::new();
@@ -540,7 +556,7 @@ pub fn write_plots(dir: &Path, rows: &[ResultRow], methods: &[String], tasks: &[
         if !rows.iter().any(|r| r.metric == *metric) {
             continue;
         }
-        let fig = metric_figure(rows, metric, methods, tasks);
+        let fig = metric_figure(rows, metric, methods, tasks, form);
         let svg = pdir.join(format!("{metric}.svg"));
         std::fs::write(&svg, to_svg(&fig)).map_err(|e| Error::io(&svg, e))?;
         let png = pdir.join(format!("{metric}.png"));

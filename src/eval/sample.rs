@@ -7,10 +7,11 @@ use super::metrics::{self, kl_to, nll, ref_dist, Record, RefDist};
 use super::options::{EvalOptions, Plan};
 use super::tasks::{Question, Sample};
 use crate::cache::{HeadRows, KvCache};
-use crate::compact::evict::{keep_rows, select};
+use crate::compact::evict::kvzip::PREV_POSTFIX;
+use crate::compact::evict::{keep_rows, select, KvZip, KvzipPrompts};
 use crate::compact::registry::is_am;
 use crate::compact::{compress_heads, head_seed, CompactedHead, Compressor, FullHead, HeadContext, HeadInput, Observed};
-use crate::document::{followup_tokens, head_budgets, repeat_tokens, ContextLayout};
+use crate::document::{followup_tokens, generation_suffix, head_budgets, repeat_tokens, ContextLayout};
 use crate::error::{Error, Result};
 use crate::model::{Capture, Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Rng;
@@ -345,7 +346,22 @@ pub(super) fn run_sample(env: &Env, s: &Sample, bar: &indicatif::ProgressBar, re
         let heads: Vec<usize> = (0..nl * nkv).collect();
         // Eviction methods: score every head once.
         let t_score = Instant::now();
+        let kvzip = method.scorer().is_some_and(|s| s.name() == "kvzip");
         let scores: Option<Vec<Vec<f64>>> = match method.scorer() {
+            // KVzip scores with its repeat pass after the whole context.
+            Some(_) if kvzip => {
+                let prompts = KvzipPrompts::new(env.tok, generation_suffix(env.tok, sc.layout.chat)?)?;
+                // Repeat in shorter chunks when one pass would run past the model's positions
+                // (KVzip's own chunking, which kvpress uses to bound memory).
+                let overhead = prompts.first.len().max(prompts.next.len() + PREV_POSTFIX) + prompts.suffix.len();
+                let room = c.max_position_embeddings.saturating_sub(sc.layout.len() + overhead);
+                if room == 0 {
+                    return Err(Error::Prompt("kvzip: no positions left for the repeat pass".into()));
+                }
+                let k = KvZip { chunk_size: KvZip::default().chunk_size.min(room), ..KvZip::default() };
+                let mut cache = sc.full.clone();
+                Some(k.scores(model, &mut cache, &sc.layout.tokens(), sc.layout.prefix.len(), &prompts)?)
+            }
             Some(scorer) => {
                 // Layers in parallel (each layer's heads in parallel inside score_layer).
                 use rayon::prelude::*;
@@ -364,16 +380,23 @@ pub(super) fn run_sample(env: &Env, s: &Sample, bar: &indicatif::ProgressBar, re
             None => None,
         };
         let score_s = t_score.elapsed().as_secs_f64();
-        for &ratio in &env.plan.ratios {
+        for (&ratio, point) in env.plan.ratios.iter().zip(&env.plan.points) {
             let t0 = Instant::now();
+            let b = point.rows(t_art)?;
             let budgets = match &env.budgets {
                 Some(p) => head_budgets(nl, nkv, t_art, ratio, Some(p), 1.0)?,
-                None => {
-                    let b = ((t_art as f64 / ratio).floor() as usize).clamp(1, t_art);
-                    method.head_budgets(nl, nkv, t_art, b)
-                }
+                None => method.head_budgets(nl, nkv, t_art, b),
             };
             let compacted: Vec<CompactedHead> = match &scores {
+                Some(all) if kvzip => {
+                    // KVzip's global selection over every head's article rows: the same total
+                    // as b rows per head, spread as its scores say.
+                    let rows = sc.layout.article_rows();
+                    let span: Vec<Vec<f64>> = all.iter().map(|s| s[rows.clone()].to_vec()).collect();
+                    let k = KvZip { n_sink: KvZip::default().n_sink.saturating_sub(rows.start), ..KvZip::default() };
+                    let keep = k.keep_evicting(&span, nkv, span.len() * (t_art - b.min(t_art)));
+                    heads.iter().map(|&i| keep_rows(&span_input(model, &sc, i, None), &keep[i])).collect()
+                }
                 Some(all) => {
                     let scorer = method.scorer().expect("scores come from a scorer");
                     heads

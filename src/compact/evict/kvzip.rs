@@ -170,6 +170,15 @@ impl KvZip {
     /// torch's `topk` leaves them unspecified.
     pub fn keep(&self, scores: &[Vec<f64>], n_kv: usize, r: f64) -> Vec<Vec<usize>> {
         let t = scores.first().map_or(0, Vec::len);
+        let per_layer = (n_kv as f64 * t as f64 * r) as usize;
+        let total = ((scores.len() * t) as f64 * r) as usize;
+        self.keep_evicting(scores, n_kv, if self.layerwise { per_layer } else { total })
+    }
+
+    /// [`KvZip::keep`] with the count of evicted rows given: `n_evict` per layer with
+    /// `layerwise`, over the whole model otherwise (the evaluation asks for an exact total).
+    pub fn keep_evicting(&self, scores: &[Vec<f64>], n_kv: usize, n_evict: usize) -> Vec<Vec<usize>> {
+        let t = scores.first().map_or(0, Vec::len);
         let mut s: Vec<Vec<f64>> = scores.to_vec();
         let amax = s.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
         for h in s.iter_mut() {
@@ -193,12 +202,11 @@ impl KvZip {
             }
         };
         if self.layerwise {
-            let per_layer = (n_kv as f64 * t as f64 * r) as usize;
             for l in 0..s.len() / n_kv.max(1) {
-                evict(l * n_kv..(l + 1) * n_kv, per_layer);
+                evict(l * n_kv..(l + 1) * n_kv, n_evict);
             }
         } else {
-            evict(0..s.len(), ((s.len() * t) as f64 * r) as usize);
+            evict(0..s.len(), n_evict);
         }
         evicted.iter().map(|e| (0..t).filter(|&j| !e[j]).collect()).collect()
     }
