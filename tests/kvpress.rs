@@ -381,3 +381,60 @@ fn compact_kvpress_keeps_the_golden_rows() {
     assert_eq!(report.cache_params(0)["kvpress"], true);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// KVzip's chunked repeat (chunk_size 64: six passes, each after the "starting with" prompt and
+/// the previous chunk's last 8 tokens) and its per-layer eviction, against
+/// golden/kvpress/kvzip_variants.safetensors (gen_kvzip_variants.py): scores, kept rows, answers.
+#[test]
+fn kvzip_chunked_and_layerwise_follow_kvpress() {
+    use kvcompact::compact::evict::KvZip;
+    let Some(dir) = model_dir() else { return };
+    let model = Model::load(&dir).unwrap();
+    let tok = Tokenizer::load(&dir, &model.config).unwrap();
+    let (nl, nkv) = (model.config.n_layers, model.config.n_kv_heads);
+    let g = Golden::load(&repo().join("golden/kvpress/kvzip_variants.safetensors"));
+    let meta = g.meta();
+    let ctx_ids = g.ids("context_ids");
+    let q_ids = g.ids("question_ids");
+    let t = ctx_ids.len();
+    let prefix_len = meta["kvzip_prefix_length"].as_u64().unwrap() as usize;
+    let setup = KvzipSetup { prefix_len, prompts: KvzipPrompts::new(&tok, g.ids("kvzip/suffix_ids")).unwrap() };
+    let pre = kvpress::prefill(&model, &ctx_ids).unwrap();
+    let chunked = KvZip { chunk_size: 64, ..KvZip::default() };
+    assert_eq!(chunked.repeat_inputs(&setup.prompts, &ctx_ids, prefix_len).len(), (t - prefix_len).div_ceil(64), "six repeat passes");
+    let mut failures = Vec::new();
+    let mut caches = Vec::new();
+    let mut golds = Vec::new();
+    for (name, k) in [("kvzip-chunk64", chunked), ("kvzip-layerwise", KvZip { layerwise: true, ..KvZip::default() })] {
+        let press = Press::KvZip(k);
+        let scores = pre.scores(&model, &press, Some(&setup)).unwrap();
+        if g.has(&format!("scores/{name}")) {
+            let err = score_error(&scores, &g.f32(&format!("scores/{name}")), t);
+            eprintln!("{name}: score error {err:.1e}");
+            if err > 1e-3 {
+                failures.push(format!("{name}: scores differ by {err:.1e} of the head's max"));
+            }
+        }
+        for r in [0.5, 0.8] {
+            let ours = kvpress::keep(&press, &scores, nl, nkv, r);
+            let gold = g.kept(&format!("kept/{name}/{r}"), t);
+            let (hit, tot, worst) = overlap(&ours, &gold);
+            let n: usize = ours.iter().map(Vec::len).sum();
+            eprintln!("{name} {r}: kept {n} vs golden {tot}, overlap {:.4} (worst head {worst:.3})", hit as f64 / tot as f64);
+            if n != tot || (hit as f64) < 0.99 * tot as f64 {
+                failures.push(format!("{name} {r}: kept {n} vs golden {tot}, overlap {hit}"));
+            }
+            let mut c = pre.cache.clone();
+            kvpress::install(&mut c, &ours).unwrap();
+            caches.push(c);
+            golds.push((format!("{name}/{r}"), g.ids(&format!("answer/{name}/{r}"))));
+        }
+    }
+    let got = answers(&model, caches, &q_ids, &[2], 10);
+    for ((key, gold), a) in golds.iter().zip(&got) {
+        if a != gold {
+            failures.push(format!("{key}: answer {:?} != golden {:?}", tok.decode(a, true).unwrap(), tok.decode(gold, true).unwrap()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
