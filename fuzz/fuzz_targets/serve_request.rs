@@ -37,6 +37,7 @@ fn app() -> &'static (Router, tokio::runtime::Runtime) {
             metrics: metrics.clone(),
             api_key: None,
             policy: "am-highest".into(),
+            fail_point: None,
         };
         let cfg = EngineConfig { max_batch: 4, kv_budget_bytes: Some(64 << 10), policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: 64 };
         std::thread::spawn(move || Engine::new(model, tok, cfg, store, metrics).run(inbox));

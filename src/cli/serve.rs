@@ -75,6 +75,8 @@ pub fn run(a: Args) -> Result<()> {
         documents_hot_bytes: a.documents_mib << 20,
         body_limit: a.max_body_mib << 20,
         grace_seconds: 30,
+        // Tests set it to reach the engine's panic path (tests/serve); empty means unset.
+        fail_point: std::env::var("KVCOMPACT_FAIL_POINT").ok().filter(|m| !m.is_empty()),
     };
     Ok(kvcompact::serve::run(opts)?)
 }

@@ -212,6 +212,20 @@ impl Store {
         self.lock().hot.iter().map(|(_, l)| l.cache.bytes()).sum()
     }
 
+    /// Drop the least recently used documents from RAM until at most `target` bytes of them stay
+    /// there (they are read back from their files when asked for again); the bytes dropped.
+    pub fn shed_hot(&self, target: usize) -> usize {
+        let mut inner = self.lock();
+        let mut total: usize = inner.hot.iter().map(|(_, l)| l.cache.bytes()).sum();
+        let mut freed = 0;
+        while total > target && !inner.hot.is_empty() {
+            let (_, l) = inner.hot.remove(0);
+            total -= l.cache.bytes();
+            freed += l.cache.bytes();
+        }
+        freed
+    }
+
     /// Put `loaded` last in the LRU and evict the least recently used beyond the budget (the
     /// newest always stays).
     fn make_hot(&self, inner: &mut Inner, id: &str, loaded: Loaded) {

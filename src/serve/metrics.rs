@@ -21,6 +21,8 @@ pub struct Metrics {
     pub kv_bytes: IntGauge,
     /// Bytes of documents kept in RAM.
     pub documents_hot_bytes: IntGauge,
+    /// Bytes of documents dropped from RAM to make room under the KV budget.
+    pub documents_shed_bytes: IntCounter,
     /// Compactions run (memory pressure and documents).
     pub compactions: IntCounter,
     /// KV bytes freed by compaction under memory pressure.
@@ -70,6 +72,7 @@ impl Metrics {
             running: gauge("running_sequences", "Sequences admitted and not finished"),
             kv_bytes: gauge("kv_bytes", "Real KV bytes held by running sequences"),
             documents_hot_bytes: gauge("documents_hot_bytes", "Bytes of compacted documents kept in RAM"),
+            documents_shed_bytes: counter("documents_shed_bytes_total", "Bytes of documents dropped from RAM to make room under the KV budget"),
             compactions: counter("compactions_total", "Compactions run (memory pressure and documents)"),
             bytes_freed: counter("compaction_freed_bytes_total", "KV bytes freed by compaction under memory pressure"),
             compact_seconds: hist("compaction_seconds", "Seconds per compaction under memory pressure", secs.clone()),

@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub body_limit: usize,
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub grace_seconds: u64,
+    /// Testing fail point (see [`AppState::fail_point`]); `kvcompact serve` reads it from the
+    /// environment variable `KVCOMPACT_FAIL_POINT`.
+    pub fail_point: Option<String>,
 }
 
 /// Load the model, open the store, bind, print `listening on http://ADDR` on stdout, and serve
@@ -76,6 +79,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         metrics: metrics.clone(),
         api_key: opts.api_key.clone(),
         policy: opts.engine.policy.clone(),
+        fail_point: opts.fail_point.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -45,6 +45,9 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Default Attention Matching method (documents, memory pressure).
     pub policy: String,
+    /// Testing fail point (`KVCOMPACT_FAIL_POINT`): a completion prompt holding this marker makes
+    /// the engine step that prefills it panic, to exercise the 500 path. None in normal use.
+    pub fail_point: Option<String>,
 }
 
 /// Every route, with authentication, request counting and the OpenAI-shaped fallbacks.
@@ -171,6 +174,7 @@ fn plan(st: &AppState, model: Option<&str>, s: &Sampling, prompt: Vec<u32>, star
         compaction,
         events: tx,
         arrived: Instant::now(),
+        fail: false,
     };
     Ok(Plan { job, rx, stops, stream: s.stream, include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage) })
 }
@@ -250,7 +254,9 @@ async fn completions(State(st): State<AppState>, b: Result<Bytes, BytesRejection
             return Err(ApiError::bad_param("kvcompact.document", "documents start chats: use /v1/chat/completions"));
         }
         let ids = st.tok.encode(&text, true).map_err(|e| ApiError::bad_param("prompt", e.to_string()))?;
-        plan(&st, req.model.as_deref(), &sampling, ids, None, false, req.kvcompact.as_ref())
+        let mut p = plan(&st, req.model.as_deref(), &sampling, ids, None, false, req.kvcompact.as_ref())?;
+        p.job.fail = st.fail_point.as_deref().is_some_and(|m| text.contains(m));
+        Ok(p)
     }
     .await;
     match r {

@@ -74,6 +74,9 @@ pub struct GenJob {
     pub events: UnboundedSender<Event>,
     /// When the request arrived (for time to first token).
     pub arrived: Instant,
+    /// Testing fail point: the engine step that prefills this sequence panics (set only when the
+    /// server was started with `KVCOMPACT_FAIL_POINT` and the prompt holds that marker).
+    pub fail: bool,
 }
 
 /// What the engine sends back for a generation.
@@ -220,6 +223,11 @@ impl Engine {
         self.running.iter().map(|s| s.cache.bytes()).sum()
     }
 
+    /// What the KV budget bounds: the running sequences' caches and the documents kept in RAM.
+    fn held_bytes(&self) -> usize {
+        self.kv_bytes() + self.store.hot_bytes()
+    }
+
     /// Bytes one more token costs a sequence: one row in every (layer, KV head).
     fn row_bytes(&self) -> usize {
         let c = &self.model.config;
@@ -230,7 +238,7 @@ impl Engine {
     fn make_room(&mut self, rows: usize) {
         if let Some(budget) = self.cfg.kv_budget_bytes {
             let need = rows * self.row_bytes();
-            if self.kv_bytes() + need > budget {
+            if self.held_bytes() + need > budget {
                 self.free_until(budget.saturating_sub(need));
             }
         }
@@ -264,7 +272,7 @@ impl Engine {
                     self.metrics.refused.inc();
                     continue;
                 }
-                if self.kv_bytes() + need > budget && !self.free_until(budget - need) {
+                if self.held_bytes() + need > budget && !self.free_until(budget - need) {
                     // Running sequences will end and free their memory: a request waits for
                     // them a while; with nothing running, or after the wait, it is refused.
                     let waited = self.waiting.front().map_or(Duration::ZERO, |j| j.arrived.elapsed());
@@ -274,7 +282,7 @@ impl Engine {
                     let job = self.waiting.pop_front().expect("front exists");
                     let _ = job.events.send(Event::Error(ApiError::out_of_memory(format!(
                         "KV memory is full ({:.1} of {:.1} MiB held) and compaction cannot free {:.1} MiB; retry later",
-                        self.kv_bytes() as f64 / MIB,
+                        self.held_bytes() as f64 / MIB,
                         budget as f64 / MIB,
                         need as f64 / MIB
                     ))));
@@ -282,9 +290,11 @@ impl Engine {
                     continue;
                 }
             }
-            let job = self.waiting.pop_front().expect("front exists");
-            let (cache, mut tokens) = match &job.start {
-                Some((c, t)) => ((**c).clone(), (**t).clone()),
+            let mut job = self.waiting.pop_front().expect("front exists");
+            // The sequence owns a copy; the document's shared cache is let go here, so a
+            // document dropped from RAM under pressure is really freed.
+            let (cache, mut tokens) = match job.start.take() {
+                Some((c, t)) => ((*c).clone(), (*t).clone()),
                 None => (self.model.new_cache(), Vec::new()),
             };
             let max_pos = self.model.config.max_position_embeddings;
@@ -303,11 +313,19 @@ impl Engine {
         }
     }
 
-    /// Compact sequences (most uncompacted rows first) until the held bytes are at most
-    /// `target`; false when nothing compactable is left.
+    /// Free KV memory until the held bytes are at most `target`: first documents kept in RAM
+    /// (their files stay; they are read back when asked for), then compact sequences, most
+    /// uncompacted rows first. False when nothing compactable is left.
     fn free_until(&mut self, target: usize) -> bool {
+        if self.held_bytes() > target {
+            let shed = self.store.shed_hot(target.saturating_sub(self.kv_bytes()));
+            if shed > 0 {
+                self.metrics.documents_shed_bytes.inc_by(shed as u64);
+                tracing::info!(bytes = shed, "dropped documents from RAM under memory pressure");
+            }
+        }
         loop {
-            if self.kv_bytes() <= target {
+            if self.held_bytes() <= target {
                 return true;
             }
             let keep = self.cfg.keep_recent;
@@ -362,7 +380,15 @@ impl Engine {
             }
             spent += n;
             let before = self.running.len();
-            self.prefill_chunk_of(i);
+            // A fault in one sequence's prefill fails that sequence only; a fault in the shared
+            // decode step still fails every running one (see `run`).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prefill_chunk_of(i))).is_err() {
+                tracing::error!("prefill of one sequence panicked; failing it alone");
+                let s = self.running.remove(i);
+                let _ = s.job.events.send(Event::Error(ApiError::internal("internal error while generating (the server goes on)")));
+                self.metrics.panics.inc();
+                continue;
+            }
             if self.running.len() == before {
                 i += 1; // else sequence i ended (or failed) and the next one moved into its place
             }
@@ -372,6 +398,9 @@ impl Engine {
     /// The next prefill chunk of sequence `i`: at most `--prefill-chunk` tokens, cut at the same
     /// boundaries as `Model::forward` cuts a whole prompt, so the bits match `generate`.
     fn prefill_chunk_of(&mut self, i: usize) {
+        if self.running[i].job.fail {
+            panic!("fail point KVCOMPACT_FAIL_POINT reached");
+        }
         let chunk = self.cfg.prefill_chunk.max(1);
         self.make_room(chunk.min(self.running[i].pending));
         let s = &mut self.running[i];

@@ -273,3 +273,52 @@ def test_sigterm_drains_in_flight(start_server):
     t.join(30)
     assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]", lines[-3:]
     assert any('"finish_reason":"' in ln for ln in lines)
+
+
+def test_engine_panic_is_500_and_the_server_lives_on(start_server):
+    # The fail point (KVCOMPACT_FAIL_POINT) makes the prefill of a marked prompt panic. Only that
+    # request fails: a stream already running beside it finishes normally.
+    s = start_server(env={"KVCOMPACT_FAIL_POINT": "<<fail-here>>"})
+    body = {"prompt": "Once upon a time", "max_tokens": 48, "stream": True, "temperature": 0, "ignore_eos": True}
+    lines = []
+
+    def read():
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
+            lines.append(r.status_code)
+            lines.extend(r.iter_lines())
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert wait_until(lambda: len(lines) >= 3), "the healthy stream did not start"
+    r = post(s, "/v1/completions", {"prompt": "Say hi <<fail-here>>", "max_tokens": 4})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "\n" not in err["message"], err
+    t.join(60)
+    assert lines[0] == 200 and "data: [DONE]" in lines, lines[-3:]
+    assert not any('"error"' in str(ln) for ln in lines), [ln for ln in lines if '"error"' in str(ln)]
+    ok = post(s, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"]
+    assert s.metrics()["kvcompact_engine_panics_total"] == 1
+
+
+def test_documents_in_ram_count_against_the_kv_budget(start_server):
+    budget_mib = 8
+    s = start_server("--kv-budget-mib", str(budget_mib), "--documents-mib", "64")
+    info = post(s, "/v1/documents", {"text": DOC, "ratio": 4}).json()
+    assert s.metrics()["kvcompact_documents_hot_bytes"] == info["kv_bytes"]
+    # A prompt that fits the budget alone but not beside the document in RAM: the document is
+    # dropped from RAM (its file stays) instead of the request being refused.
+    row = 46 * 1024  # SmolLM2-135M: ~45.3 KiB of KV per token
+    rows = ((budget_mib << 20) - info["kv_bytes"] + (3 << 19)) // row
+    assert rows * row < budget_mib << 20
+    r = chat_text(client(s), "word " * (rows - 30), max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    m = s.metrics()
+    assert m["kvcompact_documents_hot_bytes"] == 0, m
+    assert m["kvcompact_documents_shed_bytes_total"] == info["kv_bytes"]
+    assert m["kvcompact_refused_total"] == 0
+    # The document is read back from its file when a chat asks for it.
+    ask = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What was the lantern's code name?"}], temperature=0, max_tokens=8)
+    assert client(s).chat.completions.create(**ask, extra_body={"kvcompact": {"document": info["id"]}}).choices[0].message.content
