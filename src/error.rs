@@ -124,6 +124,10 @@ pub enum Error {
     /// the complete message.
     #[error("{0}")]
     Invalid(String),
+    /// The GPU path (`--device cuda`) is unavailable (no `--features cuda`, no driver, no GPU) or a
+    /// CUDA call failed; holds the complete message.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl Error {

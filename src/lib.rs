@@ -18,6 +18,9 @@
 pub mod cache;
 pub mod compact;
 pub mod compare;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod document;
 pub mod error;
 pub mod eval;

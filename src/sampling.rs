@@ -40,6 +40,11 @@ impl Rng {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// `n` values uniform in [-amp, amp) (seeded test and benchmark data).
+    pub fn uniform_f32(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| (self.next_f64() * 2.0 - 1.0) as f32 * amp).collect()
+    }
+
     /// Uniform integer in [0, n).
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64

@@ -312,3 +312,21 @@ fn compact_kvpress_flag() {
     expect_error(&with(&["--kvpress", "--method", "h2o"]), &["observed-attention"]);
     expect_error(&with(&["--kvpress", "--method", "snapkv", "--on-policy"]), &["kvpress press takes none"]);
 }
+
+#[test]
+fn device_cuda_without_a_gpu() {
+    if kvcompact::device::Device::Cuda.check().is_ok() {
+        eprintln!("skipped: this machine has a CUDA device (tests/cuda.rs covers it)");
+        return;
+    }
+    let tiny = golden("tiny/llama-gqa");
+    let model = s(&tiny);
+    let ctx = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ctx.path(), "A short context.").unwrap();
+    // Without `--features cuda` the line says to rebuild; with it, what is missing on this machine.
+    let why = if cfg!(feature = "cuda") { "--device cuda: no CUDA driver" } else { "built without CUDA support" };
+    expect_error(&["generate", "--model", model, "--prompt", "hi", "--device", "cuda"], &[why]);
+    expect_error(&["bench", "--model", model, "--device", "cuda"], &[why]);
+    expect_error(&["compact", "--model", model, "--context", s(ctx.path()), "--out", "/tmp/kvcompact-never-written.safetensors", "--device", "cuda"], &[why]);
+    expect_error(&["compact-head", "--input", "/nonexistent.safetensors", "--output", "/tmp/kvcompact-never-written.safetensors", "--ratio", "4", "--device", "cuda"], &[why]);
+}

@@ -123,7 +123,7 @@ fn compact_head<'py>(
     }
     let b = bias.map(|x| vector(py, "bias", x)).transpose()?;
     let pos = positions.map(|x| positions_arg(py, x)).transpose()?;
-    let opts = OracleOptions { method: method.to_string(), budget, seed, nnls: BetaSolver::parse(nnls).map_err(value_error)?, strict_parity, golden_precision: false, kvpress };
+    let opts = OracleOptions { method: method.to_string(), budget, seed, nnls: BetaSolver::parse(nnls).map_err(value_error)?, strict_parity, golden_precision: false, kvpress, ..Default::default() };
     let r = py
         .detach(|| {
             let arrays = HeadArrays {

@@ -224,7 +224,7 @@ impl Model {
         }
         let (cache, report) = py
             .detach(|| {
-                let m = document_method(&self.model, method, solver)?;
+                let m = document_method(&self.model, method, solver, kvc::device::Device::Cpu)?;
                 compact_context(&self.model, &self.tok, &layout, m.as_ref(), &opts)
             })
             .map_err(value_error)?;

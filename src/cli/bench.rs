@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
+use kvcompact::device::Device;
 use kvcompact::model::{Logits, Model, DEFAULT_MAX_BATCH};
 
 use super::{enable_slim, model_dir, print_slim_cache, ModelArg, SlimArg};
@@ -28,6 +29,12 @@ pub struct Args {
     pub json: bool,
     #[command(flatten)]
     pub slim: SlimArg,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
+    /// With --device cuda: time each GPU kernel path against its CPU twin on synthetic data of
+    /// real shapes (decode attention, compact-head), then exit; no model is loaded.
+    #[arg(long, requires = "device")]
+    pub kernels: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -42,6 +49,17 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
     }
+    let device = a.device.device;
+    device.check()?;
+    if a.kernels {
+        if device != Device::Cuda {
+            bail!("--kernels compares the GPU with the CPU: add --device cuda");
+        }
+        return kernel_bench(a.reps.max(5) * 4, a.json);
+    }
+    if device != Device::Cpu && (a.slim.slim || a.batch > 1) {
+        bail!("--device cuda runs one sequence's decode attention on the GPU: drop --slim and --batch");
+    }
     let dir = model_dir(&a.model)?;
     let mut model = Model::load(&dir)?;
     enable_slim(&mut model, &a.slim)?;
@@ -54,6 +72,7 @@ pub fn run(a: Args) -> Result<()> {
     let lo = 256.min(c.vocab_size / 2) as u64;
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| (lo + rng.below(c.vocab_size as u64 - lo)) as u32).collect();
     let mut state = model.new_state(DEFAULT_MAX_BATCH.max(a.prompt_tokens.min(512)));
+    state.use_device(device, c.n_layers)?;
     let mut cache = model.new_cache();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     for rep in 0..=a.reps {
@@ -89,11 +108,11 @@ pub fn run(a: Args) -> Result<()> {
                 "decode_tok_s": dm, "decode_min": dmin, "decode_max": dmax,
                 "weight_bytes": wbytes, "simd": kvcompact_kernels::simd_level(),
                 "kv_bytes": cache.bytes(), "kv_rows": cache.max_len(), "slim": kvcompact::model::slim_report(&model, &cache),
-                "batch": a.batch, "batch_decode_tok_s": batch})
+                "batch": a.batch, "batch_decode_tok_s": batch, "device": device.name()})
         );
     } else {
         print_slim_cache(&model, &cache);
-        println!("model {} | weights {} ({:.0} MiB) | threads {} | simd {}", dir.display(), model.weights.dtype().name(), wbytes as f64 / (1 << 20) as f64, threads, kvcompact_kernels::simd_level());
+        println!("model {} | weights {} ({:.0} MiB) | threads {} | simd {} | decode attention on {}", dir.display(), model.weights.dtype().name(), wbytes as f64 / (1 << 20) as f64, threads, kvcompact_kernels::simd_level(), device.name());
         println!("prefill {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}, {} reps)", a.prompt_tokens, pm, pmin, pmax, a.reps);
         println!("decode  {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}) = {:.1} GB/s of weights", a.gen_tokens, dm, dmin, dmax, dm * wbytes as f64 / 1e9);
     }
@@ -104,6 +123,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!("bench prefill_tok_s={pm:.2} decode_tok_s={dm:.2}");
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn kernel_bench(reps: usize, json: bool) -> Result<()> {
+    super::bench_gpu::run(reps, json)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernel_bench(_: usize, _: bool) -> Result<()> {
+    unreachable!("Device::Cuda.check() refuses a build without the cuda feature")
 }
 
 /// Median aggregate tok/s of `m` sequences decoded together for `gen` steps (each first

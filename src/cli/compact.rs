@@ -68,6 +68,8 @@ pub struct Args {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
 }
 
 /// `kvcompact compact`.
@@ -88,13 +90,17 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Bad options and unknown names fail before the model loads (or is fetched).
     opts.check()?;
+    a.device.device.check()?;
+    if a.device.device != kvcompact::device::Device::Cpu && (a.kvpress || registry::family(&a.method)? != registry::Family::AttentionMatching) {
+        return Err(registry::cpu_only(&a.method).into());
+    }
     registry::family(&a.method)?;
     if registry::runs_as_press(&a.method, a.kvpress) {
         return run_press(&a, opts.budget);
     }
     let dir = model_dir(&a.model)?;
     let (model, tok) = kvcompact::generate::load(&dir)?;
-    let method = document_method(&model, &a.method, solver)?;
+    let method = document_method(&model, &a.method, solver, a.device.device)?;
     let chat = !a.raw && tok.has_chat_template();
     let layout = ContextLayout::build(&tok, &text, chat)?;
     eprintln!(

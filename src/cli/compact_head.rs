@@ -42,10 +42,13 @@ pub struct Args {
     /// kvpress 0.5.5 semantics for an eviction baseline (the press of the same name).
     #[arg(long)]
     pub kvpress: bool,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
 }
 
 /// `kvcompact compact-head`.
 pub fn run(a: Args) -> Result<()> {
+    a.device.device.check()?;
     // clap's group lets exactly one form through.
     let budget = Budget::from_forms(a.ratio, a.compression_ratio, a.budget)?.unwrap_or_default();
     let opts = OracleOptions {
@@ -55,6 +58,7 @@ pub fn run(a: Args) -> Result<()> {
         nnls: BetaSolver::parse(&a.nnls)?,
         strict_parity: a.strict_parity,
         kvpress: a.kvpress,
+        device: a.device.device,
         ..Default::default()
     };
     let r = compact_head_file(&a.input, &a.output, &opts)?;

@@ -72,10 +72,13 @@ pub struct Args {
     pub filters: Option<PathBuf>,
     #[command(flatten)]
     pub slim: SlimArg,
+    #[command(flatten)]
+    pub device: super::DeviceArg,
 }
 
 /// `kvcompact generate`.
 pub fn run(a: Args) -> Result<()> {
+    a.device.device.check()?;
     let mut sampler = Sampler::checked(a.temperature, a.top_p, a.seed)?;
     let text = read_prompt(&a.prompt)?;
     let dir = model_dir(&a.model)?;
@@ -85,6 +88,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     enable_slim(&mut model, &a.slim)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
+    if a.slim.slim && a.device.device != kvcompact::device::Device::Cpu {
+        bail!("--slim runs on the CPU only (drop --device cuda)");
+    }
+    state.use_device(a.device.device, model.config.n_layers)?;
     let (mut cache, cached_chat) = match &a.cache {
         Some(path) => {
             let loaded = kvcompact::cache::load_cache(path, &model.cache_id())?;

@@ -3,6 +3,8 @@
 //! the server and the Python package can call the same functions.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod bench_gpu;
 pub mod budgets;
 pub mod compact;
 pub mod compact_head;
@@ -42,6 +44,16 @@ pub struct PromptArg {
     /// File holding the prompt (UTF-8).
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
+}
+
+/// `--device cpu|cuda` (`generate`, `compact`, `compact-head`, `bench`).
+#[derive(Args, Clone, Copy)]
+pub struct DeviceArg {
+    /// Where the GPU-capable work runs: `cuda` puts decode attention (generate, bench) and
+    /// Attention Matching's n×T products (compact, compact-head) on the GPU. Needs a build with
+    /// `--features cuda` and an NVIDIA GPU; otherwise a one-line error.
+    #[arg(long, value_enum, default_value_t = kvcompact::device::Device::Cpu)]
+    pub device: kvcompact::device::Device,
 }
 
 /// `--slim` and its two gates (`generate`, `bench`).

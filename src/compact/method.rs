@@ -21,6 +21,13 @@ pub trait Compressor: Send + Sync {
     fn compress_head_ctx(&self, input: &HeadInput, _ctx: &HeadContext, budget: usize, seed: u64) -> crate::Result<CompactedHead> {
         self.compress_head(input, budget, seed)
     }
+    /// Compress many heads at once ([`compress_heads`] asks this first): a method that shares
+    /// work across heads (Attention Matching on the GPU: batched GEMMs over heads of one shape)
+    /// returns Some; the default, None, runs [`Compressor::compress_head`] per head in parallel.
+    /// `seeds[i]` is head i's seed, as `compress_head` would get it.
+    fn compress_batch(&self, _heads: &[HeadInput], _budgets: &[usize], _seeds: &[u64]) -> Option<crate::Result<Vec<CompactedHead>>> {
+        None
+    }
     /// The budget-independent scorer behind an eviction method (a harness can score once and
     /// select at many budgets); None for methods that fit (Attention Matching).
     fn scorer(&self) -> Option<&dyn Scorer> {
@@ -84,10 +91,10 @@ pub fn compress_heads(
             got: format!("{}", budgets.len()),
         });
     }
-    heads
-        .par_iter()
-        .zip(budgets.par_iter())
-        .map(|(h, &b)| method.compress_head(h, b, head_seed(seed, h.layer, h.kv_head)))
-        .collect()
+    let seeds: Vec<u64> = heads.iter().map(|h| head_seed(seed, h.layer, h.kv_head)).collect();
+    if let Some(r) = method.compress_batch(heads, budgets, &seeds) {
+        return r;
+    }
+    heads.par_iter().zip(budgets.par_iter()).zip(seeds.par_iter()).map(|((h, &b), &s)| method.compress_head(h, b, s)).collect()
 }
 

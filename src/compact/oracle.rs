@@ -19,6 +19,7 @@ use super::budget::Budget;
 use super::registry::{self, Family, MethodOptions};
 use super::{evaluate_head, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
+use crate::device::Device;
 use crate::{Error, Result};
 
 /// Options of `compact-head` (the CLI flags).
@@ -42,6 +43,8 @@ pub struct OracleOptions {
     /// kvpress 0.5.5 semantics for an eviction baseline (`--kvpress`; [`Press`](super::evict::Press));
     /// refused for the Attention Matching family.
     pub kvpress: bool,
+    /// Where the AM family's n×T work runs (`--device`); eviction methods run on the CPU only.
+    pub device: Device,
 }
 
 impl Default for OracleOptions {
@@ -54,6 +57,7 @@ impl Default for OracleOptions {
             strict_parity: false,
             golden_precision: false,
             kvpress: false,
+            device: Device::Cpu,
         }
     }
 }
@@ -218,8 +222,10 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
             if opts.golden_precision {
                 cfg.precision = Precision::F64;
             }
+            cfg.device = opts.device;
             Box::new(AmCompressor::new(cfg))
         }
+        Family::Eviction if opts.device != Device::Cpu => return Err(registry::cpu_only(&opts.method)),
         Family::Eviction => registry::method_with(&opts.method, &MethodOptions { kvpress: opts.kvpress, seed: opts.seed, ..Default::default() })?,
         Family::Full => return Err(Error::Invalid("compact_head: \"full\" keeps the whole head; give a method that compacts".into())),
     };

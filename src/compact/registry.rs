@@ -167,6 +167,11 @@ pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compresso
     })
 }
 
+/// The error for `--device cuda` with a method that has no GPU path (every eviction baseline).
+pub fn cpu_only(name: &str) -> Error {
+    Error::Device(format!("--device cuda runs the Attention Matching methods (am-highest, am-omp, am-omp-fast, baseline); {name} runs on the CPU only"))
+}
+
 /// Build a method from its CLI name: `am-highest` (aliases `am-hak`, `am-hak-basic`), `am-omp`
 /// (`am-omp-basic`), `am-omp-fast`, `baseline` (`am-baseline`). Knobs are public fields of
 /// [`AmConfig`]; start from [`AmConfig::from_name`] to change them.

@@ -11,6 +11,7 @@ use super::layout::ContextLayout;
 use super::queries::{extra_queries, group_queries, local, merge_extra, repeat_tokens, self_study_tokens, subsample, LayerRun, QuerySource, Queries};
 use crate::cache::{HeadRows, KvCache};
 use crate::compact::registry::{self, Family, MethodOptions};
+use crate::device::Device;
 use crate::compact::{compress_heads, evaluate_head, qfilters, AmCompressor, BetaSolver, Budget, Compressor, HeadEval, HeadInput, HeadStats};
 use crate::error::{Error, Result};
 use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
@@ -93,10 +94,15 @@ impl CompactOptions {
 /// method that scores each head with the reference queries (non-causal, over the span) and keeps
 /// rows with their prior bias and values. `qfilters` loads the model's filters or calibrates and
 /// saves them next to the model.
-pub fn document_method(model: &Model, name: &str, nnls: BetaSolver) -> Result<Box<dyn Compressor>> {
+pub fn document_method(model: &Model, name: &str, nnls: BetaSolver, device: Device) -> Result<Box<dyn Compressor>> {
     match registry::family(name)? {
         Family::Full => Err(Error::Invalid("\"full\" keeps the cache whole; give a method that compacts".into())),
-        Family::AttentionMatching => Ok(Box::new(AmCompressor::new(registry::require_am(name, "compact")?.cfg.with_beta_solver(nnls)))),
+        Family::AttentionMatching => {
+            let mut cfg = registry::require_am(name, "compact")?.cfg.with_beta_solver(nnls);
+            cfg.device = device;
+            Ok(Box::new(AmCompressor::new(cfg)))
+        }
+        Family::Eviction if device != Device::Cpu => Err(registry::cpu_only(name)),
         Family::Eviction => {
             let filters = if name == "qfilters" {
                 let cache = model.dir.join(qfilters::DEFAULT_FILTERS_FILE);

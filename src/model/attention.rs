@@ -41,6 +41,40 @@ impl Model {
         });
     }
 
+    /// One token's attention on the GPU when [`RunState::use_device`] chose CUDA; false (the CPU
+    /// runs it) otherwise or when the GPU call failed (the error is kept for `forward`).
+    #[cfg(feature = "cuda")]
+    pub(super) fn attention_on_device(&self, l: usize, st: &mut RunState, stores: &[HeadStore], metas: &[HeadMeta]) -> bool {
+        use crate::cuda::attention::HeadRows;
+        let Some(dev) = st.device_cache.as_mut() else { return false };
+        let c = &self.config;
+        let (hd, qd) = (c.head_dim, c.q_dim());
+        let qpos = st.positions[0] as usize;
+        let heads: Vec<HeadRows> = stores
+            .iter()
+            .zip(metas)
+            .map(|(s, m)| HeadRows {
+                keys: &s.keys,
+                values: &s.values,
+                bias: m.bias.as_deref(),
+                positions: &m.positions,
+                start: window_start(c.sliding_window, qpos, &m.positions),
+            })
+            .collect();
+        match dev.attend(l, &st.q[..qd], &heads, c.group_size(), hd, c.attn_scale(), &mut st.att[..qd]) {
+            Ok(()) => true,
+            Err(e) => {
+                st.device_error.get_or_insert(e);
+                false
+            }
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn attention_on_device(&self, _: usize, _: &mut RunState, _: &[HeadStore], _: &[HeadMeta]) -> bool {
+        false
+    }
+
     /// Multi-token causal attention, flash style: per KV head, blocks of [`ATTN_BLOCK_TOKENS`]
     /// query tokens (all G query heads of the group together) sweep the visible keys in blocks of
     /// [`ATTN_KEY_BLOCK`] rows: S = scale·Q_blk·K_blkᵀ (+β), masked, unnormalised softmax

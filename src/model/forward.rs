@@ -78,6 +78,13 @@ pub struct RunState {
     pub logits: Vec<f32>,
     /// When set, what it enables is recorded on every forward call.
     pub capture: Option<Capture>,
+    /// `--device cuda`: one-token decode attention runs on the GPU over a mirror of the cache
+    /// (see [`RunState::use_device`]); everything else stays on the CPU.
+    #[cfg(feature = "cuda")]
+    pub(super) device_cache: Option<crate::cuda::attention::DeviceCache>,
+    /// The first GPU failure of a forward call (that step fell back to the CPU); returned by
+    /// [`Model::forward`].
+    pub(super) device_error: Option<Error>,
 }
 
 /// Optional recordings of a forward pass, appended per call (tests, query extraction).
@@ -163,6 +170,9 @@ impl Model {
             slim_kbar: Vec::new(),
             logits: Vec::with_capacity(c.vocab_size),
             capture: None,
+            #[cfg(feature = "cuda")]
+            device_cache: None,
+            device_error: None,
         }
     }
 
@@ -206,7 +216,10 @@ impl Model {
             };
             self.forward_chunk(state, cache, chunk, chunk_want);
         }
-        Ok(())
+        match state.device_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Convenience: logits of the last token.
@@ -311,7 +324,9 @@ impl Model {
                 cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
             }
             let (stores, metas) = cache.layer(l);
-            self.attention(st, stores, metas, n);
+            if !(n == 1 && self.attention_on_device(l, st, stores, metas)) {
+                self.attention(st, stores, metas, n);
+            }
         }
         self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
@@ -449,6 +464,21 @@ impl RunState {
     /// Tokens one forward chunk can hold.
     pub fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// Run one-token decode attention on `device` from now on (the CPU: the default). With CUDA,
+    /// the GPU checks first; the cache is mirrored there as it grows (f32, as on the CPU).
+    pub fn use_device(&mut self, device: crate::device::Device, n_layers: usize) -> Result<()> {
+        device.check()?;
+        #[cfg(feature = "cuda")]
+        {
+            self.device_cache = match device {
+                crate::device::Device::Cpu => None,
+                crate::device::Device::Cuda => Some(crate::cuda::attention::DeviceCache::new(n_layers)?),
+            };
+        }
+        let _ = n_layers;
+        Ok(())
     }
 }
 

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use kvcompact::tensor_file::{load_safetensors, TensorData};
 
+/// The repository root: `KVCOMPACT_REPO` when set (a test binary built elsewhere, as
+/// benches/gpu_check.sh runs a prebuilt one), else where it was built.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("KVCOMPACT_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn golden(rel: &str) -> PathBuf {

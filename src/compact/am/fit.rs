@@ -8,6 +8,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::compact::head::{HeadInput, HeadStats};
+use crate::device::Device;
 use crate::linalg::expf;
 use crate::linalg::lstsq::{self, Guard, LstsqMethod};
 use crate::linalg::{nnls_active_set, nnls_pg};
@@ -85,6 +86,8 @@ pub trait Elem: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd + '
     fn from_f32(x: f32) -> Self;
     /// Widen (or keep) to f64 for accumulation.
     fn to_f64(self) -> f64;
+    /// Narrow (or keep) an f64 (exact for a value computed in this precision).
+    fn from_f64(x: f64) -> Self;
     /// One row of E in place: add the bias, μ = max, `row ← exp(row − μ)`; returns (μ, Σ row) in f64.
     fn row_stats(row: &mut [Self], bias: Option<&[f32]>) -> (f64, f64);
 }
@@ -98,6 +101,10 @@ impl Elem for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        x as f32
     }
     fn row_stats(row: &mut [f32], bias: Option<&[f32]>) -> (f64, f64) {
         let (mu, z) = expf::row_softmax_stats(row, bias);
@@ -114,6 +121,10 @@ impl Elem for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> f64 {
+        x
     }
     fn row_stats(row: &mut [f64], bias: Option<&[f32]>) -> (f64, f64) {
         if let Some(b) = bias {
@@ -268,6 +279,18 @@ pub fn design_x(q: &[f32], keys: &[f32], beta: &[f32], d: usize, scale: f32, par
     MatRef::from_row_major_slice(&logits, n, t).to_owned()
 }
 
+/// [`design_x`] on the GPU (`--features cuda`).
+#[cfg(feature = "cuda")]
+fn gpu_design_x(q: &[f32], keys: &[f32], beta: &[f32], d: usize, scale: f32) -> Result<Mat<f64>> {
+    let x = crate::cuda::am::design_x(q, keys, beta, d, scale)?; // [n, t] row-major
+    Ok(MatRef::from_row_major_slice(&x, q.len() / d, beta.len()).to_owned())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_design_x(_: &[f32], _: &[f32], _: &[f32], _: usize, _: f32) -> Result<Mat<f64>> {
+    Err(crate::device::Device::Cuda.check().expect_err("no cuda feature"))
+}
+
 /// C_v by least squares with the §6.4 guard (`guard` = Some(κ threshold)): trip on κ(X) > cond_max,
 /// max|C_v| > 1e3·max|V| or a non-finite/failed solve → ridge [X; √λI] with λ = 1e-6·‖X‖_F²/t →
 /// if that still trips, C_v = V\[S\]. Every trip is recorded in `stats`.
@@ -275,6 +298,7 @@ pub fn design_x(q: &[f32], keys: &[f32], beta: &[f32], d: usize, scale: f32, par
 pub fn fit_values<T: Elem>(
     guard: Option<f64>,
     inner_par: bool,
+    device: Device,
     input: &HeadInput,
     st: &AttnStats<T>,
     keys: &[f32],
@@ -286,7 +310,10 @@ pub fn fit_values<T: Elem>(
     let d = input.d;
     let q = input.queries.ok_or_else(|| Error::Invalid("fit_values: reference queries are required".into()))?;
     let n = st.n;
-    let x = design_x(q, keys, beta, d, input.scale, faer_par(inner_par));
+    let x = match device {
+        Device::Cpu => design_x(q, keys, beta, d, input.scale, faer_par(inner_par)),
+        Device::Cuda => gpu_design_x(q, keys, beta, d, input.scale)?,
+    };
     let ymat = MatRef::from_row_major_slice(&st.y, n, d).to_owned();
     let vmax = input.values.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
     let too_big = |c: &Mat<f64>| (0..d).any(|k| (0..t).any(|j| !c[(j, k)].is_finite() || c[(j, k)].abs() > 1e3 * vmax.max(f64::MIN_POSITIVE)));

@@ -19,11 +19,12 @@ pub mod fit;
 pub mod highest;
 pub mod omp;
 
-use fit::{attention_stats, fit_b, fit_values, Elem};
+use fit::{fit_b, fit_values, Elem};
 use highest::{Pooling, Score as HScore};
 use omp::{OmpConfig, OmpSchedule};
 
 use crate::compact::{CompactedHead, Compressor, HeadInput, HeadStats};
+use crate::device::Device;
 use crate::{Error, Result};
 
 pub use fit::{BetaFit, BetaSolver, FitParams, ValueFit, HIGHEST_BOUNDS, OMP_BOUNDS};
@@ -76,6 +77,10 @@ pub struct AmConfig {
     /// current rayon pool. Off by default: [`crate::compact::compress_heads`] parallelises over heads. The
     /// split is by rows/columns only, so results do not depend on the thread count.
     pub inner_par: bool,
+    /// Where the n×T work (S, E, Y, key scores, X) runs; the solves stay on the CPU
+    /// ([`crate::cuda::am`] says why). Results agree with the CPU within the tolerances of
+    /// tests/cuda.rs, not bit for bit.
+    pub device: Device,
 }
 
 impl AmConfig {
@@ -92,6 +97,7 @@ impl AmConfig {
             precision: Precision::F32,
             identity_shortcut: true,
             inner_par: false,
+            device: Device::Cpu,
         };
         let omp_fit = BetaFit::Fit(FitParams { solver: BetaSolver::Reference, lo: OMP_BOUNDS.0, hi: OMP_BOUNDS.1, pg_iters: 0 });
         Ok(match name {
@@ -199,20 +205,86 @@ impl Compressor for AmCompressor {
             Precision::F64 => run::<f64>(&self.cfg, input, budget, seed),
         }
     }
+
+    /// On the GPU, the statistics of all heads of one shape come from batched GEMMs; the rest of
+    /// each head (selection, β, C_v) then runs in parallel on the CPU as usual.
+    fn compress_batch(&self, heads: &[HeadInput], budgets: &[usize], seeds: &[u64]) -> Option<Result<Vec<CompactedHead>>> {
+        if self.cfg.device != Device::Cuda || heads.len() < 2 {
+            return None;
+        }
+        Some(match self.cfg.precision {
+            Precision::F32 => self.batch::<f32>(heads, budgets, seeds),
+            Precision::F64 => self.batch::<f64>(heads, budgets, seeds),
+        })
+    }
+}
+
+impl AmCompressor {
+    fn batch<T: Elem>(&self, heads: &[HeadInput], budgets: &[usize], seeds: &[u64]) -> Result<Vec<CompactedHead>> {
+        use rayon::prelude::*;
+        // Heads with nothing to fit (empty budget, identity) take the per-head path; the others are
+        // grouped by shape, one batched call per group.
+        let mut groups: std::collections::BTreeMap<(usize, usize, usize, u32), Vec<usize>> = Default::default();
+        for (i, (h, &b)) in heads.iter().zip(budgets).enumerate() {
+            h.validate(b, true)?;
+            if b > 0 && !(b == h.rows() && self.cfg.identity_shortcut) {
+                let n = h.queries.map_or(0, |q| q.len() / h.d.max(1));
+                groups.entry((n, h.rows(), h.d, h.scale.to_bits())).or_default().push(i);
+            }
+        }
+        let mut pre: Vec<Option<(Stats<T>, f64)>> = (0..heads.len()).map(|_| None).collect();
+        for idx in groups.values() {
+            let t0 = Instant::now();
+            let members: Vec<&HeadInput> = idx.iter().map(|&i| &heads[i]).collect();
+            let got = gpu_stats_batch::<T>(&members, wanted_score(&self.cfg), self.cfg.precision)?;
+            let secs = t0.elapsed().as_secs_f64() / idx.len() as f64;
+            for (&i, st) in idx.iter().zip(got) {
+                pre[i] = Some((st, secs));
+            }
+        }
+        heads
+            .par_iter()
+            .zip(budgets.par_iter().zip(seeds.par_iter()))
+            .zip(pre.into_par_iter())
+            .map(|((h, (&b, &seed)), p)| match p {
+                Some(((st, sc), secs)) => finish(&self.cfg, h, b, seed, st, sc, secs),
+                None => self.compress_head(h, b, seed),
+            })
+            .collect()
+    }
+}
+
+/// Step 1's output: the attention statistics, with the key scores when the GPU computed them.
+type Stats<T> = (fit::AttnStats<T>, Option<Vec<f64>>);
+
+/// The key score the selector ranks by, when it is Highest Attention Keys (the GPU computes it
+/// beside E).
+fn wanted_score(cfg: &AmConfig) -> Option<Score> {
+    match cfg.selector {
+        Selector::Highest { score, .. } => Some(score),
+        Selector::Omp(_) => None,
+    }
 }
 
 fn run<T: Elem>(cfg: &AmConfig, input: &HeadInput, budget: usize, seed: u64) -> Result<CompactedHead> {
-    let d = input.d;
-    let mut stats = HeadStats::default();
     let t0 = Instant::now();
-    let st = attention_stats::<T>(input, cfg.inner_par)?;
-    stats.attn_seconds = t0.elapsed().as_secs_f64();
+    let (st, gpu_scores) = attention_stats_on::<T>(cfg.device, input, cfg.inner_par, wanted_score(cfg), cfg.precision)?;
+    finish(cfg, input, budget, seed, st, gpu_scores, t0.elapsed().as_secs_f64())
+}
+
+/// Steps 2–4 (selection, β, C_v) from the attention statistics of step 1.
+fn finish<T: Elem>(cfg: &AmConfig, input: &HeadInput, budget: usize, seed: u64, st: fit::AttnStats<T>, gpu_scores: Option<Vec<f64>>, attn_seconds: f64) -> Result<CompactedHead> {
+    let d = input.d;
+    let mut stats = HeadStats { attn_seconds, ..Default::default() };
 
     // 1. Selection, as increasing row indices.
     let t1 = Instant::now();
     let mut idx = match &cfg.selector {
         Selector::Highest { score, pooling } => {
-            let mut sc = highest::scores(&st.e, &st.z, st.n, st.t_rows, *score);
+            let mut sc = match gpu_scores {
+                Some(sc) => sc,
+                None => highest::scores(&st.e, &st.z, st.n, st.t_rows, *score),
+            };
             if let Some(p) = pooling {
                 sc = highest::pool(&sc, *p);
             }
@@ -264,9 +336,53 @@ fn run<T: Elem>(cfg: &AmConfig, input: &HeadInput, budget: usize, seed: u64) -> 
             stats.values_method = "direct".into();
             direct
         }
-        ValueFit::LeastSquares => fit_values(cfg.guard.then_some(cfg.guard_cond_max), cfg.inner_par, input, &st, &keys, &beta, direct, t, &mut stats)?,
+        ValueFit::LeastSquares => fit_values(cfg.guard.then_some(cfg.guard_cond_max), cfg.inner_par, cfg.device, input, &st, &keys, &beta, direct, t, &mut stats)?,
     };
     stats.values_seconds = t3.elapsed().as_secs_f64();
     Ok(CompactedHead { indices: idx, keys, beta, values, stats })
 }
 
+/// [`attention_stats`] on `device`, with the Highest Attention Keys scores when `score` is set
+/// (computed beside E on the GPU; None on the CPU, where [`super::highest::scores`] runs after).
+fn attention_stats_on<T: Elem>(device: Device, input: &HeadInput, inner_par: bool, score: Option<Score>, precision: Precision) -> Result<Stats<T>> {
+    match device {
+        Device::Cpu => Ok((fit::attention_stats::<T>(input, inner_par)?, None)),
+        Device::Cuda => gpu_attention_stats(input, score, precision),
+    }
+}
+
+fn gpu_attention_stats<T: Elem>(input: &HeadInput, score: Option<Score>, precision: Precision) -> Result<Stats<T>> {
+    Ok(gpu_stats_batch::<T>(&[input], score, precision)?.pop().expect("one head in, one out"))
+}
+
+/// The statistics of heads of one shape (n, T, d, scale) on the GPU, in one batched call.
+#[cfg(feature = "cuda")]
+fn gpu_stats_batch<T: Elem>(inputs: &[&HeadInput], score: Option<Score>, precision: Precision) -> Result<Vec<Stats<T>>> {
+    use crate::cuda::am::{attention_stats_batch, HeadMats, ScoreKind};
+    let Some(first) = inputs.first() else { return Ok(Vec::new()) };
+    let mats = inputs
+        .iter()
+        .map(|h| {
+            let queries = h.queries.ok_or_else(|| crate::Error::Invalid("attention_stats: reference queries are required".into()))?;
+            Ok(HeadMats { queries, keys: h.keys, values: h.values, bias: h.bias })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let kind = score.map(|s| match s {
+        Score::Rms => ScoreKind::Rms,
+        Score::Mean => ScoreKind::Mean,
+        Score::Max => ScoreKind::Max,
+    });
+    let (d, scale) = (first.d, first.scale);
+    let n = mats[0].queries.len() / d;
+    let t_rows = first.rows();
+    let wrap = |e: Vec<T>, mu, z, y, sc| (fit::AttnStats { n, t_rows, e, mu, z, y }, sc);
+    Ok(match precision {
+        Precision::F32 => attention_stats_batch::<f32>(&mats, d, scale, kind)?.into_iter().map(|g| wrap(g.e.into_iter().map(T::from_f32).collect(), g.mu, g.z, g.y, g.scores)).collect(),
+        Precision::F64 => attention_stats_batch::<f64>(&mats, d, scale, kind)?.into_iter().map(|g| wrap(g.e.into_iter().map(T::from_f64).collect(), g.mu, g.z, g.y, g.scores)).collect(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_stats_batch<T: Elem>(_: &[&HeadInput], _: Option<Score>, _: Precision) -> Result<Vec<Stats<T>>> {
+    Err(crate::device::Device::Cuda.check().expect_err("no cuda feature"))
+}
