@@ -42,6 +42,7 @@ fn args(out: &Path, model: PathBuf) -> EvalOptions {
         raw: false,
         check: false,
         no_progress: true,
+        shard: None,
     }
 }
 
@@ -72,6 +73,7 @@ fn eval_writes_every_method_task_metric_and_plot_deterministically() {
     // niah-multikey's needles do not fit the tiny models' 256 positions (its generator is tested below).
     let task_list = ["passkey", "variable-tracking", "qa"];
     a.tasks = task_list.iter().map(|s| s.to_string()).collect();
+    a.methods = kvcompact::compact::METHODS.iter().map(|s| s.to_string()).collect();
     run(&model, &a).unwrap();
     let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out1.join("run.json")).unwrap()).unwrap();
     assert_eq!(info["skipped"].as_array().unwrap().len(), 0, "{info}");
@@ -111,7 +113,7 @@ fn eval_writes_every_method_task_metric_and_plot_deterministically() {
     }
     // CSV has the same rows.
     let csv = std::fs::read_to_string(out1.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().next().unwrap(), "method,ratio,task,metric,value,n");
+    assert_eq!(csv.lines().next().unwrap(), "method,ratio,task,metric,value,n,ci_low,ci_high");
     assert_eq!(csv.lines().count(), r.len() + 1);
 
     // Same seed → same results (timings aside).
@@ -144,11 +146,18 @@ fn quick_mode_runs_on_a_tiny_model() {
             metric: x["metric"].as_str().unwrap().into(),
             value: x["value"].as_f64().unwrap(),
             n: x["n"].as_u64().unwrap() as usize,
+            // null (no interval from one context) reads as NaN.
+            ci_low: x["ci_low"].as_f64().unwrap_or(f64::NAN),
+            ci_high: x["ci_high"].as_f64().unwrap_or(f64::NAN),
         })
         .collect();
     let ratios: std::collections::BTreeSet<u64> = r.iter().map(|x| x.ratio as u64).collect();
     assert_eq!(ratios.into_iter().collect::<Vec<_>>(), vec![10, 20]);
-    assert!(r.iter().all(|x| x.task == "passkey"));
+    assert!(r.iter().all(|x| x.task == "passkey" || x.task == "mean"));
+    // Two contexts: every passkey accuracy cell has an interval around its value.
+    for x in r.iter().filter(|x| x.metric == "accuracy") {
+        assert!(x.ci_low <= x.value && x.value <= x.ci_high, "{x:?}");
+    }
     let summary = std::fs::read_to_string(t.path().join("summary.md")).unwrap();
     assert!(summary.contains("ordering checks"), "{summary}");
 }
@@ -281,6 +290,43 @@ fn task_generators_hide_their_answers_at_the_right_places() {
         let a_line = s.context.find(&format!("VAR {a} = {}.", q.answers[0])).unwrap();
         assert!(a_line < b_line);
     }
+    for s in tasks::generate("niah-multivalue", 2, 1, &c, &tok).unwrap() {
+        let q = &s.questions[0];
+        assert!(q.match_all && q.answers.len() == 4);
+        let key = q.answer_prefix.split("for ").nth(1).unwrap().split(' ').next().unwrap();
+        for v in &q.answers {
+            assert_eq!(s.context.matches(&format!("special magic numbers for {key} is: {v}.")).count(), 1, "{v}");
+        }
+    }
+    for s in tasks::generate("niah-multiquery", 2, 1, &c, &tok).unwrap() {
+        let q = &s.questions[0];
+        assert!(q.match_all && q.answers.len() == 2 && q.answers[0] != q.answers[1]);
+        assert_eq!(s.context.matches("One of the special magic numbers for").count(), 4);
+        let keys: Vec<&str> = q.answer_prefix.trim_start_matches("The special magic numbers for ").trim_end_matches(" are").split(" and ").collect();
+        for (k, v) in keys.iter().zip(&q.answers) {
+            assert!(s.context.contains(&format!("special magic numbers for {k} is: {v}.")), "{k} {v}");
+        }
+    }
+    for s in tasks::generate("cwe", 2, 1, &c, &tok).unwrap() {
+        let q = &s.questions[0];
+        assert!(q.match_all && q.answers.len() == 3);
+        let words: Vec<&str> = s.context.lines().skip(1).filter_map(|l| l.split(". ").nth(1)).collect();
+        let count = |w: &str| words.iter().filter(|x| **x == w).count();
+        let least_common = q.answers.iter().map(|a| count(a)).min().unwrap();
+        assert!(least_common >= 2, "{:?}", q.answers);
+        assert!(words.iter().filter(|w| !q.answers.iter().any(|a| a == *w)).all(|w| count(w) < least_common));
+        assert!(tok.encode(&s.context, false).unwrap().len() <= 600);
+    }
+    for s in tasks::generate("fwe", 2, 1, &c, &tok).unwrap() {
+        let q = &s.questions[0];
+        assert!(q.match_all && q.answers.len() == 3);
+        let words: Vec<&str> = s.context.lines().nth(1).unwrap().split(' ').collect();
+        let count = |w: &str| words.iter().filter(|x| **x == w).count();
+        let third = q.answers.iter().map(|a| count(a)).min().unwrap();
+        assert!(third >= 2);
+        // No word outside the answer is more frequent than the answer's least frequent.
+        assert!(words.iter().filter(|w| !q.answers.iter().any(|a| a == *w)).all(|w| count(w) <= third));
+    }
     let qa = tasks::generate("qa", 10, 1, &c, &tok).unwrap();
     assert_eq!(qa.len(), c.qa_docs.len(), "one sample per document");
     assert!(qa.iter().all(|s| s.questions.len() == 3));
@@ -340,4 +386,56 @@ fn per_head_errors_match_compact_evaluate_head() {
         let (rel, mass) = head_errors(&head_reference(&input, &q), &out, &q, 0.35);
         assert!((rel - e.mean_rel_l2).abs() < 1e-12 && (mass - e.mean_mass_err).abs() < 1e-12, "{name}: {rel} {mass} vs {e:?}");
     }
+}
+
+#[test]
+fn shards_merge_into_the_single_run() {
+    let t = tempfile::tempdir().unwrap();
+    let model = golden("tiny/llama-gqa");
+    let base = |out: &Path| {
+        let mut a = args(out, model.clone());
+        a.methods = vec!["knorm".into(), "am-highest".into(), "full".into()];
+        a.tasks = vec!["passkey".into(), "variable-tracking".into()];
+        a.samples = Some(3);
+        a
+    };
+    let whole = t.path().join("whole");
+    run(&model, &base(&whole)).unwrap();
+    let mut dirs = Vec::new();
+    for i in 1..=2 {
+        let d = t.path().join(format!("s{i}"));
+        let mut a = base(&d);
+        a.shard = Some((i, 2));
+        run(&model, &a).unwrap();
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+        // Six contexts, every other one per shard.
+        assert_eq!(info["contexts"], 3, "{info}");
+        dirs.push(d);
+    }
+    let merged = t.path().join("merged");
+    kvcompact::eval::merge(&merged, &dirs).unwrap();
+    let strip = |v: Vec<serde_json::Value>| v.into_iter().filter(|x| x["metric"] != "compress_s").collect::<Vec<_>>();
+    let (one, two) = (strip(rows(&whole)), strip(rows(&merged)));
+    assert!(one.iter().any(|x| x["ci_low"].is_f64()), "three contexts per task give intervals");
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a, b, "merged shards equal the single run, intervals included");
+    }
+    assert!(std::fs::read_to_string(merged.join("summary.md")).unwrap().contains("eval merge"));
+    // Errors: a missing shard, a shard twice, shards of different sweeps.
+    let e = kvcompact::eval::merge(&t.path().join("m2"), &dirs[..1]).unwrap_err().to_string();
+    assert!(e.contains("2/2 missing"), "{e}");
+    let e = kvcompact::eval::merge(&t.path().join("m3"), &[dirs[0].clone(), dirs[0].clone()]).unwrap_err().to_string();
+    assert!(e.contains("given twice"), "{e}");
+    let other = t.path().join("other");
+    let mut a = base(&other);
+    a.seed = 99;
+    a.shard = Some((2, 2));
+    run(&model, &a).unwrap();
+    let e = kvcompact::eval::merge(&t.path().join("m4"), &[dirs[0].clone(), other]).unwrap_err().to_string();
+    assert!(e.contains("seed differs"), "{e}");
+    let e = kvcompact::eval::merge(&t.path().join("m5"), &[whole]).unwrap_err().to_string();
+    assert!(e.contains("not a shard"), "{e}");
+    assert!(kvcompact::eval::parse_shard("3/2").is_err() && kvcompact::eval::parse_shard("0/2").is_err() && kvcompact::eval::parse_shard("x").is_err());
+    assert_eq!(kvcompact::eval::parse_shard("2/4").unwrap(), (2, 4));
 }

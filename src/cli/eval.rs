@@ -10,16 +10,21 @@ use super::{model_dir, ModelArg};
 
 /// Rank compression methods on the same tasks (accuracy, log-ppl, KL, per-head errors, bytes).
 #[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// `merge`: join the output directories of a sharded sweep.
+    #[command(subcommand)]
+    pub cmd: Option<Sub>,
     /// HF-format model directory (default: the default model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Comma-separated methods (default: all): am-omp, am-highest, baseline, qfilters,
+    /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
+    /// tova, qfilters, knorm, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 2,5,10,20,50).
+    /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 10,20,50).
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["compression_ratios", "row_budgets"])]
     pub ratios: Vec<f64>,
     /// kvpress's form instead: comma-separated compression ratios r in [0, 1); each head keeps
@@ -33,23 +38,29 @@ pub struct Args {
     /// have none and run as defined here).
     #[arg(long)]
     pub kvpress: bool,
-    /// Comma-separated tasks (default all): passkey, niah-multikey, variable-tracking, qa.
+    /// Comma-separated tasks: passkey, niah-multikey, niah-multivalue, niah-multiquery,
+    /// variable-tracking, cwe, fwe, qa (default: passkey, niah-multikey, niah-multivalue,
+    /// variable-tracking).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
-    /// Samples (contexts) per task (default 3; --quick 4). QA has one sample per document.
+    /// Samples (contexts) per task (default 20; --quick 4). QA has one sample per document.
     #[arg(long)]
     pub samples: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory.
+    /// Output directory (required).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Run only shard i of n (1-based; every n-th context), e.g. `--shard 2/4` on the second of
+    /// four machines; `kvcompact eval merge` joins the shards' output directories.
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Small CI run: passkey, ratios 10,20, methods am-highest, qfilters, knorm, streaming-llm,
     /// full, 4 samples of 512 tokens (each overridable), and the ordering checks.
     #[arg(long)]
     pub quick: bool,
-    /// Context lengths in tokens for the synthetic tasks, cycled over samples (default 512, which
-    /// keeps the default run within its time budget; the README table uses 512,1024). Capped to
+    /// Context lengths in tokens for the synthetic tasks, cycled over samples (default 256,512:
+    /// half the contexts at each). Capped to
     /// what the model's context holds.
     #[arg(long, value_delimiter = ',')]
     pub lengths: Vec<usize>,
@@ -99,10 +110,27 @@ pub struct Args {
     pub no_progress: bool,
 }
 
+/// `kvcompact eval` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Sub {
+    /// Join the output directories of `kvcompact eval --shard i/n` runs (every shard of one
+    /// sweep, each once) into one result, as a single run would have written it.
+    Merge {
+        /// Output directory of the merged result.
+        #[arg(long)]
+        out: PathBuf,
+        /// The shards' output directories.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+    },
+}
+
 impl Args {
-    /// The library's options, field by field.
-    pub fn options(self) -> EvalOptions {
-        EvalOptions {
+    /// The library's options, field by field (`out` and `shard` checked).
+    pub fn options(self) -> Result<EvalOptions> {
+        let out = self.out.ok_or_else(|| anyhow::anyhow!("eval: --out DIR is required"))?;
+        let shard = self.shard.as_deref().map(kvcompact::eval::parse_shard).transpose()?;
+        Ok(EvalOptions {
             model: self.model,
             methods: self.methods,
             ratios: self.ratios,
@@ -112,7 +140,8 @@ impl Args {
             tasks: self.tasks,
             samples: self.samples,
             seed: self.seed,
-            out: self.out,
+            out,
+            shard,
             quick: self.quick,
             lengths: self.lengths,
             depths: self.depths,
@@ -129,12 +158,15 @@ impl Args {
             raw: self.raw,
             check: self.check,
             no_progress: self.no_progress,
-        }
+        })
     }
 }
 
 /// `kvcompact eval`.
 pub fn run(a: Args) -> Result<()> {
+    if let Some(Sub::Merge { out, shards }) = &a.cmd {
+        return Ok(kvcompact::eval::merge(out, shards)?);
+    }
     let dir = model_dir(&ModelArg { model: a.model.clone() })?;
-    Ok(kvcompact::eval::run(&dir, &a.options())?)
+    Ok(kvcompact::eval::run(&dir, &a.options()?)?)
 }

@@ -2,7 +2,7 @@
 //!
 //! | metric | definition | per |
 //! |---|---|---|
-//! | `accuracy` | 1 if greedy decoding after the question and answer prefix reproduces one of the reference answers (its tokens, as the tokenizer writes prefix + " " + answer), else 0. Computed from one teacher-forced pass: greedy output starts with the reference iff each reference token is the argmax where it is predicted. | question |
+//! | `accuracy` | RULER's string match on the greedy answer generated on the compressed cache after the question and answer prefix (at most the question's `max_new_tokens`, stopping at end of turn): 1 if a reference answer occurs in it (case-insensitive), or, for `match_all` questions, the fraction of the references that occur. When the teacher-forced pass shows that greedy decoding reproduces a reference's tokens, the generation is skipped (its text would contain the reference). | question |
 //! | `answer_logppl` | mean NLL (nats/token) under the compressed cache of the answer the model gives with the full cache (greedy, after the prefix) — AM spec §14 | question |
 //! | `kl` | mean over the continuation's positions (question, prefix and full-cache answer, teacher-forced) of KL(p_full ‖ p_compressed) of the next-token distribution, nats | question |
 //! | `attn_rel_l2` | per (layer, KV head), mean over test queries of ‖o − ô‖/‖o‖ on the compressed span (AM spec §14), averaged over heads. Test queries: the continuation's queries under the full cache | sample |
@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 /// Every metric name, in report order.
 pub const METRICS: &[&str] = &["accuracy", "answer_logppl", "kl", "attn_rel_l2", "mass_err", "kv_bytes", "compress_s"];
 
-/// One measurement (one question or one sample).
+/// One measurement (one question or one sample); records.jsonl holds one per line, and
+/// `kvcompact eval merge` reads them back.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     /// Method name (`full` for the uncompressed cache).
@@ -53,6 +54,11 @@ pub struct ResultRow {
     pub value: f64,
     /// Records averaged (non-finite values are skipped).
     pub n: usize,
+    /// Lower end of the 95% bootstrap interval of `value` over contexts (NaN when it has fewer
+    /// than two contexts).
+    pub ci_low: f64,
+    /// Upper end of the same interval.
+    pub ci_high: f64,
 }
 
 /// The original span's attention for a fixed set of test queries, computed once per sample so
@@ -172,10 +178,61 @@ pub fn nll(row: &[f32], target: u32) -> f64 {
     lse - row[target as usize] as f64
 }
 
-/// Mean of the records per (method, ratio, task, metric), in a stable order: methods and metrics
-/// in the given orders, then ratio, then task.
+/// Bootstrap resamples behind every interval.
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// The pseudo-task of the rows that average over the run's tasks (summary tables, Pareto view).
+pub const MEAN_TASK: &str = "mean";
+
+/// One (method, ratio, metric) cell of one task: per context, the sum and count of its values.
+type Cells = BTreeMap<String, (f64, usize)>;
+
+/// Point estimate and bootstrap replicates of one task's cell. Contexts are the resampled unit
+/// (a cluster bootstrap: the questions of one context stay together), the estimate pools every
+/// value of the drawn contexts, and the draws depend only on the task and its context ids, so
+/// every method and ratio of a task sees the same resamples (their intervals are paired) and a
+/// merged sharded run gives the same numbers as one run.
+fn replicates(task: &str, cells: &Cells) -> (f64, usize, Vec<f64>) {
+    let per: Vec<(f64, usize)> = cells.values().copied().collect();
+    let (s, n) = per.iter().fold((0.0, 0usize), |a, c| (a.0 + c.0, a.1 + c.1));
+    let point = s / n as f64;
+    if per.len() < 2 {
+        return (point, n, Vec::new());
+    }
+    let salt = task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut rng = crate::sampling::Rng::new(salt ^ 0xB007_57A9);
+    let k = per.len() as u64;
+    let reps = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            let (mut s, mut n) = (0.0, 0usize);
+            for _ in 0..k {
+                let c = per[rng.below(k) as usize];
+                s += c.0;
+                n += c.1;
+            }
+            s / n as f64
+        })
+        .collect();
+    (point, n, reps)
+}
+
+/// The 2.5% and 97.5% percentiles of `reps` (NaN, NaN when empty).
+fn interval(mut reps: Vec<f64>) -> (f64, f64) {
+    if reps.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    reps.sort_by(f64::total_cmp);
+    let at = |q: f64| reps[((q * (reps.len() - 1) as f64).round() as usize).min(reps.len() - 1)];
+    (at(0.025), at(0.975))
+}
+
+/// Mean of the records per (method, ratio, task, metric) with its 95% bootstrap interval over
+/// contexts, plus a [`MEAN_TASK`] row per (method, ratio, metric) averaging the tasks that have
+/// it (the interval from the same replicates, averaged across tasks). Stable order: methods and
+/// metrics in the given orders, then ratio, then task (the mean last).
 pub fn aggregate(records: &[Record], methods: &[String], tasks: &[String]) -> Vec<ResultRow> {
-    let mut acc: BTreeMap<(usize, u64, usize, usize), (f64, usize)> = BTreeMap::new();
+    // (method, metric, ratio bits) → per task → per context (sum, count).
+    let mut acc: BTreeMap<(usize, usize, u64), BTreeMap<usize, Cells>> = BTreeMap::new();
     for r in records {
         let (Some(mi), Some(ti), Some(ki)) = (methods.iter().position(|m| *m == r.method), tasks.iter().position(|t| *t == r.task), METRICS.iter().position(|m| *m == r.metric))
         else {
@@ -184,19 +241,55 @@ pub fn aggregate(records: &[Record], methods: &[String], tasks: &[String]) -> Ve
         if !r.value.is_finite() {
             continue;
         }
-        let e = acc.entry((mi, r.ratio.to_bits(), ti, ki)).or_insert((0.0, 0));
+        let e = acc.entry((mi, ki, r.ratio.to_bits())).or_default().entry(ti).or_default().entry(r.sample.clone()).or_insert((0.0, 0));
         e.0 += r.value;
         e.1 += 1;
     }
-    let mut rows: Vec<(usize, usize, f64, usize, ResultRow)> = acc
-        .into_iter()
-        .map(|((mi, rb, ti, ki), (s, n))| {
-            let ratio = f64::from_bits(rb);
-            (mi, ki, ratio, ti, ResultRow { method: methods[mi].clone(), ratio, task: tasks[ti].clone(), metric: METRICS[ki].to_string(), value: s / n as f64, n })
-        })
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.total_cmp(&b.2)).then(a.3.cmp(&b.3)));
-    rows.into_iter().map(|x| x.4).collect()
+    let mut keys: Vec<(usize, usize, u64)> = acc.keys().copied().collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(f64::from_bits(a.2).total_cmp(&f64::from_bits(b.2))));
+    let mut rows = Vec::new();
+    for key @ (mi, ki, rb) in keys {
+        let ratio = f64::from_bits(rb);
+        let row = |task: String, value: f64, n: usize, ci: (f64, f64)| ResultRow { method: methods[mi].clone(), ratio, task, metric: METRICS[ki].to_string(), value, n, ci_low: ci.0, ci_high: ci.1 };
+        let per_task: Vec<(usize, (f64, usize, Vec<f64>))> = acc[&key].iter().map(|(&ti, cells)| (ti, replicates(&tasks[ti], cells))).collect();
+        for (ti, (point, n, reps)) in &per_task {
+            rows.push(row(tasks[*ti].clone(), *point, *n, interval(reps.clone())));
+        }
+        let k = per_task.len() as f64;
+        let point = per_task.iter().map(|t| t.1 .0).sum::<f64>() / k;
+        let n = per_task.iter().map(|t| t.1 .1).sum();
+        let reps = if per_task.iter().all(|t| !t.1 .2.is_empty()) {
+            (0..BOOTSTRAP_RESAMPLES).map(|b| per_task.iter().map(|t| t.1 .2[b]).sum::<f64>() / k).collect()
+        } else {
+            Vec::new()
+        };
+        rows.push(row(MEAN_TASK.to_string(), point, n, interval(reps)));
+    }
+    rows
+}
+
+/// Read records.jsonl back (the rows `kvcompact eval` wrote; `path` names the file in errors).
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        method: String,
+        ratio: f64,
+        task: String,
+        sample: String,
+        metric: String,
+        value: Option<f64>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: Line = serde_json::from_str(l).map_err(|e| Error::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        let Some(&metric) = METRICS.iter().find(|m| **m == r.metric) else {
+            return Err(Error::Invalid(format!("{}:{}: unknown metric {:?}", path.display(), i + 1, r.metric)));
+        };
+        // serde_json writes a non-finite value as null; aggregation skips it either way.
+        out.push(Record { method: r.method, ratio: r.ratio, task: r.task, sample: r.sample, metric, value: r.value.unwrap_or(f64::NAN) });
+    }
+    Ok(out)
 }
 
 /// Write results.json (a list of row objects) and results.csv (same columns) into `dir`.
@@ -205,9 +298,11 @@ pub fn write_results(dir: &Path, rows: &[ResultRow]) -> Result<()> {
     write(dir, "results.json", &json)?;
     let mut csv = csv::Writer::from_writer(Vec::new());
     let err = |e: csv::Error| Error::Invalid(format!("results.csv: {e}"));
-    csv.write_record(["method", "ratio", "task", "metric", "value", "n"]).map_err(err)?;
+    csv.write_record(["method", "ratio", "task", "metric", "value", "n", "ci_low", "ci_high"]).map_err(err)?;
+    // An interval that does not exist (one context) is an empty field, as in results.json's null.
+    let opt = |v: f64| if v.is_finite() { v.to_string() } else { String::new() };
     for r in rows {
-        csv.write_record([r.method.clone(), r.ratio.to_string(), r.task.clone(), r.metric.clone(), r.value.to_string(), r.n.to_string()]).map_err(err)?;
+        csv.write_record([r.method.clone(), r.ratio.to_string(), r.task.clone(), r.metric.clone(), r.value.to_string(), r.n.to_string(), opt(r.ci_low), opt(r.ci_high)]).map_err(err)?;
     }
     let bytes = csv.into_inner().map_err(|e| Error::Invalid(format!("results.csv: {e}")))?;
     write(dir, "results.csv", &String::from_utf8_lossy(&bytes))
@@ -219,22 +314,36 @@ pub fn write(dir: &Path, name: &str, text: &str) -> Result<()> {
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
 }
 
-/// Look up one aggregated value.
-pub fn value(rows: &[ResultRow], method: &str, ratio: f64, task: &str, metric: &str) -> Option<f64> {
-    rows.iter().find(|r| r.method == method && r.ratio == ratio && r.task == task && r.metric == metric).map(|r| r.value)
+/// Look up one aggregated row.
+pub fn row<'a>(rows: &'a [ResultRow], method: &str, ratio: f64, task: &str, metric: &str) -> Option<&'a ResultRow> {
+    rows.iter().find(|r| r.method == method && r.ratio == ratio && r.task == task && r.metric == metric)
 }
 
-/// Mean of a metric over the tasks that have it (the cross-task summary).
+/// Look up one aggregated value.
+pub fn value(rows: &[ResultRow], method: &str, ratio: f64, task: &str, metric: &str) -> Option<f64> {
+    row(rows, method, ratio, task, metric).map(|r| r.value)
+}
+
+/// Mean of a metric over the tasks that have it (the cross-task summary: the [`MEAN_TASK`] row).
 pub fn mean_over_tasks(rows: &[ResultRow], method: &str, ratio: f64, metric: &str) -> Option<f64> {
-    let v: Vec<f64> = rows.iter().filter(|r| r.method == method && r.ratio == ratio && r.metric == metric).map(|r| r.value).collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    value(rows, method, ratio, MEAN_TASK, metric)
+}
+
+/// A value with its interval when it has one: `0.850 [0.700, 0.950]`.
+pub fn fmt_ci(r: &ResultRow, prec: usize) -> String {
+    if r.ci_low.is_finite() && r.ci_high.is_finite() {
+        format!("{:.prec$} [{:.prec$}, {:.prec$}]", r.value, r.ci_low, r.ci_high)
+    } else {
+        format!("{:.prec$}", r.value)
+    }
 }
 
 /// Markdown summary tables: per metric, methods × budget points (mean over tasks, and per task
-/// for accuracy); `form` is the points' budget form ([`fmt_point`]).
+/// for accuracy); accuracy and answer log-ppl cells carry their 95% bootstrap intervals; `form`
+/// is the points' budget form ([`fmt_point`]).
 pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], form: &str, tasks: &[String], command: &str) -> String {
     let mut s = String::new();
-    s.push_str(&format!("Reproduce with:\n\n```\n{command}\n```\n\n"));
+    s.push_str(&format!("Reproduce with:\n\n```\n{command}\n```\n\nIntervals: 95% bootstrap over contexts ({BOOTSTRAP_RESAMPLES} resamples).\n\n"));
     let header = |s: &mut String, title: &str| {
         s.push_str(&format!("**{title}**\n\n| method |"));
         for r in ratios {
@@ -246,13 +355,15 @@ pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], 
         }
         s.push('\n');
     };
-    let table = |s: &mut String, title: &str, f: &dyn Fn(&str, f64) -> Option<f64>, prec: usize| {
+    // `scale` converts units (bytes → MiB); `ci` writes the interval.
+    let table = |s: &mut String, title: &str, task: &str, metric: &str, prec: usize, scale: f64, ci: bool| {
         header(s, title);
         for m in methods {
             s.push_str(&format!("| {m} |"));
             for &r in ratios {
-                match f(m, r) {
-                    Some(v) => s.push_str(&format!(" {v:.prec$} |")),
+                match row(rows, m, r, task, metric) {
+                    Some(x) if ci => s.push_str(&format!(" {} |", fmt_ci(x, prec))),
+                    Some(x) => s.push_str(&format!(" {:.prec$} |", x.value * scale)),
                     None => s.push_str(" – |"),
                 }
             }
@@ -262,16 +373,19 @@ pub fn summary_markdown(rows: &[ResultRow], methods: &[String], ratios: &[f64], 
     };
     for t in tasks {
         if rows.iter().any(|r| r.task == *t && r.metric == "accuracy") {
-            table(&mut s, &format!("accuracy, {t}"), &|m, r| value(rows, m, r, t, "accuracy"), 2);
+            table(&mut s, &format!("accuracy, {t}"), t, "accuracy", 2, 1.0, true);
         }
     }
     let task_list = tasks.join(", ");
-    table(&mut s, &format!("answer_logppl (nats/token, mean over {task_list}; lower is better)"), &|m, r| mean_over_tasks(rows, m, r, "answer_logppl"), 3);
-    table(&mut s, &format!("kl (nats, mean over {task_list})"), &|m, r| mean_over_tasks(rows, m, r, "kl"), 3);
-    table(&mut s, "attn_rel_l2 (mean over heads and tasks)", &|m, r| mean_over_tasks(rows, m, r, "attn_rel_l2"), 3);
-    table(&mut s, "mass_err (mean over heads and tasks)", &|m, r| mean_over_tasks(rows, m, r, "mass_err"), 3);
-    table(&mut s, "kv_bytes (MiB, mean over tasks)", &|m, r| mean_over_tasks(rows, m, r, "kv_bytes").map(|b| b / (1024.0 * 1024.0)), 2);
-    table(&mut s, "compress_s (seconds per context, mean over tasks)", &|m, r| mean_over_tasks(rows, m, r, "compress_s"), 2);
+    if rows.iter().filter(|r| r.metric == "accuracy").map(|r| &r.task).any(|t| t != MEAN_TASK) {
+        table(&mut s, &format!("accuracy (mean over the tasks with answers among {task_list})"), MEAN_TASK, "accuracy", 2, 1.0, true);
+    }
+    table(&mut s, &format!("answer_logppl (nats/token, mean over {task_list}; lower is better)"), MEAN_TASK, "answer_logppl", 3, 1.0, true);
+    table(&mut s, &format!("kl (nats, mean over {task_list})"), MEAN_TASK, "kl", 3, 1.0, false);
+    table(&mut s, "attn_rel_l2 (mean over heads and tasks)", MEAN_TASK, "attn_rel_l2", 3, 1.0, false);
+    table(&mut s, "mass_err (mean over heads and tasks)", MEAN_TASK, "mass_err", 3, 1.0, false);
+    table(&mut s, "kv_bytes (MiB, mean over tasks)", MEAN_TASK, "kv_bytes", 2, 1.0 / (1024.0 * 1024.0), false);
+    table(&mut s, "compress_s (seconds per context, mean over tasks)", MEAN_TASK, "compress_s", 2, 1.0, false);
     s
 }
 
@@ -298,6 +412,61 @@ pub fn fmt_ratio(r: f64) -> String {
 mod tests {
     use super::*;
 
+    fn rec(m: &str, task: &str, sample: &str, v: f64) -> Record {
+        Record { method: m.into(), ratio: 10.0, task: task.into(), sample: sample.into(), metric: "accuracy", value: v }
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_mean_and_narrows_with_contexts() {
+        // 20 contexts, 0.5 accuracy: the interval holds 0.5 and is about ±0.22 wide (binomial).
+        let few: Vec<Record> = (0..20).map(|i| rec("a", "t", &format!("s{i}"), (i % 2) as f64)).collect();
+        let r = &aggregate(&few, &["a".into()], &["t".into()])[0];
+        assert_eq!(r.value, 0.5);
+        assert!(r.ci_low < 0.5 && r.ci_high > 0.5, "{r:?}");
+        assert!((0.15..0.3).contains(&(0.5 - r.ci_low)), "{r:?}");
+        let many: Vec<Record> = (0..200).map(|i| rec("a", "t", &format!("s{i}"), (i % 2) as f64)).collect();
+        let m = &aggregate(&many, &["a".into()], &["t".into()])[0];
+        assert!(m.ci_high - m.ci_low < (r.ci_high - r.ci_low) / 2.0, "{m:?} vs {r:?}");
+        // Constant values: a zero-width interval.
+        let flat: Vec<Record> = (0..5).map(|i| rec("a", "t", &format!("s{i}"), 1.0)).collect();
+        let f = &aggregate(&flat, &["a".into()], &["t".into()])[0];
+        assert_eq!((f.ci_low, f.ci_high), (1.0, 1.0));
+    }
+
+    #[test]
+    fn bootstrap_resamples_contexts_and_ignores_record_order() {
+        // Two questions in one context move together: context s0 has both right, s1 both wrong.
+        let mut recs = vec![rec("a", "t", "s0", 1.0), rec("a", "t", "s0", 1.0), rec("a", "t", "s1", 0.0), rec("a", "t", "s1", 0.0), rec("a", "t", "s2", 1.0), rec("a", "t", "s2", 0.0)];
+        let one = aggregate(&recs, &["a".into()], &["t".into()]);
+        recs.reverse();
+        let two = aggregate(&recs, &["a".into()], &["t".into()]);
+        assert_eq!(one, two);
+        assert_eq!(one[0].n, 6);
+        // Every resample is a mean of whole contexts: 0, 1/4, 1/3, 1/2, … never below 0 or above 1.
+        assert!(one[0].ci_low >= 0.0 && one[0].ci_high <= 1.0);
+        // Same task and contexts: another method gets the same resamples (paired intervals).
+        let b: Vec<Record> = recs.iter().map(|r| Record { method: "b".into(), ..r.clone() }).collect();
+        let both = aggregate(&[recs.clone(), b].concat(), &["a".into(), "b".into()], &["t".into()]);
+        assert_eq!((both[0].ci_low, both[0].ci_high), (both[2].ci_low, both[2].ci_high));
+    }
+
+    #[test]
+    fn records_round_trip_through_jsonl() {
+        let dir = std::env::temp_dir().join(format!("kvc-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let recs = vec![rec("a", "t", "s0", 1.0), Record { metric: "kl", value: f64::NAN, ..rec("a", "t", "s1", 0.0) }];
+        let text: String = recs.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+        std::fs::write(dir.join("records.jsonl"), text).unwrap();
+        let back = read_records(&dir.join("records.jsonl")).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].metric, back[0].value), ("accuracy", 1.0));
+        assert!(back[1].value.is_nan());
+        std::fs::write(dir.join("bad.jsonl"), "{\"method\": 1}\n").unwrap();
+        let e = read_records(&dir.join("bad.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("bad.jsonl:1") && !e.contains('\n'), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn kl_is_zero_for_equal_and_positive_otherwise() {
         let a = [1.0f32, 2.0, 3.0];
@@ -316,8 +485,12 @@ mod tests {
     fn aggregate_means_and_orders() {
         let rec = |m: &str, r: f64, v: f64| Record { method: m.into(), ratio: r, task: "t".into(), sample: "s".into(), metric: "kl", value: v };
         let rows = aggregate(&[rec("b", 2.0, 1.0), rec("a", 5.0, 2.0), rec("a", 2.0, 3.0), rec("a", 2.0, 5.0)], &["a".into(), "b".into()], &["t".into()]);
-        assert_eq!(rows.len(), 3);
+        // Each (method, ratio) has its task row and the mean row.
+        assert_eq!(rows.len(), 6);
         assert_eq!((rows[0].method.as_str(), rows[0].ratio, rows[0].value, rows[0].n), ("a", 2.0, 4.0, 2));
-        assert_eq!(rows[2].method, "b");
+        assert_eq!((rows[1].task.as_str(), rows[1].value), (MEAN_TASK, 4.0));
+        assert_eq!(rows[4].method, "b");
+        // One context: no interval.
+        assert!(rows[0].ci_low.is_nan() && rows[0].ci_high.is_nan());
     }
 }

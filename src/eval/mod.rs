@@ -94,7 +94,11 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     for t in &plan.tasks {
         samples.extend(tasks::generate(t, plan.samples, args.seed, &tcfg, &tok)?);
     }
+    // Every shard writes the whole task list (it is the same for all) and runs its own part.
     metrics::write(&args.out, "tasks.jsonl", &tasks::to_jsonl(&samples))?;
+    if let Some((i, n)) = args.shard {
+        samples = shard_of(samples, i, n);
+    }
 
     let per_sample = env.methods.len() * plan.ratios.len();
     let bar = crate::progress::progress_bar((samples.len() * per_sample) as u64, show, "eval");
@@ -121,35 +125,172 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    let rows = metrics::aggregate(&records, &plan.methods, &plan.tasks);
-    metrics::write_results(&args.out, &rows)?;
+    let elapsed = t_all.elapsed().as_secs_f64();
+    let run_info = serde_json::json!({
+        "command": command_line(args), "model": model_dir.display().to_string(), "methods": plan.methods, "ratios": plan.ratios, "budget_form": plan.form, "kvpress": args.kvpress,
+        "tasks": plan.tasks, "samples": plan.samples, "lengths": plan.lengths, "depths": plan.depths, "seed": args.seed,
+        "n_queries": args.n_queries, "am_queries": args.am_queries, "chat": chat, "checks_run": plan.checks,
+        "shard": args.shard.map(|(i, n)| serde_json::json!([i, n])), "contexts": samples.len(),
+        "skipped": skipped, "seconds": elapsed, "seconds_by_phase": timings,
+    });
+    let checks = report(&args.out, &records, &plan, run_info)?;
+    if args.check && checks.iter().any(|c| !c.loose_pass) {
+        return Err(Error::Invalid("an ordering check failed (see summary.md)".into()));
+    }
+    Ok(())
+}
+
+/// The samples of shard `i` of `n` (1-based): every n-th, so each shard gets its share of every
+/// task and length.
+pub fn shard_of<T>(samples: Vec<T>, i: usize, n: usize) -> Vec<T> {
+    samples.into_iter().enumerate().filter(|(k, _)| k % n == i - 1).map(|(_, s)| s).collect()
+}
+
+/// Parse `--shard i/n` (1 ≤ i ≤ n).
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || Error::Invalid(format!("--shard {s:?}: expected i/n with 1 <= i <= n, e.g. 2/4"));
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if i == 0 || i > n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Everything after the runs: results.json/csv, records.jsonl, plots, summary.md (with the
+/// ordering checks when the plan runs them) and run.json (`info` plus the checks). Returns the checks.
+fn report(out: &Path, records: &[Record], plan: &Plan, mut info: serde_json::Value) -> Result<Vec<Check>> {
+    let rows = metrics::aggregate(records, &plan.methods, &plan.tasks);
+    metrics::write_results(out, &rows)?;
     let raw: String = records.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
-    metrics::write(&args.out, "records.jsonl", &raw)?;
-    plots::write_plots(&args.out, &rows, &plan.methods, &plan.tasks, plan.form)?;
-    let command = command_line(args);
+    metrics::write(out, "records.jsonl", &raw)?;
+    plots::write_plots(out, &rows, &plan.methods, &plan.tasks, plan.form)?;
+    let command = info["command"].as_str().unwrap_or("kvcompact eval").to_string();
     let mut summary = metrics::summary_markdown(&rows, &plan.methods, &plan.ratios, plan.form, &plan.tasks, &command);
-    let checks = if plan.checks { ordering_checks(&rows, &plan) } else { Vec::new() };
+    let checks = if plan.checks { ordering_checks(&rows, plan) } else { Vec::new() };
     if !checks.is_empty() {
         summary.push_str("**ordering checks**\n\n");
         for c in &checks {
             summary.push_str(&format!("- {}\n", c.line()));
         }
     }
-    let elapsed = t_all.elapsed().as_secs_f64();
-    summary.push_str(&format!("\n{} samples ({} skipped), {} records, {:.0} s total.\n", samples.len(), skipped.len(), records.len(), elapsed));
-    metrics::write(&args.out, "summary.md", &summary)?;
-    let run_info = serde_json::json!({
-        "command": command, "model": model_dir.display().to_string(), "methods": plan.methods, "ratios": plan.ratios, "budget_form": plan.form, "kvpress": args.kvpress,
-        "tasks": plan.tasks, "samples": plan.samples, "lengths": plan.lengths, "depths": plan.depths, "seed": args.seed,
-        "n_queries": args.n_queries, "am_queries": args.am_queries, "chat": chat, "skipped": skipped, "seconds": elapsed, "seconds_by_phase": timings,
-        "checks": checks.iter().map(|c| c.json()).collect::<Vec<_>>(),
-    });
-    metrics::write(&args.out, "run.json", &serde_json::to_string_pretty(&run_info).unwrap_or_default())?;
+    let contexts = info["contexts"].as_u64().unwrap_or(0);
+    let skipped = info["skipped"].as_array().map_or(0, Vec::len);
+    let seconds = info["seconds"].as_f64().unwrap_or(0.0);
+    let shard = match info["shard"].as_array() {
+        Some(v) => format!(" (shard {}/{})", v[0], v[1]),
+        None => String::new(),
+    };
+    summary.push_str(&format!("\n{contexts} contexts{shard} ({skipped} skipped), {} records, {seconds:.0} s total.\n", records.len()));
+    metrics::write(out, "summary.md", &summary)?;
+    info["checks"] = checks.iter().map(|c| c.json()).collect();
+    metrics::write(out, "run.json", &serde_json::to_string_pretty(&info).unwrap_or_default())?;
     println!("{summary}");
-    println!("wrote {}/results.json, results.csv, summary.md, plots/ in {elapsed:.0} s", args.out.display());
-    if args.check && checks.iter().any(|c| !c.loose_pass) {
-        return Err(Error::Invalid("an ordering check failed (see summary.md)".into()));
+    println!("wrote {}/results.json, results.csv, summary.md, plots/ ({seconds:.0} s)", out.display());
+    Ok(checks)
+}
+
+/// The run.json fields every shard of one sweep must share.
+const SWEEP_KEYS: &[&str] = &["model", "methods", "ratios", "budget_form", "kvpress", "tasks", "samples", "lengths", "depths", "seed", "n_queries", "am_queries", "chat", "checks_run"];
+
+/// `kvcompact eval merge`: join the shards of one sweep (each a `kvcompact eval --shard i/n`
+/// output directory) into `out`, as one run over every context would have written it (the
+/// intervals resample the same contexts; timings are the shards' sum).
+pub fn merge(out: &Path, shards: &[std::path::PathBuf]) -> Result<()> {
+    if shards.is_empty() {
+        return Err(Error::Invalid("eval merge: give the shards' output directories".into()));
     }
+    let mut infos = Vec::new();
+    let mut records = Vec::new();
+    for d in shards {
+        let p = d.join("run.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let info: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+        records.extend(metrics::read_records(&d.join("records.jsonl"))?);
+        infos.push((d, info));
+    }
+    let (d0, first) = &infos[0];
+    let n = first["shard"][1].as_u64().ok_or_else(|| Error::Invalid(format!("{}: not a shard (run with --shard i/n)", d0.display())))?;
+    let mut seen = vec![false; n as usize];
+    for (d, info) in &infos {
+        for k in SWEEP_KEYS {
+            if info[k] != first[k] {
+                return Err(Error::Invalid(format!("{} and {} are not shards of one sweep: {k} differs ({} vs {})", d0.display(), d.display(), first[k], info[k])));
+            }
+        }
+        let (i, m) = (info["shard"][0].as_u64().unwrap_or(0), info["shard"][1].as_u64().unwrap_or(0));
+        if m != n || i == 0 || i > n {
+            return Err(Error::Invalid(format!("{}: shard {i}/{m} does not belong to a sweep of {n} shards", d.display())));
+        }
+        if std::mem::replace(&mut seen[i as usize - 1], true) {
+            return Err(Error::Invalid(format!("{}: shard {i}/{n} given twice", d.display())));
+        }
+    }
+    let missing: Vec<String> = seen.iter().enumerate().filter(|(_, s)| !**s).map(|(i, _)| format!("{}/{n}", i + 1)).collect();
+    if !missing.is_empty() {
+        return Err(Error::Invalid(format!("eval merge: shard{} {} missing", if missing.len() == 1 { "" } else { "s" }, missing.join(", "))));
+    }
+    let strs = |v: &serde_json::Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default() };
+    let nums = |v: &serde_json::Value| -> Vec<f64> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default() };
+    let form: &'static str = match first["budget_form"].as_str() {
+        Some("compression_ratio") => "compression_ratio",
+        Some("budget") => "budget",
+        _ => "ratio",
+    };
+    let ratios = nums(&first["ratios"]);
+    let points = ratios
+        .iter()
+        .map(|&v| match form {
+            "compression_ratio" => crate::compact::Budget::CompressionRatio(v),
+            "budget" => crate::compact::Budget::Rows(v as usize),
+            _ => crate::compact::Budget::Ratio(v),
+        })
+        .collect();
+    let plan = Plan {
+        methods: strs(&first["methods"]),
+        points,
+        ratios,
+        form,
+        tasks: strs(&first["tasks"]),
+        samples: first["samples"].as_u64().unwrap_or(1) as usize,
+        lengths: nums(&first["lengths"]).into_iter().map(|x| x as usize).collect(),
+        depths: nums(&first["depths"]),
+        checks: first["checks_run"].as_bool().unwrap_or(false),
+    };
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tasks_file = d0.join("tasks.jsonl");
+    if tasks_file.exists() {
+        std::fs::copy(&tasks_file, out.join("tasks.jsonl")).map_err(|e| Error::io(&tasks_file, e))?;
+    }
+    let shard_cmd = first["command"].as_str().unwrap_or("kvcompact eval");
+    let base: Vec<&str> = shard_cmd.split(' ').collect();
+    let mut cmd = Vec::new();
+    let mut k = 0;
+    while k < base.len() {
+        if base[k] == "--shard" {
+            k += 2;
+            continue;
+        }
+        cmd.push(base[k]);
+        k += 1;
+    }
+    let dirs: Vec<String> = shards.iter().map(|d| d.display().to_string()).collect();
+    let mut info = first.clone();
+    info["command"] = format!("{} --shard i/{n} (i = 1..{n}), then kvcompact eval merge --out {} {}", cmd.join(" "), out.display(), dirs.join(" ")).into();
+    info["shard"] = serde_json::Value::Null;
+    info["merged"] = dirs.into();
+    info["contexts"] = infos.iter().map(|(_, i)| i["contexts"].as_u64().unwrap_or(0)).sum::<u64>().into();
+    info["seconds"] = infos.iter().map(|(_, i)| i["seconds"].as_f64().unwrap_or(0.0)).sum::<f64>().into();
+    info["skipped"] = infos.iter().flat_map(|(_, i)| i["skipped"].as_array().cloned().unwrap_or_default()).collect::<Vec<_>>().into();
+    let mut phases = serde_json::Map::new();
+    for (_, i) in &infos {
+        for (k, v) in i["seconds_by_phase"].as_object().into_iter().flatten() {
+            let e = phases.entry(k.clone()).or_insert(0.0.into());
+            *e = (e.as_f64().unwrap_or(0.0) + v.as_f64().unwrap_or(0.0)).into();
+        }
+    }
+    info["seconds_by_phase"] = phases.into();
+    report(out, &records, &plan, info)?;
     Ok(())
 }
 
@@ -191,6 +332,9 @@ fn command_line(a: &EvalOptions) -> String {
     }
     if a.am_queries != "ss-plus-repeat" {
         s.push_str(&format!(" --am-queries {}", a.am_queries));
+    }
+    if let Some((i, n)) = a.shard {
+        s.push_str(&format!(" --shard {i}/{n}"));
     }
     s.push_str(&format!(" --seed {} --out {}", a.seed, a.out.display()));
     s

@@ -4,20 +4,34 @@
 use std::path::PathBuf;
 
 use super::tasks;
-use crate::compact::registry::{self, METHODS};
+use crate::compact::registry;
 use crate::compact::Budget;
 use crate::error::{Error, Result};
+
+/// The default run's methods: both AM methods, every eviction family's strongest member (KVzip,
+/// SnapKV, Expected Attention, TOVA, Q-Filters, K-norm, StreamingLLM) and the full cache — the
+/// sweep that fits 20 contexts per task at two lengths in 30 minutes on 2 cores. `--methods`
+/// takes any of [`registry::METHODS`].
+pub const DEFAULT_METHODS: &[&str] = &["am-omp", "am-highest", "kvzip", "snapkv", "expected-attention", "tova", "qfilters", "knorm", "streaming-llm", "full"];
+
+/// The default run's tasks (retrieval in three forms and chain tracking); `cwe`, `fwe`,
+/// `niah-multiquery` and `qa` run when named.
+pub const DEFAULT_TASKS: &[&str] = &["passkey", "niah-multikey", "niah-multivalue", "variable-tracking"];
+
+/// Contexts per task in the default run (enough for ±0.2 intervals on a 0.5 accuracy).
+pub const DEFAULT_SAMPLES: usize = 20;
 
 /// What `kvcompact eval` runs (the CLI flags of the same names fill it; see `cli/eval.rs`).
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     /// HF-format model directory (default: the default model).
     pub model: Option<PathBuf>,
-    /// Comma-separated methods (default: all): am-omp, am-highest, baseline, qfilters,
+    /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
+    /// tova, qfilters, knorm, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
     pub methods: Vec<String>,
-    /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 2,5,10,20,50).
+    /// Comma-separated compression ratios (article rows kept per head = ⌊T/ratio⌋; default 10,20,50).
     pub ratios: Vec<f64>,
     /// kvpress's budget form instead of ratios: compression ratios r in [0, 1), each head keeps
     /// int(T·(1 − r)) article rows.
@@ -27,9 +41,11 @@ pub struct EvalOptions {
     /// kvpress 0.5.5 semantics for every eviction baseline that has a press (h2o and qfilters
     /// have none and run as defined here).
     pub kvpress: bool,
-    /// Comma-separated tasks (default all): passkey, niah-multikey, variable-tracking, qa.
+    /// Comma-separated tasks: passkey, niah-multikey, niah-multivalue, niah-multiquery,
+    /// variable-tracking, cwe, fwe, qa (default: passkey, niah-multikey, niah-multivalue,
+    /// variable-tracking).
     pub tasks: Vec<String>,
-    /// Samples (contexts) per task (default 3; --quick 4). QA has one sample per document.
+    /// Samples (contexts) per task (default 20; --quick 4). QA has one sample per document.
     pub samples: Option<usize>,
     /// Run seed: tasks, query subsampling and every method's per-head seed derive from it.
     pub seed: u64,
@@ -38,8 +54,8 @@ pub struct EvalOptions {
     /// Small CI run: passkey, ratios 10,20, methods am-highest, qfilters, knorm, streaming-llm,
     /// full, 4 samples of 512 tokens (each overridable), and the ordering checks.
     pub quick: bool,
-    /// Context lengths in tokens for the synthetic tasks, cycled over samples (default 512, which
-    /// keeps the default run within its time budget; the README table uses 512,1024). Capped to
+    /// Context lengths in tokens for the synthetic tasks, cycled over samples (default 256,512:
+    /// half the contexts at each). Capped to
     /// what the model's context holds.
     pub lengths: Vec<usize>,
     /// Needle depths in [0, 1], cycled over samples (default 0.5,0.1,0.9,0.3,0.7).
@@ -72,6 +88,9 @@ pub struct EvalOptions {
     pub check: bool,
     /// No progress bar.
     pub no_progress: bool,
+    /// Run only shard i of n (1-based; every n-th context): `kvcompact eval merge` joins the
+    /// shards' output directories.
+    pub shard: Option<(usize, usize)>,
 }
 
 /// The resolved run: defaults (full or quick) with the user's overrides.
@@ -107,7 +126,7 @@ impl Plan {
         let (dm, dr, dt, dl): (&[&str], &[f64], &[&str], &[usize]) = if a.quick {
             (&["am-highest", "qfilters", "knorm", "streaming-llm", "full"], &[10.0, 20.0], &["passkey"], &[512])
         } else {
-            (METHODS, &[2.0, 5.0, 10.0, 20.0, 50.0], tasks::TASKS, &[512])
+            (DEFAULT_METHODS, &[10.0, 20.0, 50.0], DEFAULT_TASKS, &[256, 512])
         };
         let methods = or(&a.methods, dm);
         for m in &methods {
@@ -148,6 +167,6 @@ impl Plan {
         if lengths.contains(&0) {
             return Err(Error::Invalid("--lengths must be positive".into()));
         }
-        Ok(Plan { methods, points, ratios, form, tasks, samples: a.samples.unwrap_or(if a.quick { 4 } else { 3 }).max(1), lengths, depths, checks: a.quick || a.check })
+        Ok(Plan { methods, points, ratios, form, tasks, samples: a.samples.unwrap_or(if a.quick { 4 } else { DEFAULT_SAMPLES }).max(1), lengths, depths, checks: a.quick || a.check })
     }
 }

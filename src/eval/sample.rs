@@ -21,7 +21,21 @@ use crate::tokenizer::Tokenizer;
 struct QPrep {
     ids: Vec<u32>,        // follow-up turn + answer prefix
     golds: Vec<Vec<u32>>, // reference answers' tokens
+    answers: Vec<String>, // reference answers' text (string match)
+    match_all: bool,      // accuracy = fraction of answers found, not whether any is
     max_new: usize,
+}
+
+/// RULER's string match on a generated answer: with `all`, the fraction of `answers` that occur
+/// in `text` (case-insensitive); otherwise 1 if any occurs.
+pub fn string_match(text: &str, answers: &[String], all: bool) -> f64 {
+    let t = text.to_lowercase();
+    let hit = |a: &String| t.contains(&a.to_lowercase());
+    if all {
+        answers.iter().filter(|a| hit(a)).count() as f64 / answers.len().max(1) as f64
+    } else {
+        f64::from(u8::from(answers.iter().any(hit)))
+    }
 }
 
 /// Reference data of one question under the full cache.
@@ -53,7 +67,8 @@ fn prep_question(tok: &Tokenizer, chat: bool, q: &Question) -> Result<QPrep> {
         ids.extend(tok.encode(&q.answer_prefix, false)?);
     }
     let golds = q.answers.iter().map(|a| answer_tokens(tok, &q.answer_prefix, a)).collect::<Result<Vec<_>>>()?;
-    Ok(QPrep { ids, golds: golds.into_iter().filter(|g| !g.is_empty()).collect(), max_new: q.max_new_tokens.max(1) })
+    let answers: Vec<String> = q.answers.iter().filter(|a| !a.trim().is_empty()).cloned().collect();
+    Ok(QPrep { ids, golds: golds.into_iter().filter(|g| !g.is_empty()).collect(), answers, match_all: q.match_all, max_new: q.max_new_tokens.max(1) })
 }
 
 /// Whether greedy decoding reproduces `gold` from logits rows `rows[k]` (predicting gold[k]).
@@ -131,7 +146,7 @@ fn prepare(env: &Env, s: &Sample) -> Result<SampleCtx> {
         };
         let first = q.ids.len() - 1;
         let full_nll = full_answer.iter().enumerate().map(|(k, &t)| nll(&st.logits[(first + k) * vocab..(first + k + 1) * vocab], t)).sum::<f64>() / full_answer.len() as f64;
-        let full_correct = (!q.golds.is_empty()).then(|| f64::from(u8::from(q.golds.iter().any(|gd| full_answer.starts_with(gd)))));
+        let full_correct = if q.answers.is_empty() { None } else { Some(string_match(&tok.decode(&full_answer, true)?, &q.answers, q.match_all)) };
         // Test queries: up to n_test continuation tokens, evenly spaced, every query head.
         let p = input.len();
         let m = env.args.n_test.clamp(1, p);
@@ -264,7 +279,13 @@ fn install(model: &Model, sc: &SampleCtx, heads: &[CompactedHead]) -> Result<KvC
 }
 
 /// Question metrics on a (compressed) cache: (accuracy, answer_logppl, kl) per question.
-fn question_metrics(model: &Model, st: &mut RunState, cache: &mut KvCache, sc: &SampleCtx) -> Result<Vec<(Option<f64>, f64, f64)>> {
+///
+/// Accuracy is RULER's string match on the greedy answer generated on this cache (at most the
+/// question's `max_new_tokens`, stopping at end of turn). The generation is skipped when the
+/// teacher-forced pass already shows that greedy decoding reproduces a reference answer's tokens
+/// (the generated text then contains that answer, so the match is 1 either way).
+fn question_metrics(env: &Env, st: &mut RunState, cache: &mut KvCache, sc: &SampleCtx) -> Result<Vec<(Option<f64>, f64, f64)>> {
+    let model = env.model;
     let vocab = model.config.vocab_size;
     let ctx_len = cache.next_pos();
     let mut out = Vec::with_capacity(sc.qs.len());
@@ -281,27 +302,14 @@ fn question_metrics(model: &Model, st: &mut RunState, cache: &mut KvCache, sc: &
                 / rf.lp_full.len().max(1) as f64
         };
         let mut correct = None;
-        if !q.golds.is_empty() {
-            let mut ok = false;
-            let mut others = Vec::new();
-            for gd in &q.golds {
-                if rf.full_answer.starts_with(gd) {
-                    ok |= greedy_matches(logits, vocab, first, gd);
-                } else {
-                    others.push(gd);
-                }
-            }
-            for gd in others {
-                if ok {
-                    break;
-                }
-                let input: Vec<u32> = q.ids.iter().chain(&gd[..gd.len() - 1]).copied().collect();
-                let r = model.forward(st, cache, &input, Logits::All);
-                cache.truncate_to(ctx_len);
-                r?;
-                ok = greedy_matches(&st.logits, vocab, first, gd);
-            }
-            correct = Some(f64::from(u8::from(ok)));
+        if !q.answers.is_empty() {
+            let known = !q.match_all && q.golds.iter().any(|gd| rf.full_answer.starts_with(gd) && greedy_matches(logits, vocab, first, gd));
+            correct = Some(if known {
+                1.0
+            } else {
+                let generated = crate::document::answer(model, st, cache, &q.ids, &env.tok.eos_ids, q.max_new)?;
+                string_match(&env.tok.decode(&generated, true)?, &q.answers, q.match_all)
+            });
         }
         out.push((correct, logppl, kl));
     }
@@ -427,7 +435,7 @@ pub(super) fn run_sample(env: &Env, s: &Sample, bar: &indicatif::ProgressBar, re
             push(name, ratio, "mass_err", mass / heads.len() as f64);
             push(name, ratio, "kv_bytes", cache.bytes() as f64);
             push(name, ratio, "compress_s", compress_s);
-            for (acc, logppl, kl) in question_metrics(model, &mut st, &mut cache, &sc)? {
+            for (acc, logppl, kl) in question_metrics(env, &mut st, &mut cache, &sc)? {
                 if let Some(a) = acc {
                     push(name, ratio, "accuracy", a);
                 }

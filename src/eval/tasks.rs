@@ -6,6 +6,10 @@
 //! | `passkey` | an instruction, then neutral filler sentences with one "The pass key is N. Remember it. N is the pass key." at a chosen depth | "What is the pass key?" | the 5-digit N |
 //! | `niah-multikey` | filler with `keys` needles "One of the special magic numbers for K is: V." (RULER niah_multikey_1) at seeded depths | the number for one key (several questions per context) | the 7-digit V |
 //! | `variable-tracking` | filler with a chain "VAR A = N." … "VAR B = VAR A." and a distractor chain | the value of the chain's last variable (chain resolution; RULER asks the reverse, listing every variable with a value) | N |
+//! | `niah-multivalue` | filler with four needles "One of the special magic numbers for K is: V." for one key K (RULER niah_multivalue) | all the numbers for K | every V (fraction found) |
+//! | `niah-multiquery` | filler with `keys` needles for different keys (RULER niah_multiquery) | the numbers for two keys at once | both V (fraction found) |
+//! | `cwe` | a numbered list of words in which three words recur often and the rest once (RULER common words extraction) | the three most common words | all three (fraction found) |
+//! | `fwe` | "coded text": made-up words drawn from a Zipf law (RULER frequent words extraction, α = 2) | the three most frequent words | all three (fraction found) |
 //! | `qa` | a shipped document (or `--qa-docs`) | its questions | short reference strings |
 //!
 //! Every question carries an `answer_prefix` that starts the assistant's reply ("The pass key
@@ -22,7 +26,7 @@ use crate::sampling::Rng;
 use crate::tokenizer::Tokenizer;
 
 /// Every task name `kvcompact eval` accepts.
-pub const TASKS: &[&str] = &["passkey", "niah-multikey", "variable-tracking", "qa"];
+pub const TASKS: &[&str] = &["passkey", "niah-multikey", "niah-multivalue", "niah-multiquery", "variable-tracking", "cwe", "fwe", "qa"];
 
 /// One question about a context (kvpress column names; also the `--qa-docs` JSON schema).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,9 +39,13 @@ pub struct Question {
     /// Accepted answers (any one counts); empty = no accuracy, only log-ppl and KL.
     #[serde(default)]
     pub answers: Vec<String>,
-    /// Greedy tokens the full cache may generate for its reference answer (default 24).
+    /// Greedy tokens generated for the answer (default 24).
     #[serde(default = "default_max_new")]
     pub max_new_tokens: usize,
+    /// Every answer is expected (RULER's multi-value and multi-query needles, word extraction):
+    /// accuracy is the fraction of `answers` in the generated text rather than whether any is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub match_all: bool,
 }
 
 fn default_max_new() -> usize {
@@ -155,6 +163,10 @@ pub fn generate(task: &str, n: usize, seed: u64, cfg: &TaskConfig, tok: &Tokeniz
             "passkey" => passkey(i, s, len, depth, tok)?,
             "niah-multikey" => multikey(i, s, len, cfg, tok)?,
             "variable-tracking" => variable_tracking(i, s, len, tok)?,
+            "niah-multivalue" => multivalue(i, s, len, tok)?,
+            "niah-multiquery" => multiquery(i, s, len, cfg, tok)?,
+            "cwe" => common_words(i, s, len, tok)?,
+            "fwe" => frequent_words(i, s, len, tok)?,
             "qa" => {
                 if i >= cfg.qa_docs.len() {
                     break; // one sample per document
@@ -228,6 +240,7 @@ fn passkey(i: usize, seed: u64, len: usize, depth: f64, tok: &Tokenizer) -> Resu
             answer_prefix: "The pass key is".into(),
             answers: vec![key.to_string()],
             max_new_tokens: 8,
+            match_all: false,
         }],
         seed,
         meta: serde_json::json!({"length": len, "depth": depth}),
@@ -271,6 +284,7 @@ fn multikey(i: usize, seed: u64, len: usize, cfg: &TaskConfig, tok: &Tokenizer) 
             answer_prefix: format!("The special magic number for {} is", keys[j]),
             answers: vec![values[j].to_string()],
             max_new_tokens: 12,
+            match_all: false,
         })
         .collect();
     Ok(Sample {
@@ -280,6 +294,213 @@ fn multikey(i: usize, seed: u64, len: usize, cfg: &TaskConfig, tok: &Tokenizer) 
         questions,
         seed,
         meta: serde_json::json!({"length": len, "keys": keys, "depths": inserts.iter().map(|x| x.0).collect::<Vec<_>>()}),
+    })
+}
+
+/// A seeded 7-digit value per needle and a depth in [0.05, 0.95].
+fn needle_value(rng: &mut Rng) -> (u64, f64) {
+    (1_000_000 + rng.below(9_000_000), 0.05 + 0.9 * rng.next_f64())
+}
+
+fn list_answer(items: &[String]) -> String {
+    items.join(", ")
+}
+
+fn multivalue(i: usize, seed: u64, len: usize, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let key = key_name(&mut rng, &[]);
+    let mut inserts = Vec::new();
+    let mut values: Vec<String> = Vec::new();
+    while values.len() < 4 {
+        let (v, depth) = needle_value(&mut rng);
+        if values.contains(&v.to_string()) {
+            continue;
+        }
+        inserts.push((depth, format!("One of the special magic numbers for {key} is: {v}.")));
+        values.push(v.to_string());
+    }
+    let header = "Some special magic numbers are hidden inside the following text. Make sure to memorize them. I will quiz you about the numbers afterwards.\n";
+    let context = haystack(tok, header, &inserts, len)?;
+    Ok(Sample {
+        task: "niah-multivalue".into(),
+        id: format!("niah-multivalue-{i}"),
+        context,
+        questions: vec![Question {
+            question: format!("What are all the special magic numbers for {key} mentioned in the text above? List the numbers only."),
+            answer_prefix: format!("The special magic numbers for {key} are"),
+            answers: values.clone(),
+            max_new_tokens: 40,
+            match_all: true,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "key": key, "depths": inserts.iter().map(|x| x.0).collect::<Vec<_>>(), "answer": list_answer(&values)}),
+    })
+}
+
+fn multiquery(i: usize, seed: u64, len: usize, cfg: &TaskConfig, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let mut keys: Vec<String> = Vec::new();
+    let mut inserts = Vec::new();
+    let mut values = Vec::new();
+    for _ in 0..cfg.keys.max(2) {
+        let k = key_name(&mut rng, &keys);
+        let (v, depth) = needle_value(&mut rng);
+        inserts.push((depth, format!("One of the special magic numbers for {k} is: {v}.")));
+        keys.push(k);
+        values.push(v.to_string());
+    }
+    let header = "Some special magic numbers are hidden inside the following text. Make sure to memorize them. I will quiz you about the numbers afterwards.\n";
+    let context = haystack(tok, header, &inserts, len)?;
+    // Two distinct keys asked together.
+    let a = rng.below(keys.len() as u64) as usize;
+    let b = (a + 1 + rng.below(keys.len() as u64 - 1) as usize) % keys.len();
+    Ok(Sample {
+        task: "niah-multiquery".into(),
+        id: format!("niah-multiquery-{i}"),
+        context,
+        questions: vec![Question {
+            question: format!("What are the special magic numbers for {} and {} mentioned in the text above? List the numbers only.", keys[a], keys[b]),
+            answer_prefix: format!("The special magic numbers for {} and {} are", keys[a], keys[b]),
+            answers: vec![values[a].clone(), values[b].clone()],
+            max_new_tokens: 24,
+            match_all: true,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "keys": keys, "asked": [&keys[a], &keys[b]], "depths": inserts.iter().map(|x| x.0).collect::<Vec<_>>()}),
+    })
+}
+
+/// Plain English words for the word-extraction lists (the needle-key words too).
+fn word_pool() -> Vec<&'static str> {
+    const MORE: [&str; 48] = [
+        "apple", "river", "candle", "window", "garden", "pencil", "rocket", "blanket", "button", "castle", "dragon", "engine", "forest",
+        "guitar", "hammer", "island", "jacket", "kitten", "lizard", "mirror", "needle", "ocean", "parrot", "puzzle", "rabbit", "sandal",
+        "tomato", "umbrella", "valley", "wallet", "yogurt", "zipper", "bottle", "carpet", "desert", "feast", "goblet", "helmet", "igloo",
+        "jungle", "kernel", "lemon", "magnet", "napkin", "oyster", "planet", "quilt", "saucer",
+    ];
+    let mut v: Vec<&str> = ADJ.iter().chain(NOUN.iter()).copied().chain(MORE.iter().copied()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Shuffle in place with the seeded generator.
+fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
+    for a in 0..v.len() {
+        let b = a + rng.below((v.len() - a) as u64) as usize;
+        v.swap(a, b);
+    }
+}
+
+/// The longest text `build(n)` (n items, n from `max` down) whose tokens fit `target`.
+fn fit_items(tok: &Tokenizer, target: usize, max: usize, build: &dyn Fn(usize) -> String) -> Result<String> {
+    let mut n = max;
+    loop {
+        let text = build(n);
+        let len = tok.encode(&text, false)?.len();
+        if len <= target || n <= 1 {
+            return Ok(text);
+        }
+        // Shrink in proportion to the excess, by one at least.
+        n -= ((len - target) * n / len).max(1).min(n - 1);
+    }
+}
+
+fn common_words(i: usize, seed: u64, len: usize, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    let mut pool = word_pool();
+    shuffle(&mut pool, &mut rng);
+    let common: Vec<String> = pool[..3].iter().map(|w| w.to_string()).collect();
+    let rare: Vec<&str> = pool[3..].to_vec();
+    // Items are "k. word" (about 3 tokens each): a quarter of the list is the common words.
+    let n_max = (len / 3).max(8);
+    let order_seed = rng.next_u64();
+    let build = |n: usize| {
+        let reps = (n / 12).max(2);
+        let mut items: Vec<&str> = Vec::new();
+        for w in &common {
+            items.extend(std::iter::repeat_n(w.as_str(), reps));
+        }
+        let n_rare = n.saturating_sub(items.len()).min(rare.len());
+        items.extend(&rare[..n_rare]);
+        shuffle(&mut items, &mut Rng::new(order_seed));
+        let mut text = String::from("Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n");
+        for (k, w) in items.iter().enumerate() {
+            text.push_str(&format!("{}. {w}\n", k + 1));
+        }
+        text
+    };
+    let context = fit_items(tok, len, n_max, &build)?;
+    Ok(Sample {
+        task: "cwe".into(),
+        id: format!("cwe-{i}"),
+        context,
+        questions: vec![Question {
+            question: "What are the 3 most common words in the list above? Answer with the words only.".into(),
+            answer_prefix: "The 3 most common words in the list are".into(),
+            answers: common.clone(),
+            max_new_tokens: 16,
+            match_all: true,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "answer": list_answer(&common)}),
+    })
+}
+
+fn frequent_words(i: usize, seed: u64, len: usize, tok: &Tokenizer) -> Result<Sample> {
+    let mut rng = Rng::new(seed);
+    // Made-up lowercase words; rank r is drawn with probability ∝ 1/r² (Zipf, α = 2).
+    let mut vocab: Vec<String> = Vec::new();
+    while vocab.len() < 40 {
+        let w: String = (0..3 + rng.below(3)).map(|_| (b'a' + rng.below(26) as u8) as char).collect();
+        if !vocab.contains(&w) {
+            vocab.push(w);
+        }
+    }
+    let cdf: Vec<f64> = {
+        let w: Vec<f64> = (1..=vocab.len()).map(|r| 1.0 / (r * r) as f64).collect();
+        let z: f64 = w.iter().sum();
+        w.iter().scan(0.0, |a, x| {
+            *a += x / z;
+            Some(*a)
+        }).collect()
+    };
+    let n_max = (len / 2).max(8);
+    let draws: Vec<usize> = (0..n_max).map(|_| {
+        let u = rng.next_f64();
+        cdf.iter().position(|&c| u < c).unwrap_or(vocab.len() - 1)
+    }).collect();
+    // The three most frequent words of the text actually kept (ties broken by rank, so the
+    // answer is well defined; the Zipf law makes ties among the top three rare).
+    let top3 = |n: usize| {
+        let mut count = vec![0usize; vocab.len()];
+        draws[..n].iter().for_each(|&d| count[d] += 1);
+        let mut idx: Vec<usize> = (0..vocab.len()).collect();
+        idx.sort_by(|&a, &b| count[b].cmp(&count[a]).then(a.cmp(&b)));
+        idx[..3].iter().map(|&k| vocab[k].clone()).collect::<Vec<_>>()
+    };
+    let build = |n: usize| {
+        let mut text = String::from("Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words.\n");
+        text.push_str(&draws[..n].iter().map(|&d| vocab[d].as_str()).collect::<Vec<_>>().join(" "));
+        text.push('\n');
+        text
+    };
+    let context = fit_items(tok, len, n_max, &build)?;
+    let kept = context.lines().nth(1).map_or(0, |l| l.split(' ').count());
+    let top = top3(kept.max(1));
+    Ok(Sample {
+        task: "fwe".into(),
+        id: format!("fwe-{i}"),
+        context,
+        questions: vec![Question {
+            question: "What are the three most frequently appeared words in the coded text above? Answer with the words only.".into(),
+            answer_prefix: "The three most frequently appeared words are".into(),
+            answers: top.clone(),
+            max_new_tokens: 16,
+            match_all: true,
+        }],
+        seed,
+        meta: serde_json::json!({"length": len, "answer": list_answer(&top)}),
     })
 }
 
@@ -319,6 +540,7 @@ fn variable_tracking(i: usize, seed: u64, len: usize, tok: &Tokenizer) -> Result
             answer_prefix: format!("VAR {} is equal to", names[1]),
             answers: vec![value.to_string()],
             max_new_tokens: 8,
+            match_all: false,
         }],
         seed,
         meta: serde_json::json!({"length": len, "chain": [&names[0], &names[1]], "distractor": [&names[2], &names[3]]}),
