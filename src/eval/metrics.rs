@@ -133,6 +133,18 @@ pub fn head_errors(r: &HeadRef, out: &CompactedHead, queries: &[f32], scale: f32
     (rel / m as f64, mass / m as f64)
 }
 
+/// RULER's string match on a generated answer: with `all`, the fraction of `answers` that occur
+/// in `text` (case-insensitive); otherwise 1 if any occurs.
+pub fn string_match(text: &str, answers: &[String], all: bool) -> f64 {
+    let t = text.to_lowercase();
+    let hit = |a: &String| t.contains(&a.to_lowercase());
+    if all {
+        answers.iter().filter(|a| hit(a)).count() as f64 / answers.len().max(1) as f64
+    } else {
+        f64::from(u8::from(answers.iter().any(hit)))
+    }
+}
+
 /// Log-softmax of a logits row, in f64 sums, stored f32.
 pub fn log_softmax(row: &[f32]) -> Vec<f32> {
     let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::metrics::{self, kl_to, nll, ref_dist, Record, RefDist};
+use super::metrics::{self, kl_to, nll, ref_dist, string_match, Record, RefDist};
 use super::options::{EvalOptions, Plan};
 use super::tasks::{Question, Sample};
 use crate::cache::{HeadRows, KvCache};
@@ -24,18 +24,6 @@ struct QPrep {
     answers: Vec<String>, // reference answers' text (string match)
     match_all: bool,      // accuracy = fraction of answers found, not whether any is
     max_new: usize,
-}
-
-/// RULER's string match on a generated answer: with `all`, the fraction of `answers` that occur
-/// in `text` (case-insensitive); otherwise 1 if any occurs.
-pub fn string_match(text: &str, answers: &[String], all: bool) -> f64 {
-    let t = text.to_lowercase();
-    let hit = |a: &String| t.contains(&a.to_lowercase());
-    if all {
-        answers.iter().filter(|a| hit(a)).count() as f64 / answers.len().max(1) as f64
-    } else {
-        f64::from(u8::from(answers.iter().any(hit)))
-    }
 }
 
 /// Reference data of one question under the full cache.
