@@ -39,7 +39,7 @@ pub struct Args {
     pub method: String,
     /// Eviction methods at the same budget, each run as its kvpress press; the best of them (most
     /// correct answers, then the lowest log-ppl of the full cache's answers) is shown beside AM.
-    #[arg(long, value_delimiter = ',', default_value = "snapkv,expected-attention,tova,knorm,streaming-llm")]
+    #[arg(long, value_delimiter = ',', default_value = "snapkv,expected-attention,kvzip,streaming-llm")]
     pub baselines: Vec<String>,
     /// AM reference queries per KV head.
     #[arg(long, default_value_t = 2048)]
@@ -164,10 +164,13 @@ pub fn run(a: Args) -> Result<()> {
     let (am_ans, _) = answer_all(&model, &tok, &mut st, &mut small, &qs, Some(&full_ids), a.max_tokens)?;
     drop(small);
 
-    // Every eviction method at the same budget; the best one is shown.
+    // Every eviction method at the same budget: AM keeps the template's prefix rows whole and
+    // 1/ratio of the document's, so each press keeps as many rows of the prefix and document
+    // together (the same KV bytes, less AM's β).
+    let rows = layout.prefix.len() + budget.rows(layout.article.len())?;
     let mut evicted = Vec::new();
     for (name, press) in &evictions {
-        let (mut cache, report) = press_context(&model, &tok, &layout, press, budget)?;
+        let (mut cache, report) = press_context(&model, &tok, &layout, press, Budget::Rows(rows))?;
         let (ans, _) = answer_all(&model, &tok, &mut st, &mut cache, &qs, Some(&full_ids), a.max_tokens)?;
         evicted.push((name.clone(), ans, report));
     }
@@ -197,7 +200,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
     println!("document: {} ({} tokens) | model: {}", ctx_path.display(), layout.len(), dir.display());
-    println!("budget: every head keeps 1/{} of the document's rows", metrics_ratio(a.ratio));
+    println!("budget: every head keeps {rows} rows of the {}-token prompt and document (AM: the template's {} and 1/{} of the document's {})", layout.prefix.len() + layout.article.len(), layout.prefix.len(), metrics_ratio(a.ratio), layout.article.len());
     println!();
     println!("{:<28} {:>9} {:>12} {:>9} {:>14}", "cache", "KV MiB", "compaction s", "correct", "answer log-ppl");
     let line = |name: &str, bytes: usize, secs: f64, ans: &Answers| {
