@@ -144,6 +144,8 @@ fn quick_mode_runs_on_a_tiny_model() {
             metric: x["metric"].as_str().unwrap().into(),
             value: x["value"].as_f64().unwrap(),
             n: x["n"].as_u64().unwrap() as usize,
+            ci_low: x["ci_low"].as_f64().unwrap_or(f64::NAN),
+            ci_high: x["ci_high"].as_f64().unwrap_or(f64::NAN),
         })
         .collect();
     let ratios: std::collections::BTreeSet<u64> = r.iter().map(|x| x.ratio as u64).collect();

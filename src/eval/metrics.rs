@@ -53,6 +53,11 @@ pub struct ResultRow {
     pub value: f64,
     /// Records averaged (non-finite values are skipped).
     pub n: usize,
+    /// Lower end of the 95% bootstrap interval of `value` over contexts (NaN when it has fewer
+    /// than two contexts).
+    pub ci_low: f64,
+    /// Upper end of the same interval.
+    pub ci_high: f64,
 }
 
 /// The original span's attention for a fixed set of test queries, computed once per sample so
@@ -192,7 +197,7 @@ pub fn aggregate(records: &[Record], methods: &[String], tasks: &[String]) -> Ve
         .into_iter()
         .map(|((mi, rb, ti, ki), (s, n))| {
             let ratio = f64::from_bits(rb);
-            (mi, ki, ratio, ti, ResultRow { method: methods[mi].clone(), ratio, task: tasks[ti].clone(), metric: METRICS[ki].to_string(), value: s / n as f64, n })
+            (mi, ki, ratio, ti, ResultRow { method: methods[mi].clone(), ratio, task: tasks[ti].clone(), metric: METRICS[ki].to_string(), value: s / n as f64, n, ci_low: f64::NAN, ci_high: f64::NAN })
         })
         .collect();
     rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.total_cmp(&b.2)).then(a.3.cmp(&b.3)));
