@@ -16,7 +16,7 @@
 //! water-fill), template rows stay, and the result is installed as a real ragged cache (evicted
 //! rows are freed). Each question is then teacher-forced on that cache ([`metrics`] defines every
 //! measure). Results go to results.json / results.csv (one row per method, ratio, task, metric),
-//! `plots/<metric>.svg|png`, summary.md and tasks.jsonl.
+//! `plots/<metric>.svg|png` and `plots/pareto.svg|png|md` ([`plots`]), summary.md and tasks.jsonl.
 //!
 //! Everything is seeded; a run is deterministic given `--seed` except for the timings.
 
