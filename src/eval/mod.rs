@@ -16,7 +16,7 @@
 //! water-fill), template rows stay, and the result is installed as a real ragged cache (evicted
 //! rows are freed). Each question is then teacher-forced on that cache ([`metrics`] defines every
 //! measure). Results go to results.json / results.csv (one row per method, ratio, task, metric),
-//! `plots/<metric>.svg|png`, summary.md and tasks.jsonl.
+//! `plots/<metric>.svg|png` and `plots/pareto.svg|png|md` ([`plots`]), summary.md and tasks.jsonl.
 //!
 //! Everything is seeded; a run is deterministic given `--seed` except for the timings.
 
@@ -167,6 +167,9 @@ fn report(out: &Path, records: &[Record], plan: &Plan, mut info: serde_json::Val
     plots::write_plots(out, &rows, &plan.methods, &plan.tasks, plan.form)?;
     let command = info["command"].as_str().unwrap_or("kvcompact eval").to_string();
     let mut summary = metrics::summary_markdown(&rows, &plan.methods, &plan.ratios, plan.form, &plan.tasks, &command);
+    summary.push_str("**KV memory held against quality** (mean over tasks; plots/pareto.png)\n\n");
+    summary.push_str(&plots::pareto_markdown(&rows, &plan.methods));
+    summary.push('\n');
     let checks = if plan.checks { ordering_checks(&rows, plan) } else { Vec::new() };
     if !checks.is_empty() {
         summary.push_str("**ordering checks**\n\n");
