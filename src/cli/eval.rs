@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
-    /// tova, qfilters, knorm, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
+    /// qfilters, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
     #[arg(long, value_delimiter = ',')]
@@ -39,8 +39,7 @@ pub struct Args {
     #[arg(long)]
     pub kvpress: bool,
     /// Comma-separated tasks: passkey, niah-multikey, niah-multivalue, niah-multiquery,
-    /// variable-tracking, cwe, fwe, qa (default: passkey, niah-multikey, niah-multivalue,
-    /// variable-tracking).
+    /// variable-tracking, cwe, fwe, qa (default: passkey, niah-multikey, variable-tracking).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Samples (contexts) per task (default 20; --quick 4). QA has one sample per document.

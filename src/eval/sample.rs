@@ -269,9 +269,12 @@ fn install(model: &Model, sc: &SampleCtx, heads: &[CompactedHead]) -> Result<KvC
 /// Question metrics on a (compressed) cache: (accuracy, answer_logppl, kl) per question.
 ///
 /// Accuracy is RULER's string match on the greedy answer generated on this cache (at most the
-/// question's `max_new_tokens`, stopping at end of turn). The generation is skipped when the
-/// teacher-forced pass already shows that greedy decoding reproduces a reference answer's tokens
-/// (the generated text then contains that answer, so the match is 1 either way).
+/// question's `max_new_tokens`, stopping at end of turn). The teacher-forced pass over the
+/// question and the full cache's answer already holds that greedy answer's start: greedy follows
+/// the full answer for as long as each of its tokens is the argmax, so generation only continues
+/// from the first token where they part (the cache keeps the question and the shared tokens from
+/// that pass, computed in one batch rather than a token at a time). When greedy reproduces a
+/// reference answer's tokens the match is 1 without generating at all.
 fn question_metrics(env: &Env, st: &mut RunState, cache: &mut KvCache, sc: &SampleCtx) -> Result<Vec<(Option<f64>, f64, f64)>> {
     let model = env.model;
     let vocab = model.config.vocab_size;
@@ -279,26 +282,49 @@ fn question_metrics(env: &Env, st: &mut RunState, cache: &mut KvCache, sc: &Samp
     let mut out = Vec::with_capacity(sc.qs.len());
     for (q, rf) in sc.qs.iter().zip(&sc.refs) {
         let r = model.forward(st, cache, &rf.input, Logits::All);
-        cache.truncate_to(ctx_len);
-        r?;
-        let logits = &st.logits;
+        if let Err(e) = r {
+            cache.truncate_to(ctx_len);
+            return Err(e);
+        }
         let first = q.ids.len() - 1;
-        let logppl = rf.full_answer.iter().enumerate().map(|(k, &t)| nll(&logits[(first + k) * vocab..(first + k + 1) * vocab], t)).sum::<f64>() / rf.full_answer.len() as f64;
-        let kl = {
+        let (logppl, kl) = {
+            let logits = &st.logits;
+            let logppl = rf.full_answer.iter().enumerate().map(|(k, &t)| nll(&logits[(first + k) * vocab..(first + k + 1) * vocab], t)).sum::<f64>() / rf.full_answer.len() as f64;
             use rayon::prelude::*;
-            rf.lp_full.par_iter().enumerate().map(|(p, r)| kl_to(r, &logits[p * vocab..(p + 1) * vocab])).collect::<Vec<f64>>().iter().sum::<f64>()
-                / rf.lp_full.len().max(1) as f64
+            let kl = rf.lp_full.par_iter().enumerate().map(|(p, r)| kl_to(r, &logits[p * vocab..(p + 1) * vocab])).collect::<Vec<f64>>().iter().sum::<f64>() / rf.lp_full.len().max(1) as f64;
+            (logppl, kl)
         };
         let mut correct = None;
         if !q.answers.is_empty() {
+            let logits = &st.logits;
             let known = !q.match_all && q.golds.iter().any(|gd| rf.full_answer.starts_with(gd) && greedy_matches(logits, vocab, first, gd));
             correct = Some(if known {
                 1.0
             } else {
-                let generated = crate::document::answer(model, st, cache, &q.ids, &env.tok.eos_ids, q.max_new)?;
-                string_match(&env.tok.decode(&generated, true)?, &q.answers, q.match_all)
+                // Greedy's tokens while it follows the full answer, then the token where it parts.
+                let mut greedy: Vec<u32> = Vec::with_capacity(q.max_new);
+                let mut parted = false;
+                for (k, &t) in rf.full_answer.iter().enumerate() {
+                    let g = kvcompact_kernels::argmax(&logits[(first + k) * vocab..(first + k + 1) * vocab]) as u32;
+                    greedy.push(g);
+                    if g != t {
+                        parted = true;
+                        break;
+                    }
+                }
+                if parted && !env.tok.eos_ids.contains(greedy.last().expect("one token at least")) && greedy.len() < q.max_new {
+                    // Keep the question and the shared tokens, feed the parting token, go on.
+                    cache.truncate_to(ctx_len + q.ids.len() + greedy.len() - 1);
+                    let mut sampler = crate::sampling::Sampler::new(0.0, 1.0, 0);
+                    let opts = crate::generate::GenOptions { max_tokens: q.max_new - greedy.len(), stop_at_eos: true };
+                    let g = crate::generate::generate(model, st, cache, &greedy[greedy.len() - 1..], &env.tok.eos_ids, &mut sampler, &opts, |_| Ok(()));
+                    cache.truncate_to(ctx_len);
+                    greedy.extend(g?.tokens);
+                }
+                string_match(&env.tok.decode(&greedy, true)?, &q.answers, q.match_all)
             });
         }
+        cache.truncate_to(ctx_len);
         out.push((correct, logppl, kl));
     }
     Ok(out)
