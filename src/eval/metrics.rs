@@ -199,12 +199,15 @@ pub const MEAN_TASK: &str = "mean";
 /// One (method, ratio, metric) cell of one task: per context, the sum and count of its values.
 type Cells = BTreeMap<String, (f64, usize)>;
 
+/// A cell's point estimate, value count and bootstrap replicates (empty under two contexts).
+type Estimate = (f64, usize, Vec<f64>);
+
 /// Point estimate and bootstrap replicates of one task's cell. Contexts are the resampled unit
 /// (a cluster bootstrap: the questions of one context stay together), the estimate pools every
 /// value of the drawn contexts, and the draws depend only on the task and its context ids, so
 /// every method and ratio of a task sees the same resamples (their intervals are paired) and a
 /// merged sharded run gives the same numbers as one run.
-fn replicates(task: &str, cells: &Cells) -> (f64, usize, Vec<f64>) {
+fn replicates(task: &str, cells: &Cells) -> Estimate {
     let per: Vec<(f64, usize)> = cells.values().copied().collect();
     let (s, n) = per.iter().fold((0.0, 0usize), |a, c| (a.0 + c.0, a.1 + c.1));
     let point = s / n as f64;
@@ -263,7 +266,7 @@ pub fn aggregate(records: &[Record], methods: &[String], tasks: &[String]) -> Ve
     for key @ (mi, ki, rb) in keys {
         let ratio = f64::from_bits(rb);
         let row = |task: String, value: f64, n: usize, ci: (f64, f64)| ResultRow { method: methods[mi].clone(), ratio, task, metric: METRICS[ki].to_string(), value, n, ci_low: ci.0, ci_high: ci.1 };
-        let per_task: Vec<(usize, (f64, usize, Vec<f64>))> = acc[&key].iter().map(|(&ti, cells)| (ti, replicates(&tasks[ti], cells))).collect();
+        let per_task: Vec<(usize, Estimate)> = acc[&key].iter().map(|(&ti, cells)| (ti, replicates(&tasks[ti], cells))).collect();
         for (ti, (point, n, reps)) in &per_task {
             rows.push(row(tasks[*ti].clone(), *point, *n, interval(reps.clone())));
         }
@@ -466,7 +469,7 @@ mod tests {
     fn records_round_trip_through_jsonl() {
         let dir = std::env::temp_dir().join(format!("kvc-records-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let recs = vec![rec("a", "t", "s0", 1.0), Record { metric: "kl", value: f64::NAN, ..rec("a", "t", "s1", 0.0) }];
+        let recs = [rec("a", "t", "s0", 1.0), Record { metric: "kl", value: f64::NAN, ..rec("a", "t", "s1", 0.0) }];
         let text: String = recs.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
         std::fs::write(dir.join("records.jsonl"), text).unwrap();
         let back = read_records(&dir.join("records.jsonl")).unwrap();
