@@ -39,6 +39,7 @@ fn args(out: &Path, model: PathBuf) -> EvalOptions {
         self_study_tokens: 8,
         n_test: 4,
         budgets: None,
+        am_budgets: "global".into(),
         raw: false,
         check: false,
         no_progress: true,

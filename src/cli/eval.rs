@@ -84,10 +84,12 @@ pub struct Args {
     #[arg(long)]
     pub filters: Option<PathBuf>,
     /// Attention Matching reference queries per KV head (off-policy, shared by every AM method and ratio).
-    #[arg(long, default_value_t = 1024)]
+    /// The default (4096) takes every token of the repeat pass up to articles of 1365 tokens (three
+    /// query heads per KV head); fewer queries let the C_v fit overfit the heads given many rows.
+    #[arg(long, default_value_t = kvcompact::eval::options::DEFAULT_N_QUERIES)]
     pub n_queries: usize,
-    /// Source of the AM reference queries: repeat, self-study, or ss-plus-repeat (half each).
-    #[arg(long, default_value = "ss-plus-repeat")]
+    /// Source of the AM reference queries: repeat (default), self-study, or ss-plus-repeat (half each).
+    #[arg(long, default_value = kvcompact::eval::options::DEFAULT_AM_QUERIES)]
     pub am_queries: String,
     /// Tokens per self-study answer (three prompts: summary, questions, facts).
     #[arg(long, default_value_t = 48)]
@@ -98,6 +100,11 @@ pub struct Args {
     /// Per-head budget proportions (JSON {"L{l}H{h}": p}) applied to every method (spec §11).
     #[arg(long)]
     pub budgets: Option<PathBuf>,
+    /// Per-head budgets of the AM methods without --budgets: global (one global top-k of AM's key
+    /// score over every head's article rows, the allocation KVzip makes; same total) or uniform
+    /// (⌊T/ratio⌋ rows per head).
+    #[arg(long, default_value = "global")]
+    pub am_budgets: String,
     /// Treat contexts as raw text (no chat template).
     #[arg(long)]
     pub raw: bool,
@@ -154,6 +161,7 @@ impl Args {
             self_study_tokens: self.self_study_tokens,
             n_test: self.n_test,
             budgets: self.budgets,
+            am_budgets: self.am_budgets,
             raw: self.raw,
             check: self.check,
             no_progress: self.no_progress,

@@ -64,6 +64,28 @@ pub fn head_budgets(n_layers: usize, n_kv: usize, t_article: usize, ratio: f64, 
         .collect())
 }
 
+/// Per-head budgets from one global selection (spec §11, last paragraph: the reference's
+/// `global_highest_attention_keys`): the `per_head · heads` highest scores over every head's rows
+/// are kept, and each head's budget is how many of them are its own. The total equals the uniform
+/// one (capped at the rows there are); a head can get anything from 0 to all its rows. Ties go to
+/// the lower (head, row); NaN scores rank last.
+pub fn global_budgets(scores: &[Vec<f64>], per_head: usize) -> Vec<usize> {
+    let mut flat: Vec<(usize, usize)> = scores.iter().enumerate().flat_map(|(h, s)| (0..s.len()).map(move |j| (h, j))).collect();
+    let key = |&(h, j): &(usize, usize)| if scores[h][j].is_nan() { f64::NEG_INFINITY } else { scores[h][j] };
+    let n = (per_head * scores.len()).min(flat.len());
+    let mut counts = vec![0usize; scores.len()];
+    if n == 0 {
+        return counts;
+    }
+    let cmp = |a: &(usize, usize), b: &(usize, usize)| key(b).total_cmp(&key(a)).then(a.cmp(b));
+    if n < flat.len() {
+        flat.select_nth_unstable_by(n - 1, cmp);
+    }
+    for &(h, _) in &flat[..n] {
+        counts[h] += 1;
+    }
+    counts
+}
 
 /// Read per-head budget proportions `{"L{layer}H{kv_head}": p}` from a JSON file.
 pub fn read_proportions(path: &Path) -> Result<HashMap<String, f64>> {
@@ -78,4 +100,20 @@ pub fn write_proportions(path: &Path, props: &HashMap<String, f64>) -> Result<()
     let tmp = crate::tensor_file::tmp_path(path);
     std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::global_budgets;
+
+    #[test]
+    fn global_budgets_keep_the_total_and_follow_the_scores() {
+        assert_eq!(global_budgets(&[vec![3.0, 1.0], vec![2.0, 0.0]], 1), vec![1, 1]);
+        assert_eq!(global_budgets(&[vec![5.0, 4.0], vec![1.0, 0.0]], 1), vec![2, 0]);
+        // Ties go to the lower (head, row); NaN ranks last; the total is capped at the rows.
+        assert_eq!(global_budgets(&[vec![1.0, 1.0], vec![1.0, 1.0]], 1), vec![2, 0]);
+        assert_eq!(global_budgets(&[vec![f64::NAN, 0.5], vec![0.1, 0.2]], 1), vec![1, 1]);
+        assert_eq!(global_budgets(&[vec![1.0], vec![2.0]], 5), vec![1, 1]);
+        assert_eq!(global_budgets(&[], 3), Vec::<usize>::new());
+    }
 }

@@ -13,8 +13,9 @@
 //! Then per method: eviction methods score every head once ([`Scorer::score_layer`](crate::compact::Scorer::score_layer)) and select
 //! at each ratio; AM methods fit at each ratio. The article span of every (layer, KV head) is
 //! compressed to ⌊T/ratio⌋ rows (PyramidKV: its layer schedule; `--budgets`: the spec §11
-//! water-fill), template rows stay, and the result is installed as a real ragged cache (evicted
-//! rows are freed). Each question is then teacher-forced on that cache ([`metrics`] defines every
+//! water-fill; KVzip and, with `--am-budgets global` (default), the AM methods: the same total
+//! spread over the heads by one global top-k of their scores), template rows stay, and the
+//! result is installed as a real ragged cache (evicted rows are freed). Each question is then teacher-forced on that cache ([`metrics`] defines every
 //! measure). Results go to results.json / results.csv (one row per method, ratio, task, metric),
 //! `plots/<metric>.svg|png` and `plots/pareto.svg|png|md` ([`plots`]), summary.md and tasks.jsonl.
 //!
@@ -129,7 +130,7 @@ pub fn run(model_dir: &Path, args: &EvalOptions) -> Result<()> {
     let run_info = serde_json::json!({
         "command": command_line(args), "model": model_dir.display().to_string(), "methods": plan.methods, "ratios": plan.ratios, "budget_form": plan.form, "kvpress": args.kvpress,
         "tasks": plan.tasks, "samples": plan.samples, "lengths": plan.lengths, "depths": plan.depths, "seed": args.seed,
-        "n_queries": args.n_queries, "am_queries": args.am_queries, "chat": chat, "checks_run": plan.checks,
+        "n_queries": args.n_queries, "am_queries": args.am_queries, "am_budgets": args.am_budgets, "chat": chat, "checks_run": plan.checks,
         "shard": args.shard.map(|(i, n)| serde_json::json!([i, n])), "contexts": samples.len(),
         "skipped": skipped, "seconds": elapsed, "seconds_by_phase": timings,
     });
@@ -194,7 +195,7 @@ fn report(out: &Path, records: &[Record], plan: &Plan, mut info: serde_json::Val
 }
 
 /// The run.json fields every shard of one sweep must share.
-const SWEEP_KEYS: &[&str] = &["model", "methods", "ratios", "budget_form", "kvpress", "tasks", "samples", "lengths", "depths", "seed", "n_queries", "am_queries", "chat", "checks_run"];
+const SWEEP_KEYS: &[&str] = &["model", "methods", "ratios", "budget_form", "kvpress", "tasks", "samples", "lengths", "depths", "seed", "n_queries", "am_queries", "am_budgets", "chat", "checks_run"];
 
 /// `kvcompact eval merge`: join the shards of one sweep (each a `kvcompact eval --shard i/n`
 /// output directory) into `out`, as one run over every context would have written it (the
@@ -330,11 +331,14 @@ fn command_line(a: &EvalOptions) -> String {
     if !a.lengths.is_empty() {
         s.push_str(&format!(" --lengths {}", a.lengths.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")));
     }
-    if a.n_queries != 1024 {
+    if a.n_queries != options::DEFAULT_N_QUERIES {
         s.push_str(&format!(" --n-queries {}", a.n_queries));
     }
-    if a.am_queries != "ss-plus-repeat" {
+    if a.am_queries != options::DEFAULT_AM_QUERIES {
         s.push_str(&format!(" --am-queries {}", a.am_queries));
+    }
+    if a.am_budgets != "global" {
+        s.push_str(&format!(" --am-budgets {}", a.am_budgets));
     }
     if let Some((i, n)) = a.shard {
         s.push_str(&format!(" --shard {i}/{n}"));

@@ -18,6 +18,17 @@ pub const DEFAULT_METHODS: &[&str] = &["am-omp", "am-highest", "kvzip", "snapkv"
 /// `niah-multivalue`, `niah-multiquery`, `cwe`, `fwe` and `qa` run when named.
 pub const DEFAULT_TASKS: &[&str] = &["passkey", "niah-multikey", "variable-tracking"];
 
+/// AM reference queries per KV head by default: every token of the repeat pass for articles up to
+/// 4096 / 3 tokens on SmolLM2 (3 query heads per KV head). See AMDIAG.md (branch amdiag): with
+/// 1024 half-self-study queries the C_v fit overfits heads that get many rows.
+pub const DEFAULT_N_QUERIES: usize = 4096;
+
+/// Source of the AM reference queries by default (repeat-prefill, spec §8.1's CPU default).
+pub const DEFAULT_AM_QUERIES: &str = "repeat";
+
+/// The `--am-budgets` modes (the first is the default).
+pub const AM_BUDGETS: &[&str] = &["global", "uniform"];
+
 /// Contexts per task in the default run (enough for ±0.2 intervals on a 0.5 accuracy).
 pub const DEFAULT_SAMPLES: usize = 20;
 
@@ -73,7 +84,7 @@ pub struct EvalOptions {
     pub filters: Option<PathBuf>,
     /// Attention Matching reference queries per KV head (off-policy, shared by every AM method and ratio).
     pub n_queries: usize,
-    /// Source of the AM reference queries: repeat, self-study, or ss-plus-repeat (half each).
+    /// Source of the AM reference queries: repeat (default), self-study, or ss-plus-repeat (half each).
     pub am_queries: String,
     /// Tokens per self-study answer (three prompts: summary, questions, facts).
     pub self_study_tokens: usize,
@@ -81,6 +92,11 @@ pub struct EvalOptions {
     pub n_test: usize,
     /// Per-head budget proportions (JSON {"L{l}H{h}": p}) applied to every method (spec §11).
     pub budgets: Option<PathBuf>,
+    /// Per-head budgets of the AM methods without `--budgets`: `global` (default) spreads the
+    /// uniform total over the heads by one global top-k of AM's key score (the max attention a
+    /// row gets from the reference queries, normalised over the whole context) — the allocation
+    /// KVzip makes; `uniform` gives every head ⌊T/ratio⌋ rows.
+    pub am_budgets: String,
     /// Treat contexts as raw text (no chat template).
     pub raw: bool,
     /// Fail (exit 1) when an ordering check does not hold (checks run with --quick or --check).
@@ -152,6 +168,9 @@ impl Plan {
         };
         for p in &points {
             p.check()?;
+        }
+        if !AM_BUDGETS.contains(&a.am_budgets.as_str()) {
+            return Err(Error::Invalid(format!("--am-budgets {:?}: expected {}", a.am_budgets, AM_BUDGETS.join(" or "))));
         }
         if a.budgets.is_some() && !matches!(points[0], Budget::Ratio(_)) {
             return Err(Error::Invalid("--budgets (per-head proportions) takes --ratios".into()));
