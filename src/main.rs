@@ -30,7 +30,8 @@ enum Cmd {
     SynthModel(cli::synth::Args),
     Compact(cli::compact::Args),
     Demo(cli::demo::Args),
-    Eval(cli::eval::Args),
+    // Boxed: its flags make it by far the largest variant.
+    Eval(Box<cli::eval::Args>),
     /// Q-Filters: calibrate the per-head filter directions of a model.
     Qfilters {
         #[command(subcommand)]
@@ -71,7 +72,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::SynthModel(a) => cli::synth::run(a),
         Cmd::Compact(a) => cli::compact::run(a),
         Cmd::Demo(a) => cli::demo::run(a),
-        Cmd::Eval(a) => cli::eval::run(a),
+        Cmd::Eval(a) => cli::eval::run(*a),
         Cmd::Qfilters { cmd } => cli::qfilters::run(cmd),
         Cmd::Budgets(a) => cli::budgets::run(a),
         Cmd::CompactHead(a) => cli::compact_head::run(a),
