@@ -30,8 +30,7 @@ enum Cmd {
     SynthModel(cli::synth::Args),
     Compact(cli::compact::Args),
     Demo(cli::demo::Args),
-    // Boxed: its flags make it by far the largest variant.
-    Eval(Box<cli::eval::Args>),
+    Eval(Box<cli::eval::Args>), // boxed: by far the largest variant
     /// Q-Filters: calibrate the per-head filter directions of a model.
     Qfilters {
         #[command(subcommand)]
