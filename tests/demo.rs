@@ -99,3 +99,25 @@ fn shipped_demo_questions_are_answered_by_the_full_cache() {
         assert_eq!(string_match(&text, &want, false), 1.0, "{}: {text:?}", q["question"]);
     }
 }
+
+/// `global_budgets`: the same total rows as the uniform split, spread unevenly over the heads.
+#[test]
+fn global_budgets_keep_the_total_and_move_rows_between_heads() {
+    use kvcompact::compact::Budget;
+    use kvcompact::document::{compact_context, CompactOptions, QuerySource};
+    let dir = golden("tiny/llama-gqa");
+    let (model, tok) = kvcompact::generate::load(&dir).unwrap();
+    let text = "The grass is green. The code for the gate is 4821. The sky is blue. The boat is called the Marigold. Here we go again. The hills are quiet. The river runs to the sea.";
+    let layout = ContextLayout::build(&tok, text, false).unwrap();
+    let am = kvcompact::compact::registry::require_am("am-highest", "test").unwrap();
+    let rows = |global: bool| {
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), queries: QuerySource::Repeat, n_queries: 256, n_test: 16, global_budgets: global, ..Default::default() };
+        let (cache, _) = compact_context(&model, &tok, &layout, &am, &opts).unwrap();
+        let c = &model.config;
+        (0..c.n_layers * c.n_kv_heads).map(|i| cache.len(i / c.n_kv_heads, i % c.n_kv_heads)).collect::<Vec<usize>>()
+    };
+    let (uniform, global) = (rows(false), rows(true));
+    assert_eq!(uniform.iter().sum::<usize>(), global.iter().sum::<usize>(), "{uniform:?} vs {global:?}");
+    assert!(uniform.windows(2).all(|w| w[0] == w[1]));
+    assert_ne!(uniform, global, "global scores should move rows between heads");
+}

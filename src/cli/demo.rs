@@ -32,18 +32,23 @@ pub struct Args {
     #[arg(long)]
     pub questions: Option<PathBuf>,
     /// Compression ratio: every head keeps ⌊T/ratio⌋ of the document's rows, for every method.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 5.0)]
     pub ratio: f64,
     /// The Attention Matching method.
-    #[arg(long, default_value = "am-highest")]
+    #[arg(long, default_value = "am-omp")]
     pub method: String,
     /// Eviction methods at the same budget, each run as its kvpress press; the best of them (most
     /// correct answers, then the lowest log-ppl of the full cache's answers) is shown beside AM.
     #[arg(long, value_delimiter = ',', default_value = "snapkv,expected-attention,kvzip,streaming-llm")]
     pub baselines: Vec<String>,
-    /// AM reference queries per KV head.
-    #[arg(long, default_value_t = 2048)]
+    /// AM reference queries per KV head (4096: every token of the repeat pass for documents up
+    /// to 1365 tokens).
+    #[arg(long, default_value_t = 4096)]
     pub n_queries: usize,
+    /// AM's per-head budgets: global (one top-k of its key scores over every head, the same
+    /// total) or uniform (⌊T/ratio⌋ per head).
+    #[arg(long, default_value = "global")]
+    pub am_budgets: String,
     /// Greedy tokens per answer.
     #[arg(long, default_value_t = 12)]
     pub max_tokens: usize,
@@ -159,7 +164,12 @@ pub fn run(a: Args) -> Result<()> {
 
     let budget = Budget::Ratio(a.ratio);
     // AM, with its reference queries from repeat-prefill (the paper's default source).
-    let opts = CompactOptions { budget, queries: QuerySource::Repeat, n_queries: a.n_queries, n_test: 64, seed: a.seed, ..Default::default() };
+    let global = match a.am_budgets.as_str() {
+        "global" => true,
+        "uniform" => false,
+        other => bail!("demo --am-budgets {other:?}: expected global or uniform"),
+    };
+    let opts = CompactOptions { budget, queries: QuerySource::Repeat, n_queries: a.n_queries, n_test: 64, seed: a.seed, global_budgets: global, ..Default::default() };
     let (mut small, am_report) = compact_context(&model, &tok, &layout, &am, &opts)?;
     let (am_ans, _) = answer_all(&model, &tok, &mut st, &mut small, &qs, Some(&full_ids), a.max_tokens)?;
     drop(small);

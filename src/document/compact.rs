@@ -42,6 +42,11 @@ pub struct CompactOptions {
     pub max_ratio_per_head: f64,
     /// Seed of the query subsampling, self-study sampling and every head's method seed.
     pub seed: u64,
+    /// Spread the AM methods' rows over the heads by one global top-k of their key scores (max
+    /// attention from the reference queries, normalised over the whole context) instead of
+    /// ⌊T/ratio⌋ per head; the same total (issue 14's diagnosis, `docs/amdiag.md`). Off-policy
+    /// only, and not with `budgets`; eviction methods ignore it.
+    pub global_budgets: bool,
 }
 
 impl Default for CompactOptions {
@@ -56,6 +61,7 @@ impl Default for CompactOptions {
             budgets: None,
             max_ratio_per_head: 1.0,
             seed: 0,
+            global_budgets: false,
         }
     }
 }
@@ -197,6 +203,27 @@ pub(super) struct Span {
 /// Run the query tokens through the model layer by layer after `cache`, compacting each layer's
 /// span as it goes (on-policy) or after collecting every layer's queries (off-policy).
 #[allow(clippy::too_many_arguments)]
+/// Per-head budgets from one global top-k (the same total as `budgets`) of each span row's max
+/// attention from the head's reference queries, normalised over every row of the head.
+fn global_head_budgets(model: &Model, cache: &KvCache, span: &Span, budgets: &[usize], train: &[Vec<f32>]) -> Result<Vec<usize>> {
+    use crate::compact::am::{fit::attention_stats, highest};
+    use rayon::prelude::*;
+    let c = &model.config;
+    let nkv = c.n_kv_heads;
+    let scores: Vec<Vec<f64>> = (0..c.n_layers * nkv)
+        .into_par_iter()
+        .map(|i| {
+            let (l, h) = (i / nkv, i % nkv);
+            let input = HeadInput::from_cache(cache, l, h, 0..cache.len(l, h), Some(&train[i][..]), c.attn_scale());
+            let st = attention_stats::<f32>(&input, false)?;
+            Ok(highest::scores(&st.e, &st.z, st.n, st.t_rows, highest::Score::Max)[span.rows[i].clone()].to_vec())
+        })
+        .collect::<Result<_>>()?;
+    let total: usize = budgets.iter().sum();
+    let per_head = total / budgets.len().max(1);
+    Ok(super::budgets::global_budgets(&scores, per_head))
+}
+
 pub(super) fn compact_span(
     model: &Model,
     st: &mut RunState,
@@ -245,7 +272,8 @@ pub(super) fn compact_span(
         merge_extra(&mut train, &mut test, extra, 0..nl * nkv);
         report.query_seconds += tq.elapsed().as_secs_f64();
         let all: Vec<usize> = (0..nl * nkv).collect();
-        compress_and_install(model, cache, span, method, budgets, opts, &all, &train, &test, evals, report)?;
+        let global = (opts.global_budgets && opts.budgets.is_none() && method.scorer().is_none()).then(|| global_head_budgets(model, cache, span, budgets, &train)).transpose()?;
+        compress_and_install(model, cache, span, method, global.as_deref().unwrap_or(budgets), opts, &all, &train, &test, evals, report)?;
     } else {
         for l in 0..nl {
             let tq = Instant::now();
