@@ -200,9 +200,6 @@ pub(super) struct Span {
     pub(super) query_tokens: Vec<u32>,
 }
 
-/// Run the query tokens through the model layer by layer after `cache`, compacting each layer's
-/// span as it goes (on-policy) or after collecting every layer's queries (off-policy).
-#[allow(clippy::too_many_arguments)]
 /// Per-head budgets from one global top-k (the same total as `budgets`) of each span row's max
 /// attention from the head's reference queries, normalised over every row of the head.
 fn global_head_budgets(model: &Model, cache: &KvCache, span: &Span, budgets: &[usize], train: &[Vec<f32>]) -> Result<Vec<usize>> {
@@ -224,6 +221,9 @@ fn global_head_budgets(model: &Model, cache: &KvCache, span: &Span, budgets: &[u
     Ok(super::budgets::global_budgets(&scores, per_head))
 }
 
+/// Run the query tokens through the model layer by layer after `cache`, compacting each layer's
+/// span as it goes (on-policy) or after collecting every layer's queries (off-policy).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn compact_span(
     model: &Model,
     st: &mut RunState,
