@@ -4,19 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::golden;
+use common::{golden, kvc};
 use kvcompact::tensor_file::{load_safetensors, save_safetensors, OutTensor, TensorData};
 
-fn kvc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvcompact")).args(args).output().expect("run kvcompact");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Assert a one-line error mentioning every `needles` fragment.
 #[track_caller]

@@ -3,17 +3,12 @@
 
 mod common;
 
-use std::process::Command;
 
-use common::{default_model, golden, repo};
+use common::{default_model, golden, kvc, repo};
 use kvcompact::document::{answer, followup_tokens, ContextLayout};
 use kvcompact::eval::metrics::string_match;
 use kvcompact::model::{Logits, DEFAULT_MAX_BATCH};
 
-fn kvc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvcompact")).args(args).output().expect("run kvcompact");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 #[test]
 fn demo_reports_every_cache_at_one_budget() {

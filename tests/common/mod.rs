@@ -76,3 +76,9 @@ pub fn jaccard(a: &[usize], b: &[usize]) -> f64 {
         a.intersection(&b).count() as f64 / u as f64
     }
 }
+
+/// Run the built `kvcompact` binary: (exit code, stdout, stderr).
+pub fn kvc(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcompact")).args(args).output().expect("run kvcompact");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
