@@ -1,10 +1,13 @@
-//! Per-head budgets: uniform, or the spec §11 water-fill of given proportions, and the
-//! proportions file (`{"L{layer}H{kv_head}": p}`). The sweep that produces proportions is
+//! Per-head budgets: uniform, the spec §11 water-fill of given proportions, or one global top-k
+//! of key scores over every head (issue 14's diagnosis, `docs/amdiag.md`), and the proportions file (`{"L{layer}H{kv_head}": p}`). The sweep that produces proportions is
 //! `sensitivity.rs`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::Path;
 
+use crate::cache::KvCache;
+use crate::compact::HeadInput;
 use crate::error::{Error, Result};
 
 /// Budgets per (layer, KV head) for an article of `t_article` rows compacted by `ratio`.
@@ -62,6 +65,25 @@ pub fn head_budgets(n_layers: usize, n_kv: usize, t_article: usize, ratio: f64, 
         .zip(&q)
         .map(|(&orig, &x)| if orig.is_nan() { t_keep } else { ((x * total).floor() as usize).min(t_article) })
         .collect())
+}
+
+/// The key score behind the global allocation, per head (layer-major): the maximum over the head's
+/// reference queries `queries[i]` of each row's attention weight, normalised over every row the
+/// head holds in `cache` (template rows included, as KVzip normalises, so a head whose queries
+/// mostly attend to the sink scores low everywhere), kept for the rows `rows[i]`.
+pub fn global_key_scores(cache: &KvCache, rows: &[Range<usize>], queries: &[Vec<f32>], scale: f32) -> Result<Vec<Vec<f64>>> {
+    use crate::compact::am::{fit::attention_stats, highest};
+    use rayon::prelude::*;
+    let nkv = cache.n_kv_heads;
+    (0..rows.len())
+        .into_par_iter()
+        .map(|i| {
+            let (l, h) = (i / nkv, i % nkv);
+            let input = HeadInput::from_cache(cache, l, h, 0..cache.len(l, h), Some(&queries[i][..]), scale);
+            let st = attention_stats::<f32>(&input, false)?;
+            Ok(highest::scores(&st.e, &st.z, st.n, st.t_rows, highest::Score::Max)[rows[i].clone()].to_vec())
+        })
+        .collect()
 }
 
 /// Per-head budgets from one global selection (spec §11, last paragraph: the reference's

@@ -200,24 +200,11 @@ pub(super) struct Span {
     pub(super) query_tokens: Vec<u32>,
 }
 
-/// Per-head budgets from one global top-k (the same total as `budgets`) of each span row's max
-/// attention from the head's reference queries, normalised over every row of the head.
+/// Per-head budgets from one global top-k of the span rows' key scores
+/// ([`super::budgets::global_key_scores`]) with the same total as `budgets`.
 fn global_head_budgets(model: &Model, cache: &KvCache, span: &Span, budgets: &[usize], train: &[Vec<f32>]) -> Result<Vec<usize>> {
-    use crate::compact::am::{fit::attention_stats, highest};
-    use rayon::prelude::*;
-    let c = &model.config;
-    let nkv = c.n_kv_heads;
-    let scores: Vec<Vec<f64>> = (0..c.n_layers * nkv)
-        .into_par_iter()
-        .map(|i| {
-            let (l, h) = (i / nkv, i % nkv);
-            let input = HeadInput::from_cache(cache, l, h, 0..cache.len(l, h), Some(&train[i][..]), c.attn_scale());
-            let st = attention_stats::<f32>(&input, false)?;
-            Ok(highest::scores(&st.e, &st.z, st.n, st.t_rows, highest::Score::Max)[span.rows[i].clone()].to_vec())
-        })
-        .collect::<Result<_>>()?;
-    let total: usize = budgets.iter().sum();
-    let per_head = total / budgets.len().max(1);
+    let scores = super::budgets::global_key_scores(cache, &span.rows, train, model.config.attn_scale())?;
+    let per_head = budgets.iter().sum::<usize>() / budgets.len().max(1);
     Ok(super::budgets::global_budgets(&scores, per_head))
 }
 

@@ -11,7 +11,7 @@ use crate::compact::evict::kvzip::PREV_POSTFIX;
 use crate::compact::evict::{keep_rows, select, KvZip, KvzipPrompts};
 use crate::compact::registry::is_am;
 use crate::compact::{compress_heads, head_seed, CompactedHead, Compressor, FullHead, HeadContext, HeadInput, Observed};
-use crate::document::budgets::global_budgets;
+use crate::document::budgets::{global_budgets, global_key_scores};
 use crate::document::{followup_tokens, generation_suffix, head_budgets, repeat_tokens, ContextLayout};
 use crate::error::{Error, Result};
 use crate::model::{Capture, Logits, Model, RunState, DEFAULT_MAX_BATCH};
@@ -331,26 +331,6 @@ fn question_metrics(env: &Env, st: &mut RunState, cache: &mut KvCache, sc: &Samp
     Ok(out)
 }
 
-/// The AM key score of every head's article rows for the global budget allocation
-/// (`--am-budgets global`): the maximum over the AM reference queries of each row's attention
-/// weight, normalised over every context row (the template's rows included, as KVzip normalises),
-/// so that a head whose queries mostly attend to the template's sink rows scores low everywhere.
-fn am_global_scores(model: &Model, sc: &SampleCtx) -> Result<Vec<Vec<f64>>> {
-    use crate::compact::am::{fit::attention_stats, highest};
-    use rayon::prelude::*;
-    let c = &model.config;
-    let nkv = c.n_kv_heads;
-    let rows = sc.layout.article_rows();
-    (0..c.n_layers * nkv)
-        .into_par_iter()
-        .map(|i| {
-            let input = HeadInput::from_cache(&sc.full, i / nkv, i % nkv, 0..sc.layout.len(), Some(&sc.am_train[i][..]), c.attn_scale());
-            let st = attention_stats::<f32>(&input, false)?;
-            Ok(highest::scores(&st.e, &st.z, st.n, st.t_rows, highest::Score::Max)[rows.clone()].to_vec())
-        })
-        .collect()
-}
-
 pub(super) fn run_sample(env: &Env, s: &Sample, bar: &indicatif::ProgressBar, records: &mut Vec<Record>, timings: &mut std::collections::BTreeMap<String, f64>) -> Result<()> {
     let model = env.model;
     let c = &model.config;
@@ -458,7 +438,8 @@ pub(super) fn run_sample(env: &Env, s: &Sample, bar: &indicatif::ProgressBar, re
                     // allocation KVzip makes), unless --budgets or --am-budgets uniform says otherwise.
                     let budgets = if env.budgets.is_none() && env.args.am_budgets == "global" {
                         if am_scores.is_none() {
-                            am_scores = Some(am_global_scores(model, &sc)?);
+                            let rows = vec![sc.layout.article_rows(); nl * nkv];
+                            am_scores = Some(global_key_scores(&sc.full, &rows, &sc.am_train, c.attn_scale())?);
                         }
                         global_budgets(am_scores.as_ref().expect("just computed"), b)
                     } else {
