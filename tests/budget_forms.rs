@@ -93,7 +93,8 @@ fn budget_forms_through_compact() {
     let ctx = dir.path().join("ctx.txt");
     std::fs::write(&ctx, "the quick brown fox jumps over the lazy dog and runs far away into the woods").unwrap();
     let out = dir.path().join("c.safetensors");
-    let base = ["compact", "--model", s(&m), "--context", s(&ctx), "--raw", "--n-queries", "32", "--out", s(&out), "--json"];
+    // Uniform allocation: every head keeps exactly the budget (the global one is checked below).
+    let base = ["compact", "--model", s(&m), "--context", s(&ctx), "--raw", "--n-queries", "32", "--out", s(&out), "--json", "--am-budgets", "uniform"];
     // Rows of head (0, 0) after compaction: the verbatim template rows plus the article's kept rows.
     let kept = |form: &[&str], want: &dyn Fn(usize) -> usize| {
         let (code, stdout, err) = kvc(&[&base[..], form].concat());
@@ -106,6 +107,20 @@ fn budget_forms_through_compact() {
     assert_eq!(kept(&["--budget", "3"], &|_| 3), serde_json::json!({"budget": 3}));
     assert_eq!(kept(&["--compression-ratio", "0.3"], &|t| (t as f64 * (1.0 - 0.3)) as usize), serde_json::json!({"compression_ratio": 0.3}));
     assert_eq!(kept(&[], &|t| (t / 20).max(1)), serde_json::json!({"ratio": 20.0}));
+    // The default global allocation spreads the same total over the heads.
+    let rows_of = |args: &[&str]| {
+        let (code, stdout, err) = kvc(args);
+        assert_eq!(code, 0, "{err}");
+        let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let t = load_safetensors(&out).unwrap();
+        let counts: Vec<usize> = t.iter().filter(|(k, _)| k.ends_with(".positions")).map(|(_, v)| v.0[0]).collect();
+        (counts, r["context_tokens"].as_u64().unwrap() as usize - r["article_tokens"].as_u64().unwrap() as usize)
+    };
+    let (uniform, tpl) = rows_of(&[&base[..], &["--budget", "3"]].concat());
+    let global_args: Vec<&str> = base[..base.len() - 2].iter().copied().chain(["--budget", "3"]).collect();
+    let (global, _) = rows_of(&global_args);
+    assert!(uniform.iter().all(|&n| n == tpl + 3), "{uniform:?}");
+    assert_eq!(global.iter().sum::<usize>(), uniform.iter().sum::<usize>(), "{global:?}");
     expect_conflict(&[&base[..], &["--budget", "3", "--ratio", "2"]].concat());
     expect_conflict(&[&base[..], &["--budget", "3", "--compression-ratio", "0.2"]].concat());
     expect_error(&[&base[..], &["--compression-ratio", "1.5"]].concat(), &["[0, 1)"]);

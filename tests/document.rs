@@ -199,22 +199,35 @@ fn online_compaction_bounds_the_cache_during_generation() {
     assert!(kvcompact::document::OnlineCompaction::new(&tok, &method, 10, 9, false, CompactOptions::default()).is_err());
 }
 
+/// The influence sweep measures a curve per head on a real context (zero at the base fraction,
+/// finite elsewhere), and the solver's proportions drive a real compaction.
 #[test]
-fn sensitivity_budgets_are_proportions_over_every_head() {
+fn influence_curves_and_swap_solver_make_budgets() {
+    use kvcompact::document::influence::{influence_curves, proportions_map, swap_solve, Calibration, InfluenceOptions, SwapOptions};
     let (m, tok) = setup("llama-mha");
     let layout = ContextLayout::build(&tok, TEXT, true).unwrap();
     let method = compressor_from_name("am-highest").unwrap();
-    let opts = CompactOptions { budget: Budget::Ratio(3.0), n_queries: 64, n_test: 16, ..Default::default() };
-    let (p, a, b) = kvcompact::document::sensitivity_budgets(&m, &tok, &layout, &method, &opts).unwrap();
+    let q = kvcompact::document::followup_tokens(&tok, true, "What is it?").unwrap();
+    let items = vec![Calibration { layout: layout.clone(), questions: vec![(q, 4)] }];
+    let compact = CompactOptions { n_queries: 64, n_test: 16, ..Default::default() };
+    let opts = InfluenceOptions { fractions: vec![0.0, 0.2, 0.5, 1.0], base: 0.2, compact: compact.clone() };
+    let mut calls = 0;
+    let curves = influence_curves(&m, &tok, &items, &method, &opts, || calls += 1).unwrap();
     let heads = m.config.n_layers * m.config.n_kv_heads;
-    assert_eq!((p.len(), a.len(), b.len()), (heads, heads, heads));
-    let sum: f64 = p.values().sum();
-    assert!((sum - 1.0).abs() < 1e-9, "{sum}");
-    assert!(p.values().all(|&x| x >= 0.5 / heads as f64 - 1e-12));
-    // The proportions drive a real compaction.
-    let with = CompactOptions { budgets: Some(p), ..opts };
+    assert_eq!((curves.delta.len(), calls, curves.contexts, curves.questions), (heads, heads, 1, 1));
+    assert!(curves.delta.iter().all(|d| d.len() == 4 && d[1] == 0.0 && d.iter().all(|x| x.is_finite())));
+    // Dropping or keeping a whole head moves the answer somewhere.
+    assert!(curves.delta.iter().any(|d| d[0] != 0.0 && d[3] != 0.0), "{:?}", curves.delta);
+    assert!(curves.base_nll.is_finite() && curves.full_nll.is_finite());
+    let s = swap_solve(&curves, &SwapOptions { targets: vec![0.2], step: 0.01, ..Default::default() }).unwrap();
+    assert!((s.proportions.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    assert!(s.loss <= s.uniform_loss);
+    let with = CompactOptions { budget: Budget::Ratio(5.0), budgets: Some(proportions_map(&s.proportions, m.config.n_kv_heads)), ..compact };
     let (c, _) = compact_context(&m, &tok, &layout, &method, &with).unwrap();
     c.check().unwrap();
+    // On-policy compaction is refused: a head's rows would depend on the other heads' budgets.
+    let bad = InfluenceOptions { compact: CompactOptions { on_policy: true, ..CompactOptions::default() }, ..opts };
+    assert!(influence_curves(&m, &tok, &items, &method, &bad, || {}).is_err());
 }
 
 /// `compact` runs every registry name: an eviction method keeps rows of the article span (their

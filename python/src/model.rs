@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use kvc::cache::{load_cache, save_cache, KvCache, ModelId};
 use kvc::compact::{registry, BetaSolver, Budget};
+use kvc::document::budgets::global_from_name;
 use kvc::document::{compact_context, document_method, generation_tokens, press_context, read_proportions, CompactOptions, ContextLayout, QuerySource};
 use kvc::generate::{encode_prompt, generate, GenOptions};
 use kvc::model::{Logits, DEFAULT_MAX_BATCH};
@@ -161,8 +162,10 @@ impl Model {
     /// is compacted. One budget form at most: ratio (default 20), compression_ratio (kvpress:
     /// int(T·(1 − r)) rows) or budget (rows per KV head). kvpress=True (always for
     /// observed-attention and kvzip) runs the kvpress press of an eviction name on the whole
-    /// context, as `kvcompact compact --kvpress`.
-    #[pyo3(signature = (source, *, method = "am-highest", ratio = None, compression_ratio = None, budget = None, queries = "repeat", n_queries = 4096, n_test = 256, on_policy = false, chunk_tokens = None, budgets = None, nnls = "reference", chat = None, seed = 0, kvpress = false))]
+    /// context, as `kvcompact compact --kvpress`. am_budgets: "global" (default; one top-k of
+    /// AM's key scores over every head) or "uniform", as the CLI's --am-budgets; ignored with
+    /// budgets (a proportions file).
+    #[pyo3(signature = (source, *, method = "am-highest", ratio = None, compression_ratio = None, budget = None, queries = "repeat", n_queries = 4096, n_test = 256, on_policy = false, chunk_tokens = None, budgets = None, am_budgets = "global", nnls = "reference", chat = None, seed = 0, kvpress = false))]
     #[allow(clippy::too_many_arguments)]
     fn compact(
         &self,
@@ -178,6 +181,7 @@ impl Model {
         on_policy: bool,
         chunk_tokens: Option<usize>,
         budgets: Option<PathBuf>,
+        am_budgets: &str,
         nnls: &str,
         chat: Option<bool>,
         seed: u64,
@@ -192,6 +196,7 @@ impl Model {
             n_test: n_test.max(1),
             on_policy,
             chunk_tokens,
+            global_budgets: budgets.is_none() && global_from_name(am_budgets).map_err(value_error)?,
             budgets,
             seed,
             ..Default::default()

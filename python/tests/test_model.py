@@ -69,6 +69,14 @@ def test_compact_saves_the_cli_file(compacted):
     cache, d = compacted
     assert (d / "py.safetensors").read_bytes() == (d / "cli.safetensors").read_bytes()
     assert cache.params["compression_ratio"] == 0.5 and cache.params["method"] == "am-highest"
+    assert cache.params["am_budgets"] == "global"
+
+
+def test_compact_am_budgets(model):
+    uniform = model.compact(CONTEXT, ratio=4, n_queries=64, am_budgets="uniform")
+    assert uniform.params["am_budgets"] == "uniform"
+    with pytest.raises(ValueError, match="am_budgets"):
+        model.compact(CONTEXT, ratio=4, am_budgets="spread")
 
 
 @pytest.mark.parametrize("method,kvpress", [("snapkv", True), ("kvzip", False), ("random", True)])

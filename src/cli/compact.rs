@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use kvcompact::cache::save_cache;
 use kvcompact::compact::{registry, BetaSolver, Budget};
+use kvcompact::document::budgets::global_from_name;
 use kvcompact::document::press_context;
 use kvcompact::document::{compact_context, document_method, read_proportions, CompactOptions, ContextLayout, QuerySource};
 
@@ -51,9 +52,14 @@ pub struct Args {
     /// Prefill and compact the context in chunks of this many tokens (bounded memory).
     #[arg(long)]
     pub chunk_tokens: Option<usize>,
-    /// Per-head budget proportions, a JSON object {"L{layer}H{kv_head}": p}.
+    /// Per-head budget proportions, a JSON object {"L{layer}H{kv_head}": p} (e.g. from
+    /// `kvcompact budgets`).
     #[arg(long)]
     pub budgets: Option<PathBuf>,
+    /// How the AM methods spread their rows over the heads without --budgets: global (one top-k
+    /// of AM's key scores over every head, the same total; off-policy) or uniform (⌊T/R⌋ per head).
+    #[arg(long, default_value = "global")]
+    pub am_budgets: String,
     /// β solver: reference (clamped LS + projected gradient) or active-set (Lawson–Hanson).
     #[arg(long, default_value = "reference")]
     pub nnls: String,
@@ -84,6 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         n_test: a.n_test.max(1),
         on_policy: a.on_policy,
         chunk_tokens: a.chunk_tokens,
+        global_budgets: budgets.is_none() && global_from_name(&a.am_budgets)?,
         budgets,
         seed: a.seed,
         ..Default::default()

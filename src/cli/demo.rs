@@ -164,11 +164,7 @@ pub fn run(a: Args) -> Result<()> {
 
     let budget = Budget::Ratio(a.ratio);
     // AM, with its reference queries from repeat-prefill (the paper's default source).
-    let global = match a.am_budgets.as_str() {
-        "global" => true,
-        "uniform" => false,
-        other => bail!("demo --am-budgets {other:?}: expected global or uniform"),
-    };
+    let global = kvcompact::document::budgets::global_from_name(&a.am_budgets)?;
     let opts = CompactOptions { budget, queries: QuerySource::Repeat, n_queries: a.n_queries, n_test: 64, seed: a.seed, global_budgets: global, ..Default::default() };
     let (mut small, am_report) = compact_context(&model, &tok, &layout, &am, &opts)?;
     let (am_ans, _) = answer_all(&model, &tok, &mut st, &mut small, &qs, Some(&full_ids), a.max_tokens)?;

@@ -4,7 +4,6 @@ use crate::cache::KvCache;
 use crate::error::Result;
 use crate::model::{Logits, Model, RunState};
 
-
 /// Greedy answer (at most `max_tokens`, stopping at end of turn) to `question_ids` asked after
 /// the context in `cache`; the cache is rolled back to the context afterwards.
 pub fn answer(model: &Model, st: &mut RunState, cache: &mut KvCache, question_ids: &[u32], eos: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
@@ -28,15 +27,19 @@ pub fn answer_nll(model: &Model, st: &mut RunState, cache: &mut KvCache, questio
     let r = model.forward(st, cache, &input, Logits::All);
     cache.truncate_to(ctx);
     r?;
-    let v = model.config.vocab_size;
-    let first = question_ids.len() - 1;
+    Ok(mean_nll(&st.logits, model.config.vocab_size, question_ids.len() - 1, answer_ids))
+}
+
+/// Mean negative log-likelihood (nats/token) of `answer_ids`, where logits row `first + k`
+/// [vocab] predicts `answer_ids[k]`.
+pub fn mean_nll(logits: &[f32], vocab: usize, first: usize, answer_ids: &[u32]) -> f64 {
     let mut total = 0.0f64;
     for (k, &tgt) in answer_ids.iter().enumerate() {
-        let row = &st.logits[(first + k) * v..(first + k + 1) * v];
+        let row = &logits[(first + k) * vocab..(first + k + 1) * vocab];
         let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
         total += lse - row[tgt as usize] as f64;
     }
-    Ok(total / answer_ids.len() as f64)
+    total / answer_ids.len().max(1) as f64
 }
 

@@ -1,6 +1,6 @@
 //! Per-head budgets: uniform, the spec §11 water-fill of given proportions, or one global top-k
-//! of key scores over every head (issue 14's diagnosis, `docs/amdiag.md`), and the proportions file (`{"L{layer}H{kv_head}": p}`). The sweep that produces proportions is
-//! `sensitivity.rs`.
+//! of key scores over every head (issue 14's diagnosis, `docs/amdiag.md`), and the proportions file
+//! (`{"L{layer}H{kv_head}": p}`). The sweep and solver that produce proportions are `influence.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -9,6 +9,20 @@ use std::path::Path;
 use crate::cache::KvCache;
 use crate::compact::HeadInput;
 use crate::error::{Error, Result};
+
+/// The names of AM's per-head allocations without proportions (`--am-budgets`; the first is the
+/// default of `compact`, `eval`, `demo`, Python and the server).
+pub const AM_BUDGETS: &[&str] = &["global", "uniform"];
+
+/// Whether `name` (one of [`AM_BUDGETS`]) asks for the global allocation
+/// ([`CompactOptions::global_budgets`](super::CompactOptions::global_budgets)).
+pub fn global_from_name(name: &str) -> Result<bool> {
+    match name {
+        "global" => Ok(true),
+        "uniform" => Ok(false),
+        _ => Err(Error::Invalid(format!("am_budgets {name:?}: expected {}", AM_BUDGETS.join(" or ")))),
+    }
+}
 
 /// Budgets per (layer, KV head) for an article of `t_article` rows compacted by `ratio`.
 /// Uniform without proportions; otherwise the spec §11 water-fill with cap `max_ratio`.

@@ -77,10 +77,23 @@ impl CompactOptions {
         if self.n_queries == 0 {
             return Err(Error::Invalid("n_queries must be at least 1".into()));
         }
+        if self.global_budgets && self.budgets.is_some() {
+            return Err(Error::Invalid("give per-head budget proportions or the global allocation, not both".into()));
+        }
         if self.chunk_tokens == Some(0) {
             return Err(Error::Invalid("chunk_tokens must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// How AM's rows are spread over the heads: "proportions" (given), "global" (off-policy
+    /// only) or "uniform".
+    pub fn budget_allocation(&self) -> &'static str {
+        match (&self.budgets, self.global_budgets && !self.on_policy) {
+            (Some(_), _) => "proportions",
+            (None, true) => "global",
+            (None, false) => "uniform",
+        }
     }
 
     /// What a cache file made by [`compact_context`] records of how it was made: `method` as
@@ -89,7 +102,7 @@ impl CompactOptions {
         let (form, value) = self.budget.entry();
         let mut p = serde_json::json!({"method": method, "queries": self.queries.name(), "n_queries": self.n_queries,
             "on_policy": self.on_policy, "chunk_tokens": self.chunk_tokens, "nnls": nnls.name(), "seed": self.seed,
-            "context_tokens": layout.len()});
+            "context_tokens": layout.len(), "am_budgets": self.budget_allocation()});
         p[form] = value;
         p
     }

@@ -26,8 +26,7 @@ pub const DEFAULT_N_QUERIES: usize = 4096;
 /// Source of the AM reference queries by default (repeat-prefill, spec §8.1's CPU default).
 pub const DEFAULT_AM_QUERIES: &str = "repeat";
 
-/// The `--am-budgets` modes (the first is the default).
-pub const AM_BUDGETS: &[&str] = &["global", "uniform"];
+pub use crate::document::budgets::AM_BUDGETS;
 
 /// Contexts per task in the default run (enough for ±0.2 intervals on a 0.5 accuracy).
 pub const DEFAULT_SAMPLES: usize = 20;

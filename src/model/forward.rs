@@ -361,6 +361,26 @@ impl Model {
         }
     }
 
+    /// Layers `from..` and the logits of rows `logits_from..n` ([n − logits_from, vocab]), for
+    /// residual rows st.x [n, d] that are the input of layer `from` at positions set by
+    /// [`Model::prepare_positions`]. After a change to the cache of layer `from` only these layers
+    /// can see it, so the influence sweep re-runs just them. The rows' own keys and values are
+    /// removed again; the counter is untouched.
+    pub fn forward_from<'s>(&self, from: usize, st: &'s mut RunState, cache: &mut KvCache, n: usize, logits_from: usize) -> &'s [f32] {
+        let pos0 = st.positions[0] as usize;
+        let d = self.config.hidden_size;
+        st.logits.clear();
+        for l in from..self.config.n_layers {
+            self.layer(l, st, cache, n);
+            cache.truncate_layer_to(l, pos0);
+        }
+        // Only the wanted rows go through the lm_head (the largest matrix of a small model).
+        let m = n - logits_from.min(n);
+        st.x.copy_within(logits_from * d..n * d, 0);
+        self.head(st, m, Logits::All);
+        &st.logits
+    }
+
     /// Layer `l`'s queries for the residual rows st.x [n, d] (after q_norm and RoPE, as the
     /// attention would see them), without touching the cache: [n, nh*hd].
     pub fn layer_queries<'s>(&self, l: usize, st: &'s mut RunState, n: usize) -> &'s [f32] {
