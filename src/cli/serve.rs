@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use kvcompact::serve::scheduler::{EngineConfig, DEFAULT_PREFILL_CHUNK};
+use kvcompact::serve::scheduler::{EngineConfig, FailPoint, DEFAULT_PREFILL_CHUNK};
 use kvcompact::serve::ServeOptions;
 
 use super::{model_dir, ModelArg};
@@ -75,8 +75,8 @@ pub fn run(a: Args) -> Result<()> {
         documents_hot_bytes: a.documents_mib << 20,
         body_limit: a.max_body_mib << 20,
         grace_seconds: 30,
-        // Tests set it to reach the engine's panic path (tests/serve); empty means unset.
-        fail_point: std::env::var("KVCOMPACT_FAIL_POINT").ok().filter(|m| !m.is_empty()),
+        // Tests set it to reach the engine's panic paths (tests/serve); empty means unset.
+        fail_point: std::env::var("KVCOMPACT_FAIL_POINT").ok().and_then(|m| FailPoint::parse(&m)),
     };
     Ok(kvcompact::serve::run(opts)?)
 }

@@ -33,7 +33,8 @@ pub struct Metrics {
     pub refused: IntCounter,
     /// Sequences dropped because their client went away.
     pub cancelled: IntCounter,
-    /// Engine steps that panicked (the server went on).
+    /// Panics caught in the engine: one per sequence failed by a panic in its prefill or decode,
+    /// or per batched step whose panic no sequence reproduced alone (the server went on).
     pub panics: IntCounter,
     /// Seconds from a request's arrival to its first token.
     pub ttft: Histogram,
@@ -78,7 +79,7 @@ impl Metrics {
             compact_seconds: hist("compaction_seconds", "Seconds per compaction under memory pressure", secs.clone()),
             refused: counter("refused_total", "Requests refused for lack of KV memory (429)"),
             cancelled: counter("cancelled_total", "Sequences dropped because the client went away"),
-            panics: counter("engine_panics_total", "Engine steps that panicked (the server went on)"),
+            panics: counter("engine_panics_total", "Panics caught in the engine, each failing only the sequence that raised it (the server went on)"),
             ttft: hist("time_to_first_token_seconds", "Seconds from a request's arrival to its first token", secs.clone()),
             itl: hist("inter_token_seconds", "Seconds between consecutive tokens of a sequence", vec![0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]),
             registry,

@@ -28,7 +28,7 @@ use crate::tokenizer::Tokenizer;
 use documents::Store;
 use metrics::Metrics;
 use routes::{router, AppState};
-use scheduler::{Engine, EngineConfig, Job};
+use scheduler::{Engine, EngineConfig, FailPoint, Job};
 
 /// Everything `kvcompact serve` is started with.
 #[derive(Debug, Clone)]
@@ -50,8 +50,8 @@ pub struct ServeOptions {
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub grace_seconds: u64,
     /// Testing fail point (see [`AppState::fail_point`]); `kvcompact serve` reads it from the
-    /// environment variable `KVCOMPACT_FAIL_POINT`.
-    pub fail_point: Option<String>,
+    /// environment variable `KVCOMPACT_FAIL_POINT` (`[prefill:|decode:]MARKER`).
+    pub fail_point: Option<FailPoint>,
 }
 
 /// Load the model, open the store, bind, print `listening on http://ADDR` on stdout, and serve

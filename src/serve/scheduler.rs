@@ -74,9 +74,40 @@ pub struct GenJob {
     pub events: UnboundedSender<Event>,
     /// When the request arrived (for time to first token).
     pub arrived: Instant,
-    /// Testing fail point: the engine step that prefills this sequence panics (set only when the
-    /// server was started with `KVCOMPACT_FAIL_POINT` and the prompt holds that marker).
-    pub fail: bool,
+    /// Testing fail point: where this sequence panics (set only when the server was started with
+    /// `KVCOMPACT_FAIL_POINT` and the prompt holds its marker; None in normal use).
+    pub fail: Option<FailStage>,
+}
+
+/// Where a testing fail point panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailStage {
+    /// In the prefill of the marked prompt.
+    Prefill,
+    /// In the first batched decode step the sequence is part of (after its first token).
+    Decode,
+}
+
+/// A testing fail point: requests whose prompt holds `marker` panic at `stage`, to exercise the
+/// engine's panic isolation. Spelled `[prefill:|decode:]MARKER` (prefill when no stage is given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailPoint {
+    /// The text that marks a prompt.
+    pub marker: String,
+    /// Where a marked request panics.
+    pub stage: FailStage,
+}
+
+impl FailPoint {
+    /// Parse `[prefill:|decode:]MARKER`; None for an empty marker (unset).
+    pub fn parse(spec: &str) -> Option<FailPoint> {
+        let (stage, marker) = match spec.split_once(':') {
+            Some(("decode", m)) => (FailStage::Decode, m),
+            Some(("prefill", m)) => (FailStage::Prefill, m),
+            _ => (FailStage::Prefill, spec),
+        };
+        (!marker.is_empty()).then(|| FailPoint { marker: marker.to_string(), stage })
+    }
 }
 
 /// What the engine sends back for a generation.
@@ -193,7 +224,8 @@ impl Engine {
             }
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if step.is_err() {
-                // A fault inside the model math: fail what was running, keep serving.
+                // Prefill and decode faults are caught per sequence inside the step; one that
+                // escapes them (admission, bookkeeping) fails what was running, and we go on.
                 tracing::error!("engine step panicked; failing {} running sequences", self.running.len());
                 for s in self.running.drain(..) {
                     let _ = s.job.events.send(Event::Error(ApiError::internal("internal error while generating (the server goes on)")));
@@ -380,8 +412,7 @@ impl Engine {
             }
             spent += n;
             let before = self.running.len();
-            // A fault in one sequence's prefill fails that sequence only; a fault in the shared
-            // decode step still fails every running one (see `run`).
+            // A fault in one sequence's prefill fails that sequence only (decode: `decode_all`).
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prefill_chunk_of(i))).is_err() {
                 tracing::error!("prefill of one sequence panicked; failing it alone");
                 let s = self.running.remove(i);
@@ -398,8 +429,8 @@ impl Engine {
     /// The next prefill chunk of sequence `i`: at most `--prefill-chunk` tokens, cut at the same
     /// boundaries as `Model::forward` cuts a whole prompt, so the bits match `generate`.
     fn prefill_chunk_of(&mut self, i: usize) {
-        if self.running[i].job.fail {
-            panic!("fail point KVCOMPACT_FAIL_POINT reached");
+        if self.running[i].job.fail == Some(FailStage::Prefill) {
+            panic!("fail point KVCOMPACT_FAIL_POINT reached in prefill");
         }
         let chunk = self.cfg.prefill_chunk.max(1);
         self.make_room(chunk.min(self.running[i].pending));
@@ -424,36 +455,49 @@ impl Engine {
     }
 
     /// One batched decode step over every sequence that has a token to feed.
+    ///
+    /// A fault in the step fails only the sequence that causes it: every cache of the batch is
+    /// rolled back to its length before the step, then each sequence is decoded alone to find
+    /// the culprit(s). The others go on with the logits of their solo step, which are the same
+    /// bits as the batched ones (batch invariance), so their tokens do not change.
     fn decode_all(&mut self) {
         let ids: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].next.is_some()).collect();
         if ids.is_empty() {
             return;
         }
         self.make_room(ids.len());
-        let tokens: Vec<u32> = ids.iter().map(|&i| self.running[i].next.expect("filtered")).collect();
-        let result = {
-            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(ids.len());
-            let mut k = 0;
-            for (i, s) in self.running.iter_mut().enumerate() {
-                if k < ids.len() && ids[k] == i {
-                    caches.push(&mut s.cache);
-                    k += 1;
-                }
-            }
-            self.model.decode_batch(&mut self.decode_state, &mut caches, &tokens)
-        };
         self.metrics.batch_size.observe(ids.len() as f64);
-        if let Err(e) = result {
-            for &i in ids.iter().rev() {
-                let _ = self.running[i].job.events.send(Event::Error(ApiError::internal(e.to_string())));
-                self.running.remove(i);
-            }
-            return;
-        }
         let vocab = self.model.config.vocab_size;
-        let logits = std::mem::take(&mut self.decode_state.logits);
-        // Emit in reverse so that removing finished sequences keeps the earlier indices valid.
+        let saved: Vec<usize> = ids.iter().map(|&i| self.running[i].cache.next_pos()).collect();
+        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_rows(&ids)));
+        // Per sequence of the batch: its logits row, or the error that fails it.
+        let (logits, failed) = match batch {
+            Ok(Ok(())) => (std::mem::take(&mut self.decode_state.logits), vec![None; ids.len()]),
+            Ok(Err(e)) => {
+                tracing::error!("batched decode step failed ({e}); decoding its {} sequences one by one", ids.len());
+                self.rollback(&ids, &saved);
+                self.decode_alone(&ids, &saved, vocab)
+            }
+            Err(_) => {
+                tracing::error!("batched decode step panicked; decoding its {} sequences one by one", ids.len());
+                self.rollback(&ids, &saved);
+                let (logits, failed) = self.decode_alone(&ids, &saved, vocab);
+                if failed.iter().all(Option::is_none) {
+                    // Not reproduced alone: nobody is failed, but the panic is counted.
+                    tracing::warn!("the batched decode panic did not recur for any sequence alone");
+                    self.metrics.panics.inc();
+                }
+                (logits, failed)
+            }
+        };
+        // Emit in reverse so that removing finished or failed sequences keeps the earlier
+        // indices valid.
         for (k, &i) in ids.iter().enumerate().rev() {
+            if let Some(err) = &failed[k] {
+                let s = self.running.remove(i);
+                let _ = s.job.events.send(Event::Error(err.clone()));
+                continue;
+            }
             let s = &mut self.running[i];
             let fed = s.next.take().expect("filtered");
             s.tokens.push(fed);
@@ -461,6 +505,62 @@ impl Engine {
             self.emit(i, &logits[k * vocab..(k + 1) * vocab]);
         }
         self.decode_state.logits = logits;
+    }
+
+    /// Feed the pending token of every sequence in `ids` (ascending) in one batched step; the
+    /// logits are left in `decode_state.logits`, one row per sequence.
+    fn decode_rows(&mut self, ids: &[usize]) -> crate::Result<()> {
+        let tokens: Vec<u32> = ids.iter().map(|&i| self.running[i].next.expect("a token to feed")).collect();
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(ids.len());
+        let mut k = 0;
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if k < ids.len() && ids[k] == i {
+                caches.push(&mut s.cache);
+                k += 1;
+            }
+        }
+        self.model.decode_batch(&mut self.decode_state, &mut caches, &tokens)?;
+        // After the step, so that the rollback has appended rows and advanced counters to undo.
+        if ids.iter().any(|&i| self.running[i].job.fail == Some(FailStage::Decode)) {
+            panic!("fail point KVCOMPACT_FAIL_POINT reached in decode");
+        }
+        Ok(())
+    }
+
+    /// Undo a failed decode step: drop every row at or after each cache's saved length and
+    /// reset its counter. Exact whether the step stopped mid-layer (rows in some layers, counter
+    /// not advanced) or after the end: every row it appended sits at the saved position, past
+    /// all older rows, so truncation removes exactly those.
+    fn rollback(&mut self, ids: &[usize], saved: &[usize]) {
+        for (&i, &pos) in ids.iter().zip(saved) {
+            self.running[i].cache.truncate_to(pos);
+        }
+    }
+
+    /// Decode each sequence of `ids` alone (after a failed batched step): the logits rows of
+    /// those that succeed, and for each one that fails, the error to end it with (its cache
+    /// rolled back as well).
+    fn decode_alone(&mut self, ids: &[usize], saved: &[usize], vocab: usize) -> (Vec<f32>, Vec<Option<ApiError>>) {
+        let mut logits = vec![0.0f32; ids.len() * vocab];
+        let mut failed = vec![None; ids.len()];
+        for (k, &i) in ids.iter().enumerate() {
+            let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_rows(&[i])));
+            let err = match one {
+                Ok(Ok(())) => {
+                    logits[k * vocab..(k + 1) * vocab].copy_from_slice(&self.decode_state.logits[..vocab]);
+                    continue;
+                }
+                Ok(Err(e)) => ApiError::internal(e.to_string()),
+                Err(_) => {
+                    tracing::error!("decode of one sequence panicked alone; failing it");
+                    self.metrics.panics.inc();
+                    ApiError::internal("internal error while generating (the server goes on)")
+                }
+            };
+            self.running[i].cache.truncate_to(saved[k]);
+            failed[k] = Some(err);
+        }
+        (logits, failed)
     }
 
     /// Sample sequence i's next token from `logits`, send it, and end the sequence when it is
@@ -531,3 +631,177 @@ const ADMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// The prefill chunk that reproduces `kvcompact generate` bit for bit.
 pub const DEFAULT_PREFILL_CHUNK: usize = DEFAULT_MAX_BATCH;
+
+#[cfg(test)]
+mod tests {
+    //! The engine driven step by step on the tiny golden model (no HTTP): panic isolation in
+    //! the batched decode step and its rollback.
+    use super::*;
+    use std::path::Path;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn tiny() -> (Model, Arc<Tokenizer>) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama-gqa");
+        let model = Model::load(&dir).unwrap();
+        let tok = Arc::new(Tokenizer::load(&dir, &model.config).unwrap());
+        (model, tok)
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig { max_batch: 8, kv_budget_bytes: None, policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: DEFAULT_PREFILL_CHUNK }
+    }
+
+    fn engine(cfg: EngineConfig, store: &Path) -> Engine {
+        let (model, tok) = tiny();
+        let store = Store::open(store, &model, 0).unwrap();
+        Engine::new(model, tok, cfg, store, Arc::new(Metrics::new()))
+    }
+
+    fn job(tok: &Tokenizer, text: &str, max_tokens: usize, seed: u64, fail: Option<FailStage>) -> (Job, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        let g = GenJob {
+            prompt: tok.encode(text, true).unwrap(),
+            start: None,
+            chat: false,
+            temperature: 0.8,
+            top_p: 0.95,
+            seed,
+            max_tokens,
+            ignore_eos: true,
+            compaction: None,
+            events,
+            arrived: Instant::now(),
+            fail,
+        };
+        (Job::Generate(Box::new(g)), rx)
+    }
+
+    /// Step until nothing is waiting or running (bounded, so a bug fails instead of hanging).
+    fn run_out(e: &mut Engine) {
+        for _ in 0..10_000 {
+            if e.waiting.is_empty() && e.running.is_empty() {
+                return;
+            }
+            e.step();
+        }
+        panic!("the engine did not finish");
+    }
+
+    /// The tokens a request received and how it ended.
+    fn outcome(rx: &mut UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
+        let mut toks = Vec::new();
+        loop {
+            match rx.try_recv().expect("the request ended") {
+                Event::Token(t) => toks.push(t),
+                end => return (toks, end),
+            }
+        }
+    }
+
+    const PROMPTS: [&str; 3] = ["The harbour lantern was lit at dusk", "Seven ships sailed north", "A quiet morning on Pier Street"];
+
+    #[test]
+    fn a_decode_panic_fails_only_its_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        // Alone: the reference tokens of two healthy requests.
+        let mut alone = engine(config(), dir.path());
+        let tok = alone.tok.clone();
+        let mut refs = Vec::new();
+        for (k, p) in [PROMPTS[0], PROMPTS[2]].into_iter().enumerate() {
+            let (j, mut rx) = job(&tok, p, 20, k as u64, None);
+            alone.accept(j);
+            run_out(&mut alone);
+            let (toks, end) = outcome(&mut rx);
+            assert!(matches!(end, Event::Done { stop: "max_tokens", .. }), "{end:?}");
+            refs.push(toks);
+        }
+        // Together, with a faulty request between them: all three enter the same batched step.
+        let mut e = engine(config(), dir.path());
+        let (a, mut rx_a) = job(&tok, PROMPTS[0], 20, 0, None);
+        let (f, mut rx_f) = job(&tok, PROMPTS[1], 20, 7, Some(FailStage::Decode));
+        let (b, mut rx_b) = job(&tok, PROMPTS[2], 20, 1, None);
+        for j in [a, f, b] {
+            e.accept(j);
+        }
+        run_out(&mut e);
+        let (toks_f, end_f) = outcome(&mut rx_f);
+        assert_eq!(toks_f.len(), 1, "the faulty request gets its prefill token, then fails");
+        match end_f {
+            Event::Error(err) => assert_eq!(err.status.as_u16(), 500),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert_eq!(outcome(&mut rx_a).0, refs[0]);
+        assert_eq!(outcome(&mut rx_b).0, refs[1]);
+        assert_eq!(e.metrics.panics.get(), 1);
+        assert_eq!(e.metrics.batch_size.get_sample_sum() as usize, 3 + 18 * 2, "one step of three, then pairs");
+        // The engine goes on serving.
+        let (c, mut rx_c) = job(&tok, PROMPTS[0], 20, 0, None);
+        e.accept(c);
+        run_out(&mut e);
+        assert_eq!(outcome(&mut rx_c).0, refs[0]);
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Same rows (bit for bit), positions, β and counter.
+    fn assert_same(a: &KvCache, b: &KvCache) {
+        assert_eq!(a.next_pos(), b.next_pos());
+        for l in 0..a.n_layers {
+            for h in 0..a.n_kv_heads {
+                let (ka, va, ba, pa) = a.head(l, h);
+                let (kb, vb, bb, pb) = b.head(l, h);
+                assert_eq!(pa, pb, "positions of layer {l} head {h}");
+                assert_eq!(bits(ka), bits(kb), "keys of layer {l} head {h}");
+                assert_eq!(bits(va), bits(vb), "values of layer {l} head {h}");
+                assert_eq!(ba.map(bits), bb.map(bits), "β of layer {l} head {h}");
+            }
+        }
+    }
+
+    #[test]
+    fn rollback_of_a_failed_step_is_exact() {
+        let (model, tok) = tiny();
+        let prompt = tok.encode(&PROMPTS.concat().repeat(3), true).unwrap();
+        let mut st = model.new_state(DEFAULT_MAX_BATCH);
+        let mut cache = model.new_cache();
+        model.forward(&mut st, &mut cache, &prompt, Logits::None).unwrap();
+        // A compacted cache: rows with β, positions with gaps.
+        let method = registry::require_am("am-highest", "test").unwrap();
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 64, n_test: 8, seed: 3, ..Default::default() };
+        compact_older_rows(&model, &mut st, &tok, &method, &mut cache, &prompt, 8, 4096, false, &opts).unwrap();
+        let before = cache.clone();
+        let pos = cache.next_pos();
+        let mut dec = model.new_state(4);
+        // A whole step (rows in every layer, counter advanced), undone.
+        model.decode_batch(&mut dec, &mut [&mut cache], &[5]).unwrap();
+        cache.truncate_to(pos);
+        assert_same(&cache, &before);
+        // A step stopped mid-way: rows in the first layers only, counter not advanced.
+        let hd = model.config.head_dim;
+        for l in 0..model.config.n_layers / 2 {
+            for h in 0..model.config.n_kv_heads {
+                cache.append(l, h, &vec![1.0; hd], &vec![2.0; hd], &[pos as u32]);
+            }
+        }
+        cache.truncate_to(pos);
+        assert_same(&cache, &before);
+        cache.check().unwrap();
+        // And the next step gives the bits it gives on the untouched cache.
+        let mut twin = before.clone();
+        model.decode_batch(&mut dec, &mut [&mut cache], &[9]).unwrap();
+        let got = dec.logits.clone();
+        model.decode_batch(&mut dec, &mut [&mut twin], &[9]).unwrap();
+        assert_eq!(bits(&got), bits(&dec.logits));
+    }
+
+    #[test]
+    fn fail_point_spelling() {
+        assert_eq!(FailPoint::parse("<<x>>"), Some(FailPoint { marker: "<<x>>".into(), stage: FailStage::Prefill }));
+        assert_eq!(FailPoint::parse("decode:<<x>>"), Some(FailPoint { marker: "<<x>>".into(), stage: FailStage::Decode }));
+        assert_eq!(FailPoint::parse("prefill:a:b"), Some(FailPoint { marker: "a:b".into(), stage: FailStage::Prefill }));
+        assert_eq!(FailPoint::parse("decode:"), None);
+        assert_eq!(FailPoint::parse(""), None);
+    }
+}

@@ -303,6 +303,55 @@ def test_engine_panic_is_500_and_the_server_lives_on(start_server):
     assert s.metrics()["kvcompact_engine_panics_total"] == 1
 
 
+def stream_text(s, body):
+    """Stream a completion; returns (text, finish reasons, error objects)."""
+    text, reasons, errors = [], [], []
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                errors.append(obj["error"])
+                continue
+            for ch in obj["choices"]:
+                text.append(ch["text"])
+                if ch["finish_reason"]:
+                    reasons.append(ch["finish_reason"])
+    return "".join(text), reasons, errors
+
+
+def test_decode_panic_fails_only_its_sequence(start_server):
+    # With `decode:MARKER` the marked request panics in the batched decode step after its first
+    # token. The engine rolls the batch back, decodes each sequence alone to find the culprit and
+    # fails only that one; the stream decoding beside it gets exactly the tokens it gets alone.
+    s = start_server(env={"KVCOMPACT_FAIL_POINT": "decode:<<fail-in-decode>>"})
+    body = {"prompt": "Once upon a time", "max_tokens": 96, "temperature": 0.7, "seed": 3, "ignore_eos": True}
+    alone = stream_text(s, body)
+    assert alone[1] == ["length"] and not alone[2]
+    before = s.metrics()
+    out = {}
+    t = threading.Thread(target=lambda: out.update(healthy=stream_text(s, body)))
+    t.start()
+    # Send the faulty request once the healthy one decodes: its first decode step then shares
+    # a batch with the healthy sequence, which still has most of its 96 tokens to go.
+    assert wait_until(lambda: s.metrics()["kvcompact_generated_tokens_total"] >= before["kvcompact_generated_tokens_total"] + 2)
+    r = post(s, "/v1/completions", {"prompt": "Say hi <<fail-in-decode>>", "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "\n" not in err["message"], err
+    t.join(300)
+    assert out["healthy"] == alone
+    m = s.metrics()
+    assert m["kvcompact_engine_panics_total"] == 1
+    # The two shared at least one batched step (the one that panicked).
+    assert m['kvcompact_decode_batch_size_bucket{le="1"}'] - before['kvcompact_decode_batch_size_bucket{le="1"}'] < m["kvcompact_decode_batch_size_count"] - before["kvcompact_decode_batch_size_count"]
+    ok = post(s, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"]
+
+
 def test_documents_in_ram_count_against_the_kv_budget(start_server):
     budget_mib = 8
     s = start_server("--kv-budget-mib", str(budget_mib), "--documents-mib", "64")
