@@ -4,6 +4,7 @@
 //! - [`routes`]: the HTTP routes (tokio + axum): parse, validate, render, stream;
 //! - [`scheduler`]: the engine thread: continuous batching, one batched decode step for every
 //!   decoding sequence, compaction under `--kv-budget-mib`;
+//! - [`compactor`]: the worker thread that compacts one sequence at a time in the background;
 //! - [`documents`]: the store of compacted documents (persistent, fingerprint-checked);
 //! - [`metrics`]: Prometheus counters and histograms.
 //!
@@ -11,6 +12,7 @@
 //! pool); the HTTP side runs on a small tokio runtime that only parses, queues and streams.
 
 pub mod api;
+pub mod compactor;
 pub mod documents;
 pub mod metrics;
 pub mod routes;
@@ -57,7 +59,8 @@ pub struct ServeOptions {
 /// Load the model, open the store, bind, print `listening on http://ADDR` on stdout, and serve
 /// until SIGTERM or Ctrl-C (then drain: no new requests, in-flight ones finish).
 pub fn run(opts: ServeOptions) -> Result<()> {
-    let model = Model::load(&opts.model_dir)?;
+    // Shared by the engine and its compaction worker.
+    let model = Arc::new(Model::load(&opts.model_dir)?);
     let tok = Arc::new(Tokenizer::load(&opts.model_dir, &model.config)?);
     crate::compact::registry::require_am(&opts.engine.policy, "serve")?;
     if !(opts.engine.ratio > 1.0) {
