@@ -23,7 +23,7 @@ fn app() -> &'static (Router, tokio::runtime::Runtime) {
     static APP: OnceLock<(Router, tokio::runtime::Runtime)> = OnceLock::new();
     APP.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/tiny/llama-gqa");
-        let model = Model::load(&dir).expect("the tiny golden model");
+        let model = Arc::new(Model::load(&dir).expect("the tiny golden model"));
         let tok = Arc::new(Tokenizer::load(&dir, &model.config).expect("its tokenizer"));
         let store = Store::open(&kvcompact_fuzz::scratch().join("documents"), &model, 1 << 20).expect("a store");
         let metrics = Arc::new(Metrics::new());
@@ -39,7 +39,7 @@ fn app() -> &'static (Router, tokio::runtime::Runtime) {
             policy: "am-highest".into(),
             fail_point: None,
         };
-        let cfg = EngineConfig { max_batch: 4, kv_budget_bytes: Some(64 << 10), policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: 64 };
+        let cfg = EngineConfig { max_batch: 4, kv_budget_bytes: Some(64 << 10), policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: 64, hold_compactions: None };
         std::thread::spawn(move || Engine::new(model, tok, cfg, store, metrics).run(inbox));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         (router(state, 1 << 20), rt)

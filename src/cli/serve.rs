@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use kvcompact::serve::scheduler::{EngineConfig, DEFAULT_PREFILL_CHUNK};
+use kvcompact::serve::scheduler::{EngineConfig, FailPoint, DEFAULT_PREFILL_CHUNK};
 use kvcompact::serve::ServeOptions;
 
 use super::{model_dir, ModelArg};
@@ -70,13 +70,22 @@ pub fn run(a: Args) -> Result<()> {
         model_dir: dir,
         addr: SocketAddr::new(a.host, a.port),
         api_key: a.api_key.filter(|k| !k.is_empty()),
-        engine: EngineConfig { max_batch: a.max_batch, kv_budget_bytes, policy: a.policy, ratio: a.ratio, keep_recent: a.keep_recent, prefill_chunk: a.prefill_chunk },
+        engine: EngineConfig {
+            max_batch: a.max_batch,
+            kv_budget_bytes,
+            policy: a.policy,
+            ratio: a.ratio,
+            keep_recent: a.keep_recent,
+            prefill_chunk: a.prefill_chunk,
+            // Tests set it to hold a compaction in flight (tests/serve); empty means unset.
+            hold_compactions: std::env::var_os("KVCOMPACT_HOLD_COMPACTION").filter(|p| !p.is_empty()).map(PathBuf::from),
+        },
         store,
         documents_hot_bytes: a.documents_mib << 20,
         body_limit: a.max_body_mib << 20,
         grace_seconds: 30,
-        // Tests set it to reach the engine's panic path (tests/serve); empty means unset.
-        fail_point: std::env::var("KVCOMPACT_FAIL_POINT").ok().filter(|m| !m.is_empty()),
+        // Tests set it to reach the engine's panic paths (tests/serve); empty means unset.
+        fail_point: std::env::var("KVCOMPACT_FAIL_POINT").ok().and_then(|m| FailPoint::parse(&m)),
     };
     Ok(kvcompact::serve::run(opts)?)
 }

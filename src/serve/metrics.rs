@@ -17,14 +17,16 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Sequences admitted and not finished.
     pub running: IntGauge,
-    /// Real KV bytes held by running sequences.
+    /// Real KV bytes held by running sequences (a cache being compacted counts until it is back).
     pub kv_bytes: IntGauge,
     /// Bytes of documents kept in RAM.
     pub documents_hot_bytes: IntGauge,
     /// Bytes of documents dropped from RAM to make room under the KV budget.
     pub documents_shed_bytes: IntCounter,
-    /// Compactions run (memory pressure and documents).
+    /// Compactions finished (memory pressure and documents).
     pub compactions: IntCounter,
+    /// Compactions running in the background now (0 or 1).
+    pub compactions_in_flight: IntGauge,
     /// KV bytes freed by compaction under memory pressure.
     pub bytes_freed: IntCounter,
     /// Seconds per compaction under memory pressure.
@@ -33,7 +35,9 @@ pub struct Metrics {
     pub refused: IntCounter,
     /// Sequences dropped because their client went away.
     pub cancelled: IntCounter,
-    /// Engine steps that panicked (the server went on).
+    /// Panics caught in the engine: one per sequence failed by a panic in its prefill, decode or
+    /// compaction, or per batched step whose panic no sequence reproduced alone (the server went
+    /// on).
     pub panics: IntCounter,
     /// Seconds from a request's arrival to its first token.
     pub ttft: Histogram,
@@ -70,15 +74,16 @@ impl Metrics {
             batch_size: hist("decode_batch_size", "Sequences decoded per batched step", vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             queue_depth: gauge("queue_depth", "Requests waiting for admission"),
             running: gauge("running_sequences", "Sequences admitted and not finished"),
-            kv_bytes: gauge("kv_bytes", "Real KV bytes held by running sequences"),
+            kv_bytes: gauge("kv_bytes", "Real KV bytes held by running sequences (a cache being compacted counts until it is back)"),
             documents_hot_bytes: gauge("documents_hot_bytes", "Bytes of compacted documents kept in RAM"),
             documents_shed_bytes: counter("documents_shed_bytes_total", "Bytes of documents dropped from RAM to make room under the KV budget"),
-            compactions: counter("compactions_total", "Compactions run (memory pressure and documents)"),
+            compactions: counter("compactions_total", "Compactions finished (memory pressure and documents)"),
+            compactions_in_flight: gauge("compactions_in_flight", "Compactions running in the background now"),
             bytes_freed: counter("compaction_freed_bytes_total", "KV bytes freed by compaction under memory pressure"),
             compact_seconds: hist("compaction_seconds", "Seconds per compaction under memory pressure", secs.clone()),
             refused: counter("refused_total", "Requests refused for lack of KV memory (429)"),
             cancelled: counter("cancelled_total", "Sequences dropped because the client went away"),
-            panics: counter("engine_panics_total", "Engine steps that panicked (the server went on)"),
+            panics: counter("engine_panics_total", "Panics caught in the engine, each failing only the sequence that raised it (the server went on)"),
             ttft: hist("time_to_first_token_seconds", "Seconds from a request's arrival to its first token", secs.clone()),
             itl: hist("inter_token_seconds", "Seconds between consecutive tokens of a sequence", vec![0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]),
             registry,

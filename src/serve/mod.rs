@@ -4,6 +4,7 @@
 //! - [`routes`]: the HTTP routes (tokio + axum): parse, validate, render, stream;
 //! - [`scheduler`]: the engine thread: continuous batching, one batched decode step for every
 //!   decoding sequence, compaction under `--kv-budget-mib`;
+//! - [`compactor`]: the worker thread that compacts one sequence at a time in the background;
 //! - [`documents`]: the store of compacted documents (persistent, fingerprint-checked);
 //! - [`metrics`]: Prometheus counters and histograms.
 //!
@@ -11,6 +12,7 @@
 //! pool); the HTTP side runs on a small tokio runtime that only parses, queues and streams.
 
 pub mod api;
+pub mod compactor;
 pub mod documents;
 pub mod metrics;
 pub mod routes;
@@ -28,7 +30,7 @@ use crate::tokenizer::Tokenizer;
 use documents::Store;
 use metrics::Metrics;
 use routes::{router, AppState};
-use scheduler::{Engine, EngineConfig, Job};
+use scheduler::{Engine, EngineConfig, FailPoint, Job};
 
 /// Everything `kvcompact serve` is started with.
 #[derive(Debug, Clone)]
@@ -50,14 +52,15 @@ pub struct ServeOptions {
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub grace_seconds: u64,
     /// Testing fail point (see [`AppState::fail_point`]); `kvcompact serve` reads it from the
-    /// environment variable `KVCOMPACT_FAIL_POINT`.
-    pub fail_point: Option<String>,
+    /// environment variable `KVCOMPACT_FAIL_POINT` (`[prefill:|decode:]MARKER`).
+    pub fail_point: Option<FailPoint>,
 }
 
 /// Load the model, open the store, bind, print `listening on http://ADDR` on stdout, and serve
 /// until SIGTERM or Ctrl-C (then drain: no new requests, in-flight ones finish).
 pub fn run(opts: ServeOptions) -> Result<()> {
-    let model = Model::load(&opts.model_dir)?;
+    // Shared by the engine and its compaction worker.
+    let model = Arc::new(Model::load(&opts.model_dir)?);
     let tok = Arc::new(Tokenizer::load(&opts.model_dir, &model.config)?);
     crate::compact::registry::require_am(&opts.engine.policy, "serve")?;
     if !(opts.engine.ratio > 1.0) {

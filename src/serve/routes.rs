@@ -22,7 +22,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Content, DocumentRequest, Prompt, Sampling, Usage};
 use super::documents::Store;
 use super::metrics::Metrics;
-use super::scheduler::{DocJob, Event, GenJob, Job};
+use super::scheduler::{DocJob, Event, FailPoint, GenJob, Job};
 use crate::document::{continuation_tokens, QuerySource};
 use crate::tokenizer::{Message, TextStream, Tokenizer};
 
@@ -45,9 +45,10 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Default Attention Matching method (documents, memory pressure).
     pub policy: String,
-    /// Testing fail point (`KVCOMPACT_FAIL_POINT`): a completion prompt holding this marker makes
-    /// the engine step that prefills it panic, to exercise the 500 path. None in normal use.
-    pub fail_point: Option<String>,
+    /// Testing fail point (`KVCOMPACT_FAIL_POINT`): a completion prompt holding its marker makes
+    /// the engine panic in that sequence's prefill or decode, to exercise the 500 path. None in
+    /// normal use.
+    pub fail_point: Option<FailPoint>,
 }
 
 /// Every route, with authentication, request counting and the OpenAI-shaped fallbacks.
@@ -174,7 +175,7 @@ fn plan(st: &AppState, model: Option<&str>, s: &Sampling, prompt: Vec<u32>, star
         compaction,
         events: tx,
         arrived: Instant::now(),
-        fail: false,
+        fail: None,
     };
     Ok(Plan { job, rx, stops, stream: s.stream, include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage) })
 }
@@ -255,7 +256,7 @@ async fn completions(State(st): State<AppState>, b: Result<Bytes, BytesRejection
         }
         let ids = st.tok.encode(&text, true).map_err(|e| ApiError::bad_param("prompt", e.to_string()))?;
         let mut p = plan(&st, req.model.as_deref(), &sampling, ids, None, false, req.kvcompact.as_ref())?;
-        p.job.fail = st.fail_point.as_deref().is_some_and(|m| text.contains(m));
+        p.job.fail = st.fail_point.as_ref().filter(|f| text.contains(&f.marker)).map(|f| f.stage);
         Ok(p)
     }
     .await;

@@ -2,20 +2,28 @@
 //!
 //! Each step (spec `serving.md`, "Shape"):
 //! 1. take new jobs from the channel (waiting when there is nothing to do);
-//! 2. admit waiting requests while a batch slot is free and the KV budget holds their prompt —
-//!    compacting the sequence with the most uncompacted rows when it does not, and refusing
+//! 2. install a compacted cache that came back from the background worker; admit waiting requests
+//!    while a batch slot is free and the KV budget holds their prompt — starting the compaction of
+//!    the sequence with the most uncompacted rows when it does not and waiting for it, refusing
 //!    with 429 only when compaction cannot free enough;
 //! 3. run prefill chunks of the oldest prefilling sequences, up to `--prefill-chunk` tokens in all
 //!    (each sequence's chunks are its own forward calls, cut where `generate` cuts them);
-//! 4. run **one batched decode step** for every decoding sequence ([`Model::decode_batch`]);
+//! 4. run **one batched decode step** for every decoding sequence ([`Model::decode_batch`]),
+//!    except one being compacted;
 //! 5. hand each new token to its request; drop sequences whose client went away.
 //!
 //! A prefill chunk is never shared between sequences and the batched decode reduces every row
 //! exactly as single-sequence decode does, so a request's tokens are the same bits whatever else
 //! is in the batch, and equal to `kvcompact generate` with the same prompt and sampling.
 //! The engine runs on a rayon worker; model math uses the pool, never the async runtime.
+//!
+//! Compaction under memory pressure runs on a worker thread of its own ([`super::compactor`]):
+//! the sequence's cache is moved there, the sequence sits out of prefill and decode until the
+//! compacted cache comes back, and everyone else keeps stepping. Its uncompacted bytes count as
+//! held meanwhile, so admission never counts on memory that is not free yet.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +31,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::ApiError;
+use super::compactor::{Compactor, Outcome, Task};
 use super::documents::{DocumentInfo, Store};
 use super::metrics::Metrics;
 use crate::cache::KvCache;
 use crate::compact::{registry, Budget};
-use crate::document::{compact_context, compact_older_rows, CompactOptions, ContextLayout, QuerySource};
+use crate::document::{compact_context, CompactOptions, ContextLayout, QuerySource};
 use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -47,6 +56,9 @@ pub struct EngineConfig {
     pub keep_recent: usize,
     /// Prefill tokens per step for one sequence (256 reproduces `generate` bit for bit).
     pub prefill_chunk: usize,
+    /// Testing hook (`KVCOMPACT_HOLD_COMPACTION`): background compactions hold their result back
+    /// until this file exists, so a test can observe the engine while one is in flight.
+    pub hold_compactions: Option<PathBuf>,
 }
 
 /// What a generation request asks the engine for.
@@ -74,9 +86,40 @@ pub struct GenJob {
     pub events: UnboundedSender<Event>,
     /// When the request arrived (for time to first token).
     pub arrived: Instant,
-    /// Testing fail point: the engine step that prefills this sequence panics (set only when the
-    /// server was started with `KVCOMPACT_FAIL_POINT` and the prompt holds that marker).
-    pub fail: bool,
+    /// Testing fail point: where this sequence panics (set only when the server was started with
+    /// `KVCOMPACT_FAIL_POINT` and the prompt holds its marker; None in normal use).
+    pub fail: Option<FailStage>,
+}
+
+/// Where a testing fail point panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailStage {
+    /// In the prefill of the marked prompt.
+    Prefill,
+    /// In the first batched decode step the sequence is part of (after its first token).
+    Decode,
+}
+
+/// A testing fail point: requests whose prompt holds `marker` panic at `stage`, to exercise the
+/// engine's panic isolation. Spelled `[prefill:|decode:]MARKER` (prefill when no stage is given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailPoint {
+    /// The text that marks a prompt.
+    pub marker: String,
+    /// Where a marked request panics.
+    pub stage: FailStage,
+}
+
+impl FailPoint {
+    /// Parse `[prefill:|decode:]MARKER`; None for an empty marker (unset).
+    pub fn parse(spec: &str) -> Option<FailPoint> {
+        let (stage, marker) = match spec.split_once(':') {
+            Some(("decode", m)) => (FailStage::Decode, m),
+            Some(("prefill", m)) => (FailStage::Prefill, m),
+            _ => (FailStage::Prefill, spec),
+        };
+        (!marker.is_empty()).then(|| FailPoint { marker: marker.to_string(), stage })
+    }
 }
 
 /// What the engine sends back for a generation.
@@ -123,8 +166,13 @@ pub enum Job {
 
 /// One admitted sequence.
 struct Seq {
+    /// Names the sequence to the compaction worker.
+    id: u64,
     job: Box<GenJob>,
+    /// Empty while the worker holds the real one (`compacting`).
     cache: KvCache,
+    /// Its cache is with the compaction worker: no prefill, no decode until it comes back.
+    compacting: bool,
     sampler: Sampler,
     /// Every token of the sequence so far (prompt and generated), for repeat queries.
     tokens: Vec<u32>,
@@ -144,9 +192,29 @@ impl Seq {
     }
 }
 
+/// The compaction the worker is running (one at a time).
+struct InFlight {
+    /// Which sequence (it may have been cancelled since).
+    seq: u64,
+    /// Bytes of the cache handed over: held until the result comes back.
+    bytes: usize,
+}
+
+/// Whether the KV bytes fit a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// They fit now.
+    Now,
+    /// Not yet; a compaction in flight will free memory when it comes back.
+    Soon,
+    /// Not, and nothing is left to compact.
+    Never,
+}
+
 /// The engine state (see the module docs).
 pub struct Engine {
-    model: Model,
+    /// Shared with the compaction worker.
+    model: Arc<Model>,
     tok: Arc<Tokenizer>,
     cfg: EngineConfig,
     store: Store,
@@ -155,19 +223,37 @@ pub struct Engine {
     running: Vec<Seq>,
     prefill_state: RunState,
     decode_state: RunState,
-    /// Compactions run their query tokens in chunks of [`DEFAULT_MAX_BATCH`], as online
-    /// compaction in `generate` does, whatever the prefill chunk.
-    compact_state: RunState,
+    /// Started at the first compaction.
+    compactor: Option<Compactor>,
+    in_flight: Option<InFlight>,
+    /// The compaction pool gets as many threads as the engine's, for the same bits.
+    threads: usize,
+    next_id: u64,
     draining: bool,
 }
 
 impl Engine {
     /// An engine over `model`; nothing runs until [`Engine::run`].
-    pub fn new(model: Model, tok: Arc<Tokenizer>, cfg: EngineConfig, store: Store, metrics: Arc<Metrics>) -> Engine {
+    pub fn new(model: Arc<Model>, tok: Arc<Tokenizer>, cfg: EngineConfig, store: Store, metrics: Arc<Metrics>) -> Engine {
         let prefill_state = model.new_state(cfg.prefill_chunk.max(1));
         let decode_state = model.new_state(cfg.max_batch.max(1));
-        let compact_state = model.new_state(DEFAULT_MAX_BATCH);
-        Engine { model, tok, cfg, store, metrics, waiting: VecDeque::new(), running: Vec::new(), prefill_state, decode_state, compact_state, draining: false }
+        let threads = rayon::current_num_threads();
+        Engine {
+            model,
+            tok,
+            cfg,
+            store,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            prefill_state,
+            decode_state,
+            compactor: None,
+            in_flight: None,
+            threads,
+            next_id: 0,
+            draining: false,
+        }
     }
 
     /// Step until drained: returns after a [`Job::Drain`] once nothing is left, or when every
@@ -178,22 +264,27 @@ impl Engine {
             if idle && self.draining {
                 return;
             }
-            // Block while idle; otherwise only take what is already there.
-            let first = if idle {
-                match jobs.recv_timeout(Duration::from_millis(200)) {
-                    Ok(j) => Some(j),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                None
+            // Block while there is nothing to step: until a job comes when idle; briefly, to poll
+            // for its result, while only a compaction (or admission waiting on it) is pending.
+            // Otherwise only take what is already there.
+            let runnable = self.running.iter().any(|s| !s.compacting);
+            let wait = match (runnable, idle && self.in_flight.is_none()) {
+                (true, _) => None,
+                (false, true) => Some(Duration::from_millis(200)),
+                (false, false) => Some(COMPACTION_POLL),
+            };
+            let first = match wait.map(|t| jobs.recv_timeout(t)) {
+                Some(Ok(j)) => Some(j),
+                None | Some(Err(RecvTimeoutError::Timeout)) => None,
+                Some(Err(RecvTimeoutError::Disconnected)) => return,
             };
             for job in first.into_iter().chain(std::iter::from_fn(|| jobs.try_recv().ok())) {
                 self.accept(job);
             }
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if step.is_err() {
-                // A fault inside the model math: fail what was running, keep serving.
+                // Prefill and decode faults are caught per sequence inside the step; one that
+                // escapes them (admission, bookkeeping) fails what was running, and we go on.
                 tracing::error!("engine step panicked; failing {} running sequences", self.running.len());
                 for s in self.running.drain(..) {
                     let _ = s.job.events.send(Event::Error(ApiError::internal("internal error while generating (the server goes on)")));
@@ -218,9 +309,10 @@ impl Engine {
         }
     }
 
-    /// KV bytes held by every running sequence.
+    /// KV bytes held by every running sequence, a cache with the compaction worker included
+    /// (until its result is back, even when its sequence has been cancelled).
     fn kv_bytes(&self) -> usize {
-        self.running.iter().map(|s| s.cache.bytes()).sum()
+        self.running.iter().map(|s| s.cache.bytes()).sum::<usize>() + self.in_flight.as_ref().map_or(0, |f| f.bytes)
     }
 
     /// What the KV budget bounds: the running sequences' caches and the documents kept in RAM.
@@ -234,18 +326,21 @@ impl Engine {
         c.n_layers * c.n_kv_heads * KvCache::row_bytes(c.head_dim)
     }
 
-    /// Under a budget, compact until `rows` more tokens' rows fit (as far as compaction can).
+    /// Under a budget, before running sequences grow by `rows` tokens' rows: start freeing
+    /// memory once the held bytes would pass the high-water mark, so that the rest of the budget
+    /// absorbs what the sequences grow by while a compaction runs. They grow whatever the
+    /// outcome: the budget can be passed by the rows decoded while compaction catches up.
     fn make_room(&mut self, rows: usize) {
         if let Some(budget) = self.cfg.kv_budget_bytes {
             let need = rows * self.row_bytes();
-            if self.held_bytes() + need > budget {
-                self.free_until(budget.saturating_sub(need));
-            }
+            let _ = self.free_until(high_water(budget).saturating_sub(need));
         }
     }
 
     fn step(&mut self) {
-        // Forget sequences whose client left: their memory is free at once.
+        self.poll_compactions();
+        // Forget sequences whose client left: their memory is free at once (a cache with the
+        // compaction worker when its result comes back).
         let before = self.running.len();
         self.running.retain(|s| !s.cancelled());
         self.metrics.cancelled.inc_by((before - self.running.len()) as u64);
@@ -272,22 +367,28 @@ impl Engine {
                     self.metrics.refused.inc();
                     continue;
                 }
-                if self.held_bytes() + need > budget && !self.free_until(budget - need) {
-                    // Running sequences will end and free their memory: a request waits for
-                    // them a while; with nothing running, or after the wait, it is refused.
-                    let waited = self.waiting.front().map_or(Duration::ZERO, |j| j.arrived.elapsed());
-                    if !self.running.is_empty() && waited < ADMIT_WAIT {
-                        break;
+                let room = if self.held_bytes() + need > budget { self.free_until(budget - need) } else { Room::Now };
+                match room {
+                    Room::Now => {}
+                    // A compaction in flight frees memory when it comes back: wait for it.
+                    Room::Soon => break,
+                    Room::Never => {
+                        // Running sequences will end and free their memory: a request waits for
+                        // them a while; with nothing running, or after the wait, it is refused.
+                        let waited = self.waiting.front().map_or(Duration::ZERO, |j| j.arrived.elapsed());
+                        if !self.running.is_empty() && waited < ADMIT_WAIT {
+                            break;
+                        }
+                        let job = self.waiting.pop_front().expect("front exists");
+                        let _ = job.events.send(Event::Error(ApiError::out_of_memory(format!(
+                            "KV memory is full ({:.1} of {:.1} MiB held) and compaction cannot free {:.1} MiB; retry later",
+                            self.held_bytes() as f64 / MIB,
+                            budget as f64 / MIB,
+                            need as f64 / MIB
+                        ))));
+                        self.metrics.refused.inc();
+                        continue;
                     }
-                    let job = self.waiting.pop_front().expect("front exists");
-                    let _ = job.events.send(Event::Error(ApiError::out_of_memory(format!(
-                        "KV memory is full ({:.1} of {:.1} MiB held) and compaction cannot free {:.1} MiB; retry later",
-                        self.held_bytes() as f64 / MIB,
-                        budget as f64 / MIB,
-                        need as f64 / MIB
-                    ))));
-                    self.metrics.refused.inc();
-                    continue;
                 }
             }
             let mut job = self.waiting.pop_front().expect("front exists");
@@ -309,55 +410,133 @@ impl Engine {
             let pending = job.prompt.len();
             tokens.extend_from_slice(&job.prompt);
             self.metrics.prompt_tokens.inc_by(pending as u64);
-            self.running.push(Seq { job, cache, sampler, tokens, pending, next: None, generated: 0, fresh_rows: 0, last_token_at: None });
+            let id = self.next_id;
+            self.next_id += 1;
+            self.running.push(Seq { id, job, cache, compacting: false, sampler, tokens, pending, next: None, generated: 0, fresh_rows: 0, last_token_at: None });
         }
     }
 
-    /// Free KV memory until the held bytes are at most `target`: first documents kept in RAM
-    /// (their files stay; they are read back when asked for), then compact sequences, most
-    /// uncompacted rows first. False when nothing compactable is left.
-    fn free_until(&mut self, target: usize) -> bool {
-        if self.held_bytes() > target {
-            let shed = self.store.shed_hot(target.saturating_sub(self.kv_bytes()));
-            if shed > 0 {
-                self.metrics.documents_shed_bytes.inc_by(shed as u64);
-                tracing::info!(bytes = shed, "dropped documents from RAM under memory pressure");
-            }
+    /// Free KV memory toward `target` held bytes: first documents kept in RAM (dropped at once;
+    /// their files stay and are read back when asked for), then by compacting in the background
+    /// the sequence with the most uncompacted rows (one compaction at a time).
+    fn free_until(&mut self, target: usize) -> Room {
+        if self.held_bytes() <= target {
+            return Room::Now;
         }
+        let shed = self.store.shed_hot(target.saturating_sub(self.kv_bytes()));
+        if shed > 0 {
+            self.metrics.documents_shed_bytes.inc_by(shed as u64);
+            tracing::info!(bytes = shed, "dropped documents from RAM under memory pressure");
+        }
+        if self.held_bytes() <= target {
+            return Room::Now;
+        }
+        if self.in_flight.is_some() {
+            return Room::Soon;
+        }
+        let keep = self.cfg.keep_recent;
         loop {
-            if self.held_bytes() <= target {
-                return true;
-            }
-            let keep = self.cfg.keep_recent;
             let candidate = self
                 .running
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.pending == 0 && s.fresh_rows > keep + 8)
+                .filter(|(_, s)| s.pending == 0 && !s.compacting && s.fresh_rows > keep + 8)
                 .max_by_key(|(_, s)| s.fresh_rows)
                 .map(|(i, _)| i);
-            let Some(i) = candidate else { return false };
-            if let Err(e) = self.compact(i) {
-                tracing::warn!("compaction under memory pressure failed: {e}");
-                self.running[i].fresh_rows = 0; // do not pick it again
+            let Some(i) = candidate else { return Room::Never };
+            if self.start_compaction(i) {
+                return Room::Soon;
             }
         }
     }
 
-    /// Compact all but the last `keep_recent` rows of sequence `i`, earlier β carried.
-    fn compact(&mut self, i: usize) -> crate::Result<()> {
+    /// Hand sequence `i`'s cache to the compaction worker (all but its last `keep_recent` rows
+    /// are compacted, earlier β carried). False, with the sequence marked not to be picked
+    /// again, when the worker cannot take it.
+    fn start_compaction(&mut self, i: usize) -> bool {
+        if self.compactor.is_none() {
+            match Compactor::spawn(self.model.clone(), self.tok.clone(), self.threads, self.cfg.hold_compactions.clone()) {
+                Ok(c) => self.compactor = Some(c),
+                Err(e) => {
+                    tracing::warn!("compaction under memory pressure is unavailable: {e}");
+                    self.running[i].fresh_rows = 0;
+                    return false;
+                }
+            }
+        }
         let (method, ratio) = self.running[i].job.compaction.clone().unwrap_or_else(|| (self.cfg.policy.clone(), self.cfg.ratio));
-        let method = registry::require_am(&method, "serve")?;
         let s = &mut self.running[i];
-        let before = s.cache.bytes();
-        let opts = CompactOptions { budget: Budget::Ratio(ratio), n_queries: 1024, n_test: 64, seed: s.job.seed, ..Default::default() };
-        let report = compact_older_rows(&self.model, &mut self.compact_state, &self.tok, &method, &mut s.cache, &s.tokens, self.cfg.keep_recent, 4096, s.job.chat, &opts)?;
-        s.fresh_rows = self.cfg.keep_recent;
-        self.metrics.compactions.inc();
-        self.metrics.bytes_freed.inc_by(before.saturating_sub(s.cache.bytes()) as u64);
-        self.metrics.compact_seconds.observe(report.total_seconds);
-        tracing::info!(seq = i, before, after = s.cache.bytes(), seconds = report.total_seconds, "compacted a sequence under memory pressure");
-        Ok(())
+        // Moved, not copied: the copy would cost the memory the compaction is meant to free.
+        let cache = std::mem::replace(&mut s.cache, KvCache::new(0, 0, 0));
+        let bytes = cache.bytes();
+        let task = Box::new(Task { seq: s.id, cache, tokens: s.tokens.clone(), method, ratio, seed: s.job.seed, chat: s.job.chat, keep_recent: self.cfg.keep_recent });
+        match self.compactor.as_ref().expect("started above").submit(task) {
+            Ok(()) => {
+                s.compacting = true;
+                self.in_flight = Some(InFlight { seq: s.id, bytes });
+                tracing::info!(seq = s.id, bytes, "compacting a sequence in the background under memory pressure");
+                true
+            }
+            Err(task) => {
+                tracing::warn!("the compaction worker has stopped; compaction under memory pressure is off until it restarts");
+                s.cache = task.cache;
+                s.fresh_rows = 0;
+                self.compactor = None;
+                false
+            }
+        }
+    }
+
+    /// Install the compaction that came back from the worker, if any. A result for a sequence
+    /// that has gone meanwhile is dropped; a failed compaction leaves the sequence as it was,
+    /// not to be picked again; a panicked one fails its sequence (the cache may be half
+    /// rewritten).
+    fn poll_compactions(&mut self) {
+        let Some(c) = &self.compactor else { return };
+        let done = match c.poll() {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::error!("the compaction worker has stopped");
+                self.compactor = None;
+                if let Some(f) = self.in_flight.take() {
+                    if let Some(i) = self.running.iter().position(|s| s.id == f.seq) {
+                        let s = self.running.remove(i);
+                        let _ = s.job.events.send(Event::Error(ApiError::internal("internal error while compacting (the server goes on)")));
+                    }
+                }
+                return;
+            }
+        };
+        self.in_flight = None;
+        let Some(i) = self.running.iter().position(|s| s.id == done.seq) else {
+            tracing::info!(seq = done.seq, "dropped the compaction of a sequence whose client left");
+            return;
+        };
+        let keep = self.cfg.keep_recent;
+        let s = &mut self.running[i];
+        s.compacting = false;
+        match done.outcome {
+            Outcome::Compacted(report) => {
+                s.cache = done.cache;
+                s.fresh_rows = keep;
+                self.metrics.compactions.inc();
+                self.metrics.bytes_freed.inc_by(report.kv_bytes_before.saturating_sub(report.kv_bytes_after) as u64);
+                self.metrics.compact_seconds.observe(report.total_seconds);
+                tracing::info!(seq = s.id, before = report.kv_bytes_before, after = report.kv_bytes_after, seconds = report.total_seconds, "compacted a sequence under memory pressure");
+            }
+            Outcome::Failed(e) => {
+                tracing::warn!("compaction under memory pressure failed: {e}");
+                s.cache = done.cache;
+                s.fresh_rows = 0; // do not pick it again
+            }
+            Outcome::Panicked => {
+                tracing::error!(seq = s.id, "compaction panicked; failing its sequence");
+                let s = self.running.remove(i);
+                let _ = s.job.events.send(Event::Error(ApiError::internal("internal error while compacting (the server goes on)")));
+                self.metrics.panics.inc();
+            }
+        }
     }
 
     /// Prefill chunks of the sequences still prefilling, oldest first, up to `--prefill-chunk`
@@ -370,7 +549,7 @@ impl Engine {
         let (mut spent, mut i) = (0, 0);
         while i < self.running.len() {
             let pending = self.running[i].pending;
-            if pending == 0 {
+            if pending == 0 || self.running[i].compacting {
                 i += 1;
                 continue;
             }
@@ -380,8 +559,7 @@ impl Engine {
             }
             spent += n;
             let before = self.running.len();
-            // A fault in one sequence's prefill fails that sequence only; a fault in the shared
-            // decode step still fails every running one (see `run`).
+            // A fault in one sequence's prefill fails that sequence only (decode: `decode_all`).
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prefill_chunk_of(i))).is_err() {
                 tracing::error!("prefill of one sequence panicked; failing it alone");
                 let s = self.running.remove(i);
@@ -398,8 +576,8 @@ impl Engine {
     /// The next prefill chunk of sequence `i`: at most `--prefill-chunk` tokens, cut at the same
     /// boundaries as `Model::forward` cuts a whole prompt, so the bits match `generate`.
     fn prefill_chunk_of(&mut self, i: usize) {
-        if self.running[i].job.fail {
-            panic!("fail point KVCOMPACT_FAIL_POINT reached");
+        if self.running[i].job.fail == Some(FailStage::Prefill) {
+            panic!("fail point KVCOMPACT_FAIL_POINT reached in prefill");
         }
         let chunk = self.cfg.prefill_chunk.max(1);
         self.make_room(chunk.min(self.running[i].pending));
@@ -424,36 +602,55 @@ impl Engine {
     }
 
     /// One batched decode step over every sequence that has a token to feed.
+    ///
+    /// A fault in the step fails only the sequence that causes it: every cache of the batch is
+    /// rolled back to its length before the step, then each sequence is decoded alone to find
+    /// the culprit(s). The others go on with the logits of their solo step, which are the same
+    /// bits as the batched ones (batch invariance), so their tokens do not change.
     fn decode_all(&mut self) {
-        let ids: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].next.is_some()).collect();
+        let ready = |s: &Seq| s.next.is_some() && !s.compacting;
+        let n = self.running.iter().filter(|s| ready(s)).count();
+        if n == 0 {
+            return;
+        }
+        // Before choosing the batch: this may hand one of them to the compaction worker.
+        self.make_room(n);
+        let ids: Vec<usize> = (0..self.running.len()).filter(|&i| ready(&self.running[i])).collect();
         if ids.is_empty() {
             return;
         }
-        self.make_room(ids.len());
-        let tokens: Vec<u32> = ids.iter().map(|&i| self.running[i].next.expect("filtered")).collect();
-        let result = {
-            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(ids.len());
-            let mut k = 0;
-            for (i, s) in self.running.iter_mut().enumerate() {
-                if k < ids.len() && ids[k] == i {
-                    caches.push(&mut s.cache);
-                    k += 1;
-                }
-            }
-            self.model.decode_batch(&mut self.decode_state, &mut caches, &tokens)
-        };
         self.metrics.batch_size.observe(ids.len() as f64);
-        if let Err(e) = result {
-            for &i in ids.iter().rev() {
-                let _ = self.running[i].job.events.send(Event::Error(ApiError::internal(e.to_string())));
-                self.running.remove(i);
-            }
-            return;
-        }
         let vocab = self.model.config.vocab_size;
-        let logits = std::mem::take(&mut self.decode_state.logits);
-        // Emit in reverse so that removing finished sequences keeps the earlier indices valid.
+        let saved: Vec<usize> = ids.iter().map(|&i| self.running[i].cache.next_pos()).collect();
+        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_rows(&ids)));
+        // Per sequence of the batch: its logits row, or the error that fails it.
+        let (logits, failed) = match batch {
+            Ok(Ok(())) => (std::mem::take(&mut self.decode_state.logits), vec![None; ids.len()]),
+            Ok(Err(e)) => {
+                tracing::error!("batched decode step failed ({e}); decoding its {} sequences one by one", ids.len());
+                self.rollback(&ids, &saved);
+                self.decode_alone(&ids, &saved, vocab)
+            }
+            Err(_) => {
+                tracing::error!("batched decode step panicked; decoding its {} sequences one by one", ids.len());
+                self.rollback(&ids, &saved);
+                let (logits, failed) = self.decode_alone(&ids, &saved, vocab);
+                if failed.iter().all(Option::is_none) {
+                    // Not reproduced alone: nobody is failed, but the panic is counted.
+                    tracing::warn!("the batched decode panic did not recur for any sequence alone");
+                    self.metrics.panics.inc();
+                }
+                (logits, failed)
+            }
+        };
+        // Emit in reverse so that removing finished or failed sequences keeps the earlier
+        // indices valid.
         for (k, &i) in ids.iter().enumerate().rev() {
+            if let Some(err) = &failed[k] {
+                let s = self.running.remove(i);
+                let _ = s.job.events.send(Event::Error(err.clone()));
+                continue;
+            }
             let s = &mut self.running[i];
             let fed = s.next.take().expect("filtered");
             s.tokens.push(fed);
@@ -461,6 +658,62 @@ impl Engine {
             self.emit(i, &logits[k * vocab..(k + 1) * vocab]);
         }
         self.decode_state.logits = logits;
+    }
+
+    /// Feed the pending token of every sequence in `ids` (ascending) in one batched step; the
+    /// logits are left in `decode_state.logits`, one row per sequence.
+    fn decode_rows(&mut self, ids: &[usize]) -> crate::Result<()> {
+        let tokens: Vec<u32> = ids.iter().map(|&i| self.running[i].next.expect("a token to feed")).collect();
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(ids.len());
+        let mut k = 0;
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if k < ids.len() && ids[k] == i {
+                caches.push(&mut s.cache);
+                k += 1;
+            }
+        }
+        self.model.decode_batch(&mut self.decode_state, &mut caches, &tokens)?;
+        // After the step, so that the rollback has appended rows and advanced counters to undo.
+        if ids.iter().any(|&i| self.running[i].job.fail == Some(FailStage::Decode)) {
+            panic!("fail point KVCOMPACT_FAIL_POINT reached in decode");
+        }
+        Ok(())
+    }
+
+    /// Undo a failed decode step: drop every row at or after each cache's saved length and
+    /// reset its counter. Exact whether the step stopped mid-layer (rows in some layers, counter
+    /// not advanced) or after the end: every row it appended sits at the saved position, past
+    /// all older rows, so truncation removes exactly those.
+    fn rollback(&mut self, ids: &[usize], saved: &[usize]) {
+        for (&i, &pos) in ids.iter().zip(saved) {
+            self.running[i].cache.truncate_to(pos);
+        }
+    }
+
+    /// Decode each sequence of `ids` alone (after a failed batched step): the logits rows of
+    /// those that succeed, and for each one that fails, the error to end it with (its cache
+    /// rolled back as well).
+    fn decode_alone(&mut self, ids: &[usize], saved: &[usize], vocab: usize) -> (Vec<f32>, Vec<Option<ApiError>>) {
+        let mut logits = vec![0.0f32; ids.len() * vocab];
+        let mut failed = vec![None; ids.len()];
+        for (k, &i) in ids.iter().enumerate() {
+            let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_rows(&[i])));
+            let err = match one {
+                Ok(Ok(())) => {
+                    logits[k * vocab..(k + 1) * vocab].copy_from_slice(&self.decode_state.logits[..vocab]);
+                    continue;
+                }
+                Ok(Err(e)) => ApiError::internal(e.to_string()),
+                Err(_) => {
+                    tracing::error!("decode of one sequence panicked alone; failing it");
+                    self.metrics.panics.inc();
+                    ApiError::internal("internal error while generating (the server goes on)")
+                }
+            };
+            self.running[i].cache.truncate_to(saved[k]);
+            failed[k] = Some(err);
+        }
+        (logits, failed)
     }
 
     /// Sample sequence i's next token from `logits`, send it, and end the sequence when it is
@@ -520,10 +773,20 @@ impl Engine {
         self.metrics.queue_depth.set(self.waiting.len() as i64);
         self.metrics.running.set(self.running.len() as i64);
         self.metrics.documents_hot_bytes.set(self.store.hot_bytes() as i64);
+        self.metrics.compactions_in_flight.set(self.in_flight.is_some() as i64);
     }
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+
+/// Background compaction starts when the held bytes would pass this share of the budget (7/8):
+/// the last eighth absorbs what running sequences grow by, and small requests, while it runs.
+fn high_water(budget: usize) -> usize {
+    budget / 8 * 7
+}
+
+/// How often an engine with nothing else to do looks for a compaction's result.
+const COMPACTION_POLL: Duration = Duration::from_millis(20);
 
 /// How long an admitted-later request waits for running sequences to free KV memory before it
 /// is refused with 429.
@@ -531,3 +794,294 @@ const ADMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// The prefill chunk that reproduces `kvcompact generate` bit for bit.
 pub const DEFAULT_PREFILL_CHUNK: usize = DEFAULT_MAX_BATCH;
+
+#[cfg(test)]
+mod tests {
+    //! The engine driven step by step on the tiny golden model (no HTTP): panic isolation in
+    //! the batched decode step and its rollback; compaction in the background.
+    use super::*;
+    use crate::document::compact_older_rows;
+    use std::path::Path;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn tiny() -> (Model, Arc<Tokenizer>) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama-gqa");
+        let model = Model::load(&dir).unwrap();
+        let tok = Arc::new(Tokenizer::load(&dir, &model.config).unwrap());
+        (model, tok)
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig { max_batch: 8, kv_budget_bytes: None, policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: DEFAULT_PREFILL_CHUNK, hold_compactions: None }
+    }
+
+    fn engine(cfg: EngineConfig, store: &Path) -> Engine {
+        let (model, tok) = tiny();
+        let store = Store::open(store, &model, 0).unwrap();
+        Engine::new(Arc::new(model), tok, cfg, store, Arc::new(Metrics::new()))
+    }
+
+    fn job(tok: &Tokenizer, text: &str, max_tokens: usize, seed: u64, fail: Option<FailStage>) -> (Job, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        let g = GenJob {
+            prompt: tok.encode(text, true).unwrap(),
+            start: None,
+            chat: false,
+            temperature: 0.8,
+            top_p: 0.95,
+            seed,
+            max_tokens,
+            ignore_eos: true,
+            compaction: None,
+            events,
+            arrived: Instant::now(),
+            fail,
+        };
+        (Job::Generate(Box::new(g)), rx)
+    }
+
+    /// Step until `done` (bounded, so a bug fails instead of hanging); like `Engine::run`, pause
+    /// briefly while only a compaction is pending.
+    fn step_until(e: &mut Engine, done: impl Fn(&Engine) -> bool) {
+        let t0 = Instant::now();
+        while !done(e) {
+            assert!(t0.elapsed() < Duration::from_secs(300), "the engine did not get there");
+            e.step();
+            if !e.running.iter().any(|s| !s.compacting) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Step until nothing is waiting or running.
+    fn run_out(e: &mut Engine) {
+        step_until(e, |e| e.waiting.is_empty() && e.running.is_empty() && e.in_flight.is_none());
+    }
+
+    /// The tokens a request received and how it ended.
+    fn outcome(rx: &mut UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
+        let mut toks = Vec::new();
+        loop {
+            match rx.try_recv().expect("the request ended") {
+                Event::Token(t) => toks.push(t),
+                end => return (toks, end),
+            }
+        }
+    }
+
+    const PROMPTS: [&str; 3] = ["The harbour lantern was lit at dusk", "Seven ships sailed north", "A quiet morning on Pier Street"];
+
+    #[test]
+    fn a_decode_panic_fails_only_its_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        // Alone: the reference tokens of two healthy requests.
+        let mut alone = engine(config(), dir.path());
+        let tok = alone.tok.clone();
+        let mut refs = Vec::new();
+        for (k, p) in [PROMPTS[0], PROMPTS[2]].into_iter().enumerate() {
+            let (j, mut rx) = job(&tok, p, 20, k as u64, None);
+            alone.accept(j);
+            run_out(&mut alone);
+            let (toks, end) = outcome(&mut rx);
+            assert!(matches!(end, Event::Done { stop: "max_tokens", .. }), "{end:?}");
+            refs.push(toks);
+        }
+        // Together, with a faulty request between them: all three enter the same batched step.
+        let mut e = engine(config(), dir.path());
+        let (a, mut rx_a) = job(&tok, PROMPTS[0], 20, 0, None);
+        let (f, mut rx_f) = job(&tok, PROMPTS[1], 20, 7, Some(FailStage::Decode));
+        let (b, mut rx_b) = job(&tok, PROMPTS[2], 20, 1, None);
+        for j in [a, f, b] {
+            e.accept(j);
+        }
+        run_out(&mut e);
+        let (toks_f, end_f) = outcome(&mut rx_f);
+        assert_eq!(toks_f.len(), 1, "the faulty request gets its prefill token, then fails");
+        match end_f {
+            Event::Error(err) => assert_eq!(err.status.as_u16(), 500),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert_eq!(outcome(&mut rx_a).0, refs[0]);
+        assert_eq!(outcome(&mut rx_b).0, refs[1]);
+        assert_eq!(e.metrics.panics.get(), 1);
+        assert_eq!(e.metrics.batch_size.get_sample_sum() as usize, 3 + 18 * 2, "one step of three, then pairs");
+        // The engine goes on serving.
+        let (c, mut rx_c) = job(&tok, PROMPTS[0], 20, 0, None);
+        e.accept(c);
+        run_out(&mut e);
+        assert_eq!(outcome(&mut rx_c).0, refs[0]);
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Same rows (bit for bit), positions, β and counter.
+    fn assert_same(a: &KvCache, b: &KvCache) {
+        assert_eq!(a.next_pos(), b.next_pos());
+        for l in 0..a.n_layers {
+            for h in 0..a.n_kv_heads {
+                let (ka, va, ba, pa) = a.head(l, h);
+                let (kb, vb, bb, pb) = b.head(l, h);
+                assert_eq!(pa, pb, "positions of layer {l} head {h}");
+                assert_eq!(bits(ka), bits(kb), "keys of layer {l} head {h}");
+                assert_eq!(bits(va), bits(vb), "values of layer {l} head {h}");
+                assert_eq!(ba.map(bits), bb.map(bits), "β of layer {l} head {h}");
+            }
+        }
+    }
+
+    #[test]
+    fn rollback_of_a_failed_step_is_exact() {
+        let (model, tok) = tiny();
+        let prompt = tok.encode(&PROMPTS.concat().repeat(3), true).unwrap();
+        let mut st = model.new_state(DEFAULT_MAX_BATCH);
+        let mut cache = model.new_cache();
+        model.forward(&mut st, &mut cache, &prompt, Logits::None).unwrap();
+        // A compacted cache: rows with β, positions with gaps.
+        let method = registry::require_am("am-highest", "test").unwrap();
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 64, n_test: 8, seed: 3, ..Default::default() };
+        compact_older_rows(&model, &mut st, &tok, &method, &mut cache, &prompt, 8, 4096, false, &opts).unwrap();
+        let before = cache.clone();
+        let pos = cache.next_pos();
+        let mut dec = model.new_state(4);
+        // A whole step (rows in every layer, counter advanced), undone.
+        model.decode_batch(&mut dec, &mut [&mut cache], &[5]).unwrap();
+        cache.truncate_to(pos);
+        assert_same(&cache, &before);
+        // A step stopped mid-way: rows in the first layers only, counter not advanced.
+        let hd = model.config.head_dim;
+        for l in 0..model.config.n_layers / 2 {
+            for h in 0..model.config.n_kv_heads {
+                cache.append(l, h, &vec![1.0; hd], &vec![2.0; hd], &[pos as u32]);
+            }
+        }
+        cache.truncate_to(pos);
+        assert_same(&cache, &before);
+        cache.check().unwrap();
+        // And the next step gives the bits it gives on the untouched cache.
+        let mut twin = before.clone();
+        model.decode_batch(&mut dec, &mut [&mut cache], &[9]).unwrap();
+        let got = dec.logits.clone();
+        model.decode_batch(&mut dec, &mut [&mut twin], &[9]).unwrap();
+        assert_eq!(bits(&got), bits(&dec.logits));
+    }
+
+    #[test]
+    fn fail_point_spelling() {
+        assert_eq!(FailPoint::parse("<<x>>"), Some(FailPoint { marker: "<<x>>".into(), stage: FailStage::Prefill }));
+        assert_eq!(FailPoint::parse("decode:<<x>>"), Some(FailPoint { marker: "<<x>>".into(), stage: FailStage::Decode }));
+        assert_eq!(FailPoint::parse("prefill:a:b"), Some(FailPoint { marker: "a:b".into(), stage: FailStage::Prefill }));
+        assert_eq!(FailPoint::parse("decode:"), None);
+        assert_eq!(FailPoint::parse(""), None);
+    }
+
+    #[test]
+    fn background_compaction_equals_the_inline_one() {
+        let (model, tok) = tiny();
+        let tokens = tok.encode(&PROMPTS.concat().repeat(2), true).unwrap();
+        let mut cache = model.new_cache();
+        model.forward(&mut model.new_state(DEFAULT_MAX_BATCH), &mut cache, &tokens, Logits::None).unwrap();
+        // What the engine ran inline before compaction moved to the worker.
+        let mut inline = cache.clone();
+        let method = registry::require_am("am-highest", "serve").unwrap();
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 1024, n_test: 64, seed: 11, ..Default::default() };
+        compact_older_rows(&model, &mut model.new_state(DEFAULT_MAX_BATCH), &tok, &method, &mut inline, &tokens, 8, 4096, false, &opts).unwrap();
+        assert!(inline.bytes() < cache.bytes());
+        let worker = Compactor::spawn(Arc::new(model), tok, rayon::current_num_threads(), None).unwrap();
+        let task = Box::new(Task { seq: 42, cache, tokens, method: "am-highest".into(), ratio: 4.0, seed: 11, chat: false, keep_recent: 8 });
+        assert!(worker.submit(task).is_ok());
+        let t0 = Instant::now();
+        let done = loop {
+            if let Some(d) = worker.poll().unwrap() {
+                break d;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "no result from the worker");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(done.seq, 42);
+        assert!(matches!(done.outcome, Outcome::Compacted(_)));
+        assert_same(&done.cache, &inline);
+    }
+
+    /// Tokens of a request that ran alone on an engine with `cfg`.
+    fn alone(cfg: EngineConfig, store: &Path, text: &str, max_tokens: usize, seed: u64) -> Vec<u32> {
+        let mut e = engine(cfg, store);
+        let (j, mut rx) = job(&e.tok.clone(), text, max_tokens, seed, None);
+        e.accept(j);
+        run_out(&mut e);
+        let (toks, end) = outcome(&mut rx);
+        assert!(matches!(end, Event::Done { .. }), "{end:?}");
+        toks
+    }
+
+    #[test]
+    fn the_engine_steps_while_a_compaction_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("release");
+        let probe = engine(config(), dir.path());
+        let (tok, row) = (probe.tok.clone(), probe.row_bytes());
+        let (long, short, medium) = (PROMPTS.concat(), "Ships", PROMPTS[0]);
+        let long_len = tok.encode(&long, true).unwrap().len();
+        // The long request passes the high-water mark 30 tokens into its generation; the short
+        // one fits beside it even before its compaction is back, the medium one does not.
+        let budget = (long_len + 30) * row * 8 / 7 + row;
+        let cfg = EngineConfig { kv_budget_bytes: Some(budget), ..config() };
+        let free_rows = (budget - high_water(budget)) / row;
+        let (short_len, medium_len) = (tok.encode(short, true).unwrap().len(), tok.encode(medium, true).unwrap().len());
+        assert!(short_len + 1 < free_rows && medium_len + 1 > free_rows, "{short_len} {medium_len} {free_rows}");
+        let ref_long = alone(cfg.clone(), dir.path(), &long, 60, 1);
+        let ref_short = alone(cfg.clone(), dir.path(), short, 6, 2);
+        let ref_medium = alone(cfg.clone(), dir.path(), medium, 6, 3);
+
+        let mut e = engine(EngineConfig { hold_compactions: Some(gate.clone()), ..cfg.clone() }, dir.path());
+        let (l, mut rx_l) = job(&tok, &long, 60, 1, None);
+        e.accept(l);
+        step_until(&mut e, |e| e.in_flight.is_some());
+        let held = e.in_flight.as_ref().unwrap().bytes;
+        assert!(e.running[0].compacting && e.kv_bytes() == held, "the cache with the worker counts as held");
+        // Answered while the compaction is held in flight.
+        let (sj, mut rx_s) = job(&tok, short, 6, 2, None);
+        e.accept(sj);
+        step_until(&mut e, |e| e.waiting.is_empty() && e.running.len() == 1);
+        assert_eq!(outcome(&mut rx_s).0, ref_short);
+        assert!(e.in_flight.is_some() && e.metrics.compactions.get() == 0);
+        // Waits (not refused) while memory is promised but not free.
+        let (mj, mut rx_m) = job(&tok, medium, 6, 3, None);
+        e.accept(mj);
+        for _ in 0..20 {
+            e.step();
+        }
+        assert!(e.waiting.len() == 1 && rx_m.try_recv().is_err(), "the medium request waits for the compaction");
+        std::fs::write(&gate, b"").unwrap();
+        run_out(&mut e);
+        assert_eq!(outcome(&mut rx_m).0, ref_medium);
+        assert_eq!(outcome(&mut rx_l).0, ref_long, "the long request's tokens do not depend on what ran beside it");
+        assert_eq!(e.metrics.compactions.get(), 1);
+        assert_eq!(e.metrics.refused.get(), 0);
+        assert!(e.metrics.bytes_freed.get() > 0);
+    }
+
+    #[test]
+    fn a_cancelled_sequence_s_compaction_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("release");
+        let probe = engine(config(), dir.path());
+        let (tok, row) = (probe.tok.clone(), probe.row_bytes());
+        let long = PROMPTS.concat();
+        let budget = (tok.encode(&long, true).unwrap().len() + 20) * row * 8 / 7 + row;
+        let mut e = engine(EngineConfig { kv_budget_bytes: Some(budget), hold_compactions: Some(gate.clone()), ..config() }, dir.path());
+        let (l, rx_l) = job(&tok, &long, 60, 1, None);
+        e.accept(l);
+        step_until(&mut e, |e| e.in_flight.is_some());
+        let held = e.in_flight.as_ref().unwrap().bytes;
+        drop(rx_l); // the client leaves
+        e.step();
+        assert!(e.running.is_empty());
+        assert_eq!(e.kv_bytes(), held, "held until the worker gives the cache back");
+        std::fs::write(&gate, b"").unwrap();
+        step_until(&mut e, |e| e.in_flight.is_none());
+        assert_eq!(e.kv_bytes(), 0);
+        assert_eq!(e.metrics.compactions.get(), 0);
+    }
+}

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / "target" / "release" / "kvcompact"
+# The release binary of this checkout (CARGO_TARGET_DIR when the build put it elsewhere).
+BIN = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release" / "kvcompact"
 MODEL = Path(os.environ.get("KVCOMPACT_HOME", REPO / "models")) / "smollm2-135m-instruct"
 
 

@@ -123,6 +123,25 @@ def post(server, path, body, headers=None):
     return httpx.post(f"{server.url}{path}", content=data, headers={"content-type": "application/json", **(headers or {})}, timeout=60)
 
 
+def stream_text(s, body):
+    """Stream a completion; returns (text, finish reasons, error objects)."""
+    text, reasons, errors = [], [], []
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                errors.append(obj["error"])
+                continue
+            for ch in obj["choices"]:
+                text.append(ch["text"])
+                if ch["finish_reason"]:
+                    reasons.append(ch["finish_reason"])
+    return "".join(text), reasons, errors
+
+
 @pytest.mark.parametrize(
     "body,status,param",
     [
@@ -228,6 +247,41 @@ def test_budget_pressure_compacts_instead_of_refusing(start_server):
     assert m["kvcompact_refused_total"] == 0
 
 
+def test_compaction_runs_beside_decoding(start_server, tmp_path):
+    # Compaction under --kv-budget-mib runs on a worker thread: while the long sequence's cache is
+    # being compacted, the engine answers a short request. KVCOMPACT_HOLD_COMPACTION holds the
+    # compacted cache back until the test creates the file, so the ordering is certain whatever
+    # the machine's speed. Budget: 10 MiB at ~45 KiB per token; background compaction starts at
+    # 7/8 of it (~197 tokens), which the long request (~110 prompt + 160 generated) passes.
+    gate = tmp_path / "release-compaction"
+    s = start_server("--kv-budget-mib", "10", "--keep-recent", "16", "--ratio", "4", env={"KVCOMPACT_HOLD_COMPACTION": str(gate)})
+    short = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    ref_short = post(s, "/v1/completions", short).json()["choices"][0]["text"]
+    long = {"prompt": "The lighthouse keeper wrote in his log. " * 12, "max_tokens": 160, "temperature": 0, "ignore_eos": True}
+    out = {}
+    t = threading.Thread(target=lambda: out.update(long=stream_text(s, long)))
+    t.start()
+    try:
+        assert wait_until(lambda: s.metrics()["kvcompact_compactions_in_flight"] == 1, timeout=120), "no compaction started"
+        r = post(s, "/v1/completions", short)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref_short
+        m = s.metrics()
+        assert m["kvcompact_compactions_in_flight"] == 1 and m["kvcompact_compactions_total"] == 0, "answered before the compaction came back"
+        assert "long" not in out
+    finally:
+        gate.touch()
+        t.join(300)
+    text, reasons, errors = out["long"]
+    assert reasons == ["length"] and not errors
+    m = s.metrics()
+    assert m["kvcompact_compactions_total"] == 1 and m["kvcompact_compactions_in_flight"] == 0
+    assert m["kvcompact_compaction_freed_bytes_total"] > 0 and m["kvcompact_refused_total"] == 0
+    # Alone, compacted at the same point, the long request gives the same text.
+    assert stream_text(s, long) == out["long"]
+    assert s.metrics()["kvcompact_compactions_total"] == 2
+
+
 def test_request_larger_than_budget_is_429(start_server):
     s = start_server("--kv-budget-mib", "0.2")
     r = post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 4})
@@ -301,6 +355,36 @@ def test_engine_panic_is_500_and_the_server_lives_on(start_server):
     assert ok.status_code == 200, ok.text
     assert ok.json()["choices"][0]["text"]
     assert s.metrics()["kvcompact_engine_panics_total"] == 1
+
+
+def test_decode_panic_fails_only_its_sequence(start_server):
+    # With `decode:MARKER` the marked request panics in the batched decode step after its first
+    # token. The engine rolls the batch back, decodes each sequence alone to find the culprit and
+    # fails only that one; the stream decoding beside it gets exactly the tokens it gets alone.
+    s = start_server(env={"KVCOMPACT_FAIL_POINT": "decode:<<fail-in-decode>>"})
+    body = {"prompt": "Once upon a time", "max_tokens": 96, "temperature": 0.7, "seed": 3, "ignore_eos": True}
+    alone = stream_text(s, body)
+    assert alone[1] == ["length"] and not alone[2]
+    before = s.metrics()
+    out = {}
+    t = threading.Thread(target=lambda: out.update(healthy=stream_text(s, body)))
+    t.start()
+    # Send the faulty request once the healthy one decodes: its first decode step then shares
+    # a batch with the healthy sequence, which still has most of its 96 tokens to go.
+    assert wait_until(lambda: s.metrics()["kvcompact_generated_tokens_total"] >= before["kvcompact_generated_tokens_total"] + 2)
+    r = post(s, "/v1/completions", {"prompt": "Say hi <<fail-in-decode>>", "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "\n" not in err["message"], err
+    t.join(300)
+    assert out["healthy"] == alone
+    m = s.metrics()
+    assert m["kvcompact_engine_panics_total"] == 1
+    # The two shared at least one batched step (the one that panicked).
+    assert m['kvcompact_decode_batch_size_bucket{le="1"}'] - before['kvcompact_decode_batch_size_bucket{le="1"}'] < m["kvcompact_decode_batch_size_count"] - before["kvcompact_decode_batch_size_count"]
+    ok = post(s, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"]
 
 
 def test_documents_in_ram_count_against_the_kv_budget(start_server):
