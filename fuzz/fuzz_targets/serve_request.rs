@@ -39,7 +39,7 @@ fn app() -> &'static (Router, tokio::runtime::Runtime) {
             policy: "am-highest".into(),
             fail_point: None,
         };
-        let cfg = EngineConfig { max_batch: 4, kv_budget_bytes: Some(64 << 10), policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: 64, hold_compactions: None };
+        let cfg = EngineConfig { max_batch: 4, kv_budget_bytes: Some(64 << 10), policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: 64, hold_compactions: None, global_budgets: true };
         std::thread::spawn(move || Engine::new(model, tok, cfg, store, metrics).run(inbox));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         (router(state, 1 << 20), rt)

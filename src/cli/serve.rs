@@ -36,6 +36,10 @@ pub struct Args {
     /// Compaction ratio under memory pressure.
     #[arg(long, default_value_t = 5.0)]
     pub ratio: f64,
+    /// How AM spreads a compaction's rows over the heads: global (one top-k of its key scores
+    /// over every head, the same total) or uniform (⌊T/R⌋ per head).
+    #[arg(long, default_value = "global")]
+    pub am_budgets: String,
     /// Most recent rows of a sequence never compacted.
     #[arg(long, default_value_t = 64)]
     pub keep_recent: usize,
@@ -55,6 +59,8 @@ pub struct Args {
 
 /// `kvcompact serve`.
 pub fn run(a: Args) -> Result<()> {
+    // Bad flags fail before the model loads (or is fetched).
+    let global_budgets = kvcompact::document::budgets::global_from_name(&a.am_budgets)?;
     let dir = model_dir(&a.model)?;
     let kv_budget_bytes = match a.kv_budget_mib {
         Some(m) if !(m > 0.0 && m.is_finite()) => bail!("--kv-budget-mib must be a positive number"),
@@ -77,6 +83,7 @@ pub fn run(a: Args) -> Result<()> {
             ratio: a.ratio,
             keep_recent: a.keep_recent,
             prefill_chunk: a.prefill_chunk,
+            global_budgets,
             // Tests set it to hold a compaction in flight (tests/serve); empty means unset.
             hold_compactions: std::env::var_os("KVCOMPACT_HOLD_COMPACTION").filter(|p| !p.is_empty()).map(PathBuf::from),
         },

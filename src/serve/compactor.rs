@@ -38,6 +38,8 @@ pub struct Task {
     pub chat: bool,
     /// Most recent rows left as they are.
     pub keep_recent: usize,
+    /// The global allocation of rows over the heads ([`CompactOptions::global_budgets`]).
+    pub global_budgets: bool,
 }
 
 /// How a task ended.
@@ -126,6 +128,6 @@ impl Compactor {
 /// options the engine's memory policy has always used.
 pub fn compact(model: &Model, state: &mut RunState, tok: &Tokenizer, task: &mut Task) -> Result<CompactReport> {
     let method = registry::require_am(&task.method, "serve")?;
-    let opts = CompactOptions { budget: Budget::Ratio(task.ratio), n_queries: 1024, n_test: 64, seed: task.seed, ..Default::default() };
+    let opts = CompactOptions { budget: Budget::Ratio(task.ratio), n_queries: 1024, n_test: 64, seed: task.seed, global_budgets: task.global_budgets, ..Default::default() };
     compact_older_rows(model, state, tok, &method, &mut task.cache, &task.tokens, task.keep_recent, 4096, task.chat, &opts)
 }

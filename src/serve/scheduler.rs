@@ -57,6 +57,9 @@ pub struct EngineConfig {
     /// Prefill tokens per step for one sequence (256 reproduces `generate` bit for bit).
     pub prefill_chunk: usize,
     /// Testing hook (`KVCOMPACT_HOLD_COMPACTION`): background compactions hold their result back
+    /// AM spreads a compaction's rows over the heads by one global top-k of its key scores
+    /// (`--am-budgets global`, the default) rather than ⌊T/R⌋ per head.
+    pub global_budgets: bool,
     /// until this file exists, so a test can observe the engine while one is in flight.
     pub hold_compactions: Option<PathBuf>,
 }
@@ -469,7 +472,7 @@ impl Engine {
         // Moved, not copied: the copy would cost the memory the compaction is meant to free.
         let cache = std::mem::replace(&mut s.cache, KvCache::new(0, 0, 0));
         let bytes = cache.bytes();
-        let task = Box::new(Task { seq: s.id, cache, tokens: s.tokens.clone(), method, ratio, seed: s.job.seed, chat: s.job.chat, keep_recent: self.cfg.keep_recent });
+        let task = Box::new(Task { seq: s.id, cache, tokens: s.tokens.clone(), method, ratio, seed: s.job.seed, chat: s.job.chat, keep_recent: self.cfg.keep_recent, global_budgets: self.cfg.global_budgets });
         match self.compactor.as_ref().expect("started above").submit(task) {
             Ok(()) => {
                 s.compacting = true;
@@ -757,7 +760,7 @@ impl Engine {
         let method = registry::require_am(&d.method, "serve").map_err(|e| ApiError::bad_param("method", e.to_string()))?;
         let chat = self.tok.has_chat_template();
         let layout = ContextLayout::build(&self.tok, &d.text, chat).map_err(|e| ApiError::bad_param("text", e.to_string()))?;
-        let opts = CompactOptions { budget: Budget::Ratio(d.ratio), queries: d.queries, n_queries: 2048, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(d.ratio), queries: d.queries, n_queries: 2048, global_budgets: self.cfg.global_budgets, ..Default::default() };
         let full_bytes = layout.len() * self.row_bytes();
         let (cache, report) = compact_context(&self.model, &self.tok, &layout, &method, &opts).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let info = self
@@ -812,7 +815,7 @@ mod tests {
     }
 
     fn config() -> EngineConfig {
-        EngineConfig { max_batch: 8, kv_budget_bytes: None, policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: DEFAULT_PREFILL_CHUNK, hold_compactions: None }
+        EngineConfig { max_batch: 8, kv_budget_bytes: None, policy: "am-highest".into(), ratio: 4.0, keep_recent: 8, prefill_chunk: DEFAULT_PREFILL_CHUNK, hold_compactions: None, global_budgets: true }
     }
 
     fn engine(cfg: EngineConfig, store: &Path) -> Engine {
@@ -985,11 +988,11 @@ mod tests {
         // What the engine ran inline before compaction moved to the worker.
         let mut inline = cache.clone();
         let method = registry::require_am("am-highest", "serve").unwrap();
-        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 1024, n_test: 64, seed: 11, ..Default::default() };
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 1024, n_test: 64, seed: 11, global_budgets: true, ..Default::default() };
         compact_older_rows(&model, &mut model.new_state(DEFAULT_MAX_BATCH), &tok, &method, &mut inline, &tokens, 8, 4096, false, &opts).unwrap();
         assert!(inline.bytes() < cache.bytes());
         let worker = Compactor::spawn(Arc::new(model), tok, rayon::current_num_threads(), None).unwrap();
-        let task = Box::new(Task { seq: 42, cache, tokens, method: "am-highest".into(), ratio: 4.0, seed: 11, chat: false, keep_recent: 8 });
+        let task = Box::new(Task { seq: 42, cache, tokens, method: "am-highest".into(), ratio: 4.0, seed: 11, chat: false, keep_recent: 8, global_budgets: true });
         assert!(worker.submit(task).is_ok());
         let t0 = Instant::now();
         let done = loop {
