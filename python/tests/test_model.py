@@ -128,12 +128,16 @@ def test_cache_head_shapes_and_beta(model, compacted):
         x = cache.head(layer, h)
         assert isinstance(x, tuple) and len(x) == 4
         keys, values, positions, beta = x
-        n = n_template + keep
+        n = len(positions)  # the global allocation gives each head its own share of the rows
+        assert n >= n_template
         assert keys.shape == values.shape == (n, model.head_dim)
         assert keys.dtype == values.dtype == beta.dtype == np.float32 and positions.dtype == np.int64
         assert beta.shape == positions.shape == (n,)
         assert np.all(np.diff(positions) > 0) and positions[-1] == len(cache) - 1
         assert np.all(np.isfinite(beta))
+    # Over all heads, the article keeps what ⌊T·(1 − r)⌋ rows per head add up to.
+    kept = sum(len(cache.head(l, h)[2]) - n_template for l in range(model.n_layers) for h in range(model.n_kv_heads))
+    assert kept == keep * model.n_layers * model.n_kv_heads
     # Template rows stay verbatim with β = 0; Attention Matching fits β on the article's rows.
     beta = cache.head(0, 0)[3]
     assert np.count_nonzero(beta == 0.0) >= n_template and np.any(beta != 0.0)
