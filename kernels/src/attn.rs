@@ -13,7 +13,7 @@ fn check(
     d: usize,
     out: &[f32],
 ) -> usize {
-    assert!(d > 0 && qs.len() % d == 0, "attend_group: qs len {} not a multiple of d={d}", qs.len());
+    assert!(d > 0 && qs.len().is_multiple_of(d), "attend_group: qs len {} not a multiple of d={d}", qs.len());
     assert!(
         keys.len() >= n * d && values.len() >= n * d,
         "attend_group: keys {} / values {} shorter than n*d = {}*{d}",

@@ -488,7 +488,7 @@ fn gemv_multi_par_bit_identical_to_gemv() {
     let w32: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| (0..r * c).map(|_| rng.f()).collect()).collect();
     let wb: Vec<Vec<u16>> = w32.iter().map(|w| to_bf16_bits(w)).collect();
     let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| (0..c).map(|_| rng.f()).collect()).collect();
-    let weight = |i: usize| if i % 2 == 0 { WeightRef::F32(&w32[i]) } else { WeightRef::Bf16(&wb[i]) };
+    let weight = |i: usize| if i.is_multiple_of(2) { WeightRef::F32(&w32[i]) } else { WeightRef::Bf16(&wb[i]) };
     let want: Vec<Vec<f32>> = (0..shapes.len())
         .map(|i| {
             let mut y = vec![0.0; shapes[i].0];
