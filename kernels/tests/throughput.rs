@@ -1,6 +1,7 @@
 //! GEMV throughput over a 16384 x 4096 weight (256 MiB f32, larger than L3).
 //! Ignored by default; run with
-//! `cargo test -p kvcompact-kernels --release --test throughput -- --ignored --nocapture`.
+//! `cargo test -p kvcompact-kernels --release --test throughput -- --ignored --nocapture`
+//! (prefix `KVCOMPACT_SIMD=v3` to measure the AVX2 kernels on an AVX-512 machine).
 //! Weights are written with real random values (never zero pages, see
 //! performance.md §5). Reports the median of 7 timed runs after one warm-up.
 
@@ -52,7 +53,7 @@ fn bench(label: &str, w: WeightRef, x: &[f32], f: &GemvFn) {
 #[test]
 #[ignore]
 fn gemv_throughput_16384x4096() {
-    eprintln!("simd_level = {}", simd_level());
+    eprintln!("cpu {} | simd {} (level {})", cpu_model(), simd_level(), simd_dispatch_level());
     let w32 = rand_vec(ROWS * COLS, 0x9E37_79B9_7F4A_7C15);
     let wb: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
     let wh: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
