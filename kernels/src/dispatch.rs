@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | [`SimdLevel::Scalar`] | nothing | every `*_ref` twin |
 //! | [`SimdLevel::V3`] | AVX2+FMA (pulp `V3`); F16C for f16 weights | 8-lane pulp kernels |
-//! | [`SimdLevel::V4`] | V3 + F16C + AVX-512F/BW/VL/DQ | 16-lane `std::arch` kernels for GEMV of f32 and f16 weights (single, parallel, batched), decode attention, softmax and `exp_shift_sum`; the V3 kernels for the rest, bf16 GEMV included (measured faster, see `gemv_v4.rs`) |
+//! | [`SimdLevel::V4`] | V3 + F16C + AVX-512F/BW/VL/DQ | 16-lane `std::arch` kernels for GEMV (single, parallel, batched; f32/bf16/f16), decode attention and softmax; the V3 kernels for the rest |
 //!
 //! Results are deterministic for a given level (fixed accumulator counts and
 //! reduction trees, independent of the thread count) but differ between

@@ -18,7 +18,7 @@ use crate::simd::{has_f16c, v3, v4, x86};
 pub enum WeightRef<'a> {
     /// f32 weights (AVX-512 or AVX2+FMA fast path).
     F32(&'a [f32]),
-    /// bf16 bit patterns (AVX2+FMA fast path, widened in registers; also at V4).
+    /// bf16 bit patterns (AVX-512 or AVX2+FMA fast path, widened in registers).
     Bf16(&'a [u16]),
     /// IEEE f16 bit patterns (fast path needs AVX-512 or AVX2+FMA+F16C, else the scalar loop).
     F16(&'a [u16]),
@@ -122,7 +122,11 @@ fn gemv_rows(w: WeightRef, row0: usize, cols: usize, x: &[f32], y: &mut [f32]) {
         }
         WeightRef::Bf16(w) => {
             let w = &w[lo..hi]; // [n_rows, cols] bf16 bits
-            // The AVX2 kernel at V4 too: measured faster than 16 lanes (see gemv_v4.rs).
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = v4() {
+                // SAFETY: the token proves the V4 features at run time.
+                return unsafe { k4::rows::<k4::Bf16Src>(t, w, x, y) };
+            }
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = v3() {
                 return simd.vectorize(RowsOp { simd, w: Bf16Bits(w), x, y });
@@ -317,17 +321,15 @@ impl<S: RowSource> pulp::NullaryFnOnce for RowsOp<'_, S> {
 /// `y[r] = sum_c W[r,c] * x[c]` for `W: [rows, cols]` (only the first
 /// `rows*cols` weights are used), `x: [cols]`, `y: [rows]`; single thread.
 ///
-/// Fast paths (by the dispatch level, [`crate::dispatch`]): at V4 f32 and f16
-/// on AVX-512 (`std::arch`, 16 lanes) and bf16 on the AVX2 kernel (measured
-/// faster, see `gemv_v4.rs`); at V3 f32 and bf16 on AVX2+FMA via pulp, f16 on
-/// F16C via `std::arch`; otherwise a scalar loop. Each row uses 4 FMA
-/// accumulators (f32x16 at V4, f32x8 at V3) + masked tail in a fixed order
-/// (rows go in pairs sharing the `x` loads, without changing any row's
-/// arithmetic), so results are deterministic for a level but differ from
-/// [`gemv_ref`] by rounding (|Δ| <= (cols + cols/32 + 10)·ε·Σ|w·x|). At V3
-/// the bf16 and f16 results are bit-identical to the f32 kernel over the
-/// widened weights (f16 only with F16C); at V4 the f16 ones are, bf16 is
-/// not (8 vs 16 lanes).
+/// Fast paths (by the dispatch level, [`crate::dispatch`]): at V4 all three
+/// dtypes on AVX-512 (`std::arch`, 16 lanes); at V3 f32 and bf16 on AVX2+FMA
+/// via pulp, f16 on F16C via `std::arch`; otherwise a scalar loop. Each row
+/// uses 4 FMA accumulators (f32x16 at V4, f32x8 at V3) + masked tail in a
+/// fixed order (rows go in pairs sharing the `x` loads, without changing any
+/// row's arithmetic), so results are deterministic for a level but differ from
+/// [`gemv_ref`] by rounding (|Δ| <= (cols + cols/32 + 10)·ε·Σ|w·x|). At each
+/// level the bf16 and f16 results are bit-identical to the f32 kernel over the
+/// widened weights (except f16 at V3 without F16C).
 ///
 /// bf16 weights are widened to f32 (exact) and multiplied by the f32 `x`; the
 /// AVX512_BF16 dot product (`vdpbf16ps`) is not used: it needs `x` in bf16 too,
@@ -468,12 +470,12 @@ fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[
     if cols > 0 {
         let (lo, hi) = (row0 * cols, (row0 + n_rows) * cols);
         if let Some(t) = v4() {
-            // SAFETY (both): the token proves the V4 features at run time.
-            match w {
-                WeightRef::F32(w) => return unsafe { k4::batch_rows::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::F16(w) => return unsafe { k4::batch_rows::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::Bf16(_) => {} // the AVX2 kernel, as in gemv_rows
-            }
+            // SAFETY (all three): the token proves the V4 features at run time.
+            return match w {
+                WeightRef::F32(w) => unsafe { k4::batch_rows::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::Bf16(w) => unsafe { k4::batch_rows::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F16(w) => unsafe { k4::batch_rows::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
+            };
         }
         if let Some(simd) = v3() {
             match w {

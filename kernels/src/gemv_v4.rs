@@ -1,15 +1,17 @@
-//! AVX-512 (V4) bodies of the GEMV row kernels for f32 and f16 weights: the 16-lane twins of
-//! the AVX2 `dot_rows`, `RowsOp` and `BatchRowsOp` in `gemv.rs`, with the same structure, so the
-//! same guarantees hold within the level: a row's arithmetic never depends on which rows it is
-//! paired with or which thread reduces it, and f16 rows are bit-identical to f32 rows over the
-//! widened weights. See `simd_v4.rs` for the safety rules.
+//! AVX-512 (V4) bodies of the GEMV row kernels: the 16-lane twins of the AVX2 `dot_rows`,
+//! `RowsOp` and `BatchRowsOp` in `gemv.rs`, with the same structure, so the same guarantees
+//! hold within the level: a row's arithmetic never depends on which rows it is paired with or
+//! which thread reduces it, and bf16/f16 rows are bit-identical to f32 rows over the widened
+//! weights. See `simd_v4.rs` for the safety rules.
 //!
-//! bf16 weights keep the AVX2 kernel at V4. Measured on an Intel Xeon KVM guest with AVX-512, AVX512_BF16
-//! and AMX (CPUID family 6 model 167; 1 thread, `tests/throughput.rs`): a 16-lane widening kernel of this structure was
-//! never faster and on the lm_head shape (49152×576, 57 MB, L3-resident) 9 % slower (25.0 against
-//! 27.5 GB/s); two other 512-bit variants (even/odd lanes widened by mask and shift, 4 rows per
-//! pass) were slower still in a standalone harness. Re-measure on other AVX-512 classes before
-//! changing this.
+//! bf16 at 16 lanes is kept for that last property (`tests/runtime.rs` checks a bf16 model
+//! against the same values stored as f32, within 1e-5), not for speed: on the Intel Xeon (KVM
+//! guest, AVX-512 + AVX512_BF16 + AMX) it was developed on, it streamed the 49152×576 lm_head
+//! shape (57 MB, L3-resident) 7-9 % slower than the AVX2 bf16 kernel, 1 thread
+//! (`tests/throughput.rs gemv_lm_head_shape`: 25.0 against 27.5 GB/s), and equal on the
+//! 16384×4096 and in-L2 shapes; two other 512-bit variants (even/odd lanes by mask and shift,
+//! 4 rows per pass) were no better in a standalone harness. Worth re-measuring on a quiet
+//! machine and on other AVX-512 classes.
 
 use core::arch::x86_64::*;
 
@@ -29,6 +31,9 @@ pub(crate) trait RowSource: Copy {
 /// f32 weights.
 #[derive(Clone, Copy)]
 pub(crate) struct F32Src;
+/// bf16 bits, widened by shift.
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Src;
 /// IEEE f16 bits, widened by `vcvtph2ps`.
 #[derive(Clone, Copy)]
 pub(crate) struct F16Src;
@@ -57,6 +62,29 @@ impl RowSource for F32Src {
     }
 }
 
+impl RowSource for Bf16Src {
+    type Elem = u16;
+    #[inline(always)]
+    fn load16(_: V4, w: &[u16; 16]) -> __m512 {
+        // SAFETY: the token proves the V4 features.
+        unsafe { v4::widen_bf16(w) }
+    }
+    #[inline(always)]
+    fn load_tail(_: V4, w: &[u16]) -> __m512 {
+        // SAFETY: the token proves the V4 features.
+        unsafe { v4::widen_bf16_part(w) }
+    }
+    /// 128 bytes = the 2 cache lines of the block, into L2 (as the AVX2 kernel, per line).
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: prefetch is a hint; it never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(p.cast());
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64).cast());
+        }
+    }
+}
+
 impl RowSource for F16Src {
     type Elem = u16;
     #[inline(always)]
@@ -69,14 +97,9 @@ impl RowSource for F16Src {
         // SAFETY: the token proves the V4 features.
         unsafe { v4::widen_f16_part(w) }
     }
-    /// 128 bytes = the 2 cache lines of the block, into L2 (as the AVX2 bf16 kernel, per line).
     #[inline(always)]
     fn prefetch(p: *const u8) {
-        // SAFETY: prefetch is a hint; it never faults, whatever the address.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T1>(p.cast());
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64).cast());
-        }
+        Bf16Src::prefetch(p)
     }
 }
 

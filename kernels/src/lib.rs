@@ -8,7 +8,7 @@
 //! | [`rope_dot`] (slim attention: score a pre-RoPE key) | AVX2+FMA, rotation in registers | [`rope_dot_ref`] |
 //! | [`softmax_inplace`], [`exp_shift_sum`], [`silu_mul`] | AVX2 with a vector `exp` (<= 1 ulp); softmax and exp_shift_sum also AVX-512 (same exp, bit for bit per lane) | [`softmax_inplace_ref`], [`exp_shift_sum_ref`], [`silu_mul_ref`] |
 //! | [`argmax`] | AVX2 max + compare/movemask, exact | [`argmax_ref`] |
-//! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C; f32 and f16 also AVX-512 (16 lanes) | [`gemv_ref`] |
+//! | [`gemv()`], [`gemv_par`] | f32/bf16 AVX2+FMA (bf16 widened in registers), f16 F16C; all three AVX-512 (16 lanes) | [`gemv_ref`] |
 //! | [`gemv_batch`], [`gemv_batch_multi_par`] (m vectors, each weight read once; bit-identical to [`gemv()`] per vector) | as [`gemv()`], row blocks kept in L1 | [`gemv_batch_ref`] |
 //! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
 //! | [`attend_group`] | AVX2 or AVX-512 GQA decode attention, K/V read once per group | [`attend_group_ref`] |

@@ -84,6 +84,24 @@ pub(crate) fn st_part(out: &mut [f32], v: __m512) {
     unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask16(out.len()), v) }
 }
 
+/// bf16 -> f32 for 16 lanes, in registers: zero-extend u16 -> u32, shift left 16 (exact).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+#[inline]
+pub(crate) fn widen_bf16(w: &[u16; 16]) -> __m512 {
+    // SAFETY: `w` is 32 readable bytes.
+    let h = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+/// bf16 -> f32 of `w.len() <= 16` weights, zero in the unused lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+#[inline]
+pub(crate) fn widen_bf16_part(w: &[u16]) -> __m512 {
+    // SAFETY: the mask covers exactly w.len() <= 16 u16 lanes (AVX512BW+VL masked load).
+    let h = unsafe { _mm256_maskz_loadu_epi16(mask16(w.len()), w.as_ptr().cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
 /// f16 -> f32 for 16 lanes (`vcvtph2ps`, exact).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 #[inline]
