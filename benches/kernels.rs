@@ -3,6 +3,9 @@
 //! hit the shared zero page and look impossibly fast; performance.md §5).
 //!
 //! Run: `cargo bench --bench kernels` (add `-- --threads 1` to pin divan's own threads).
+//! The first line names the CPU and the dispatch level; `KVCOMPACT_SIMD=v3` (or `scalar`) runs
+//! the same benches at a lower level on the same machine, for a like-for-like comparison.
+//! `read_bytes` is a plain streaming read of the same bytes as `gemv_f32`, for reference.
 
 use divan::counter::BytesCount;
 use divan::Bencher;
@@ -10,6 +13,7 @@ use kvcompact::sampling::Rng;
 use kvcompact_kernels as k;
 
 fn main() {
+    println!("cpu {} | simd {} (level {})", k::cpu_model(), k::simd_level(), k::simd_dispatch_level());
     divan::main();
 }
 
@@ -30,6 +34,31 @@ fn gemv_f32(b: Bencher, (rows, cols): (usize, usize)) {
     b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv(k::WeightRef::F32(&w), rows, cols, &x, &mut y));
 }
 
+/// A plain streaming read of `rows*cols` f32 (the bytes `gemv_f32` streams): a wrapping integer
+/// sum over 8 independent lanes, compiled for the detected ISA through pulp (no FP dependency
+/// chain), so it measures how fast this core can read, not how fast it can add.
+#[divan::bench(args = GEMV_SHAPES)]
+fn read_bytes(b: Bencher, (rows, cols): (usize, usize)) {
+    let w: Vec<u32> = random(rows * cols, 1).iter().map(|v| v.to_bits()).collect();
+    struct Sum<'a>(&'a [u32]);
+    impl pulp::WithSimd for Sum<'_> {
+        type Output = u32;
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> u32 {
+            let mut acc = [0u32; 16];
+            let (blocks, tail) = pulp::as_arrays::<16, u32>(self.0);
+            for blk in blocks {
+                for l in 0..16 {
+                    acc[l] = acc[l].wrapping_add(blk[l]);
+                }
+            }
+            tail.iter().fold(acc.iter().fold(0u32, |a, &v| a.wrapping_add(v)), |a, &v| a.wrapping_add(v))
+        }
+    }
+    let arch = pulp::Arch::new();
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| arch.dispatch(Sum(divan::black_box(&w))));
+}
+
 #[divan::bench(args = GEMV_SHAPES)]
 fn gemv_bf16(b: Bencher, (rows, cols): (usize, usize)) {
     let w: Vec<u16> = random(rows * cols, 3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
@@ -44,6 +73,17 @@ fn gemv_f16(b: Bencher, (rows, cols): (usize, usize)) {
     let x = random(cols, 6);
     let mut y = vec![0.0; rows];
     b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv(k::WeightRef::F16(&w), rows, cols, &x, &mut y));
+}
+
+/// Batched GEMV (the server's batched decode step): m vectors against one 1536×576 f32 weight
+/// (gate/up), bytes counted once per call as the weight is streamed once.
+#[divan::bench(args = [1, 4, 8])]
+fn gemv_batch_f32(b: Bencher, m: usize) {
+    let (rows, cols) = (1536, 576);
+    let w = random(rows * cols, 15);
+    let xs = random(m * cols, 16);
+    let mut ys = vec![0.0; m * rows];
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv_batch(k::WeightRef::F32(&w), rows, cols, &xs, &mut ys));
 }
 
 /// One GQA group (3 query heads, d = 64) against n cached keys: the decode attention step.

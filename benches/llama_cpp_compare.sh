@@ -54,6 +54,8 @@ def peer(dtype, t, kind):
             if kind == 'tg' and r['n_gen'] > 0: return r['avg_ts']
 def ours(dtype, t):
     return next(r for r in rows if r['tool'] == 'kvcompact' and r['dtype'] == dtype and r['threads'] == t)
+k0 = next(r for r in rows if r['tool'] == 'kvcompact')
+print(f"cpu {k0.get('cpu', '?')} | kvcompact simd {k0.get('simd', '?')} ({k0.get('simd_level', '?')})")
 print("| dtype | threads | prefill kvcompact | prefill llama.cpp | ratio | decode kvcompact | decode llama.cpp | ratio |")
 print("|---|---|---|---|---|---|---|---|")
 table = []

@@ -1,7 +1,7 @@
 //! Softmax, SiLU-gate, argmax.
 
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{v3, x86};
+use crate::simd::{v3, v4, x86, x86v4};
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
@@ -29,8 +29,14 @@ pub fn softmax_inplace_ref(x: &mut [f32]) {
 /// never NaN. NaN entries are ignored by the max.
 ///
 /// AVX2 path: vector exp (<= 1 ulp, see `simd::x86::exp_v3`) and an 8-lane
-/// sum, so it matches [`softmax_inplace_ref`] to a few ulp per element.
+/// sum, so it matches [`softmax_inplace_ref`] to a few ulp per element. The
+/// AVX-512 path uses the same exp (bit-identical per lane) and a 16-lane sum.
 pub fn softmax_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if v4().is_some() {
+        // SAFETY: v4() proved the V4 features at run time.
+        return unsafe { softmax_v4(x) };
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = v3() {
         struct Op<'a>(x86::V3, &'a mut [f32]);
@@ -66,6 +72,11 @@ pub fn exp_shift_sum_ref(x: &mut [f32]) -> (f32, f32) {
 /// A row whose max is `-inf` becomes zeros and returns `(-inf, 0)`. Same exp and summation
 /// as [`softmax_inplace`] (which is this followed by a scale by `1/sum`).
 pub fn exp_shift_sum(x: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if v4().is_some() {
+        // SAFETY: v4() proved the V4 features at run time.
+        return unsafe { exp_shift_v4(x) };
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = v3() {
         struct Op<'a>(x86::V3, &'a mut [f32]);
@@ -155,6 +166,73 @@ pub(crate) fn exp_shift_v3(simd: x86::V3, x: &mut [f32]) -> (f32, f32) {
         acc = avx._mm256_add_ps(acc, e);
     }
     (m, pulp::Simd::reduce_sum_f32s(simd, pulp::cast(acc)))
+}
+
+/// Max ignoring NaN, 16 lanes: `max(v, acc)` returns `acc` when `v` is NaN; the tail is
+/// padded with `-inf`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+#[inline]
+fn max_no_nan_v4(x: &[f32]) -> f32 {
+    let (x16, xt) = pulp::as_arrays::<16, f32>(x);
+    let (x32, x16r) = pulp::as_arrays::<2, [f32; 16]>(x16);
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let (mut a0, mut a1) = (ninf, ninf);
+    for [p, q] in x32 {
+        a0 = _mm512_max_ps(x86v4::ld(p), a0);
+        a1 = _mm512_max_ps(x86v4::ld(q), a1);
+    }
+    for p in x16r {
+        a0 = _mm512_max_ps(x86v4::ld(p), a0);
+    }
+    a1 = _mm512_max_ps(x86v4::ld_part_or(xt, f32::NEG_INFINITY), a1);
+    x86v4::reduce_max(_mm512_max_ps(a0, a1))
+}
+
+/// AVX-512 softmax body (16 lanes); also used row by row by the V4 attention kernel. Same
+/// steps as [`softmax_v3`]; only the order of the sum differs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+pub(crate) fn softmax_v4(x: &mut [f32]) {
+    let (m, s) = exp_shift_v4(x);
+    if m == f32::NEG_INFINITY {
+        return;
+    }
+    let inv = 1.0 / s;
+    let vinv = _mm512_set1_ps(inv);
+    let (x16, xt) = pulp::as_arrays_mut::<16, f32>(x);
+    for v in x16.iter_mut() {
+        x86v4::st(v, _mm512_mul_ps(x86v4::ld(v), vinv));
+    }
+    for v in xt.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// AVX-512 body of [`exp_shift_sum`]: one 16-lane sum (tail padded with `-inf`, whose exp is 0),
+/// then a fixed lane tree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+pub(crate) fn exp_shift_v4(x: &mut [f32]) -> (f32, f32) {
+    let m = max_no_nan_v4(x);
+    if m == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return (m, 0.0);
+    }
+    let vm = _mm512_set1_ps(m);
+    let (x16, xt) = pulp::as_arrays_mut::<16, f32>(x);
+    let mut acc = _mm512_setzero_ps();
+    for v in x16.iter_mut() {
+        let e = x86v4::exp(_mm512_sub_ps(x86v4::ld(v), vm));
+        x86v4::st(v, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if !xt.is_empty() {
+        let e = x86v4::exp(_mm512_sub_ps(x86v4::ld_part_or(xt, f32::NEG_INFINITY), vm));
+        x86v4::st_part(xt, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    (m, x86v4::reduce_sum(acc))
 }
 
 /// Naive twin of [`silu_mul`]; uses libm `exp`.

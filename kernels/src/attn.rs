@@ -1,7 +1,7 @@
 //! Grouped-query decode attention: the `g` query heads that share one KV head.
 
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{v3, x86};
+use crate::simd::{v3, v4, x86, x86v4};
 
 /// Shape checks shared by both paths; returns `g`, the number of query heads.
 fn check(
@@ -13,7 +13,7 @@ fn check(
     d: usize,
     out: &[f32],
 ) -> usize {
-    assert!(d > 0 && qs.len() % d == 0, "attend_group: qs len {} not a multiple of d={d}", qs.len());
+    assert!(d > 0 && qs.len().is_multiple_of(d), "attend_group: qs len {} not a multiple of d={d}", qs.len());
     assert!(
         keys.len() >= n * d && values.len() >= n * d,
         "attend_group: keys {} / values {} shorter than n*d = {}*{d}",
@@ -69,8 +69,9 @@ pub fn attend_group_ref(
 /// for each query `i`, `s_j = scale*<q_i,k_j> + bias[j]`, `p = softmax(s)`,
 /// `out_i = sum_j p_j v_j`. `n == 0` or all logits `-inf` gives a zero row.
 ///
-/// Reads K and V once per group. AVX2 path, in blocks of 8 keys whose rows
-/// stay in L1 while all `g` queries use them:
+/// Reads K and V once per group. AVX2 path (the AVX-512 one is the same with
+/// 16-lane vectors over `d`), in blocks of 8 keys whose rows stay in L1 while
+/// all `g` queries use them:
 /// 1. scores: 8 independent FMA chains per query (one per key), reduced by
 ///    one hadd tree, `scale*s + bias` unfused, into `scratch: [g, n]`
 ///    (resized here; reuse it across calls to avoid allocating);
@@ -96,6 +97,13 @@ pub fn attend_group(
     scratch: &mut Vec<f32>, // resized to [g, n] scores, then probabilities
 ) {
     let g = check(qs, keys, values, bias, n, d, out);
+    #[cfg(target_arch = "x86_64")]
+    if v4().is_some() {
+        scratch.clear();
+        scratch.resize(g * n, 0.0);
+        // SAFETY: v4() proved the V4 features at run time.
+        return unsafe { attend_v4(qs, &keys[..n * d], &values[..n * d], bias, n, d, scale, out, scratch) };
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = v3() {
         scratch.clear();
@@ -278,4 +286,136 @@ fn scores8(simd: x86::V3, q: &[f32], kblk: &[f32], nb: usize, d: usize) -> core:
     let lo = avx._mm256_permute2f128_ps::<0x20>(h0123, h4567);
     let hi = avx._mm256_permute2f128_ps::<0x31>(h0123, h4567);
     avx._mm256_add_ps(lo, hi)
+}
+
+/// AVX-512 body of [`attend_group`]: the AVX2 algorithm (blocks of 8 keys kept in L1 while all
+/// `g` queries use them, exact two-pass softmax, P·V with each output chunk in a register across
+/// the block) with 16-lane vectors over `d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn attend_v4(
+    qs: &[f32],           // [g, d]
+    keys: &[f32],         // [n, d]
+    values: &[f32],       // [n, d]
+    bias: Option<&[f32]>, // [>=n]
+    n: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],   // [g, d]
+    probs: &mut [f32], // [g, n]
+) {
+    use core::arch::x86_64::*;
+    // 1) Scores, KB keys at a time; `scale*s + b` unfused, as in the twin.
+    let mut j0 = 0;
+    while j0 < n {
+        let nb = KB.min(n - j0);
+        prefetch_rows(keys, (j0 + PF_ROWS) * d, nb * d);
+        let kblk = &keys[j0 * d..(j0 + nb) * d]; // [nb, d]
+        let m8 = ((1u32 << nb) - 1) as __mmask8;
+        for (i, q) in qs.chunks_exact(d).enumerate() {
+            let s = scores8_v4(q, kblk, nb, d); // [KB], lanes >= nb are 0
+            let mut v = _mm256_mul_ps(_mm256_set1_ps(scale), s);
+            v = match bias {
+                // SAFETY: the mask covers exactly the nb <= 8 bias entries j0..j0+nb (checked >= n).
+                Some(b) => _mm256_add_ps(v, unsafe { _mm256_maskz_loadu_ps(m8, b[j0..j0 + nb].as_ptr()) }),
+                None => _mm256_add_ps(v, _mm256_setzero_ps()),
+            };
+            let dst = &mut probs[i * n + j0..i * n + j0 + nb];
+            // SAFETY: the mask covers exactly dst.len() = nb lanes.
+            unsafe { _mm256_mask_storeu_ps(dst.as_mut_ptr(), m8, v) };
+        }
+        j0 += nb;
+    }
+    // 2) Softmax per query row.
+    for row in probs.chunks_exact_mut(n.max(1)) {
+        crate::activ::softmax_v4(row);
+    }
+    // 3) out_i = sum_j p_ij v_j, KB value rows at a time (in L1), each 16-lane output chunk
+    //    kept in a register across the block; per element the sum runs over j in order.
+    out.fill(0.0);
+    let d16 = d / 16;
+    let mut j0 = 0;
+    while j0 < n {
+        let nb = KB.min(n - j0);
+        prefetch_rows(values, (j0 + PF_ROWS) * d, nb * d);
+        let vblk = &values[j0 * d..(j0 + nb) * d]; // [nb, d]
+        // Per key row of the block: (16-lane chunks [d/16], tail [d%16]).
+        let vrows: [(&[[f32; 16]], &[f32]); KB] = core::array::from_fn(|kk| {
+            let row = if kk < nb { &vblk[kk * d..(kk + 1) * d] } else { &vblk[..d] };
+            pulp::as_arrays::<16, f32>(row)
+        });
+        for (i, o) in out.chunks_mut(d).enumerate() {
+            let p = &probs[i * n + j0..i * n + j0 + nb]; // [nb]
+            let (o16, ot) = pulp::as_arrays_mut::<16, f32>(o);
+            for (c, oc) in o16[..d16].iter_mut().enumerate() {
+                let mut acc = x86v4::ld(oc);
+                for (&pk, vr) in p.iter().zip(&vrows) {
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(pk), x86v4::ld(&vr.0[c]), acc);
+                }
+                x86v4::st(oc, acc);
+            }
+            if !ot.is_empty() {
+                let mut acc = x86v4::ld_part(ot);
+                for (&pk, vr) in p.iter().zip(&vrows) {
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(pk), x86v4::ld_part(vr.1), acc);
+                }
+                x86v4::st_part(ot, acc);
+            }
+        }
+        j0 += nb;
+    }
+}
+
+/// `<q, k_kk>` for the `nb <= 8` key rows of `kblk: [nb, d]`, as lanes 0..nb of one 8-lane
+/// vector (other lanes 0). One 16-lane accumulator per key over d (masked tail), folded to 8
+/// lanes (low + high half), then the AVX2 kernel's hadd tree. Each key's reduction order is
+/// independent of its position in the block, so a key's score never depends on n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
+#[inline]
+fn scores8_v4(q: &[f32], kblk: &[f32], nb: usize, d: usize) -> core::arch::x86_64::__m256 {
+    use core::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let mut acc = [z; KB];
+    let (q16, qt) = pulp::as_arrays::<16, f32>(q);
+    let d16 = q16.len();
+    // Per key row: (16-lane chunks [d/16], tail [d%16]); rows past nb are never read.
+    let krows: [(&[[f32; 16]], &[f32]); KB] = core::array::from_fn(|kk| {
+        let row = if kk < nb { &kblk[kk * d..(kk + 1) * d] } else { &kblk[..d] };
+        let (r16, rt) = pulp::as_arrays::<16, f32>(row);
+        (&r16[..d16], rt)
+    });
+    if nb == KB {
+        for (c, qc) in q16.iter().enumerate() {
+            let qv = x86v4::ld(qc);
+            for (a, kr) in acc.iter_mut().zip(&krows) {
+                *a = _mm512_fmadd_ps(qv, x86v4::ld(&kr.0[c]), *a);
+            }
+        }
+    } else {
+        for (c, qc) in q16.iter().enumerate() {
+            let qv = x86v4::ld(qc);
+            for (a, kr) in acc.iter_mut().zip(&krows).take(nb) {
+                *a = _mm512_fmadd_ps(qv, x86v4::ld(&kr.0[c]), *a);
+            }
+        }
+    }
+    if !qt.is_empty() {
+        let qv = x86v4::ld_part(qt);
+        for (a, kr) in acc.iter_mut().zip(&krows).take(nb) {
+            *a = _mm512_fmadd_ps(qv, x86v4::ld_part(kr.1), *a);
+        }
+    }
+    let h: [__m256; KB] = core::array::from_fn(|k| _mm256_add_ps(_mm512_castps512_ps256(acc[k]), _mm512_extractf32x8_ps::<1>(acc[k])));
+    // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+    let h01 = _mm256_hadd_ps(h[0], h[1]);
+    let h23 = _mm256_hadd_ps(h[2], h[3]);
+    let h45 = _mm256_hadd_ps(h[4], h[5]);
+    let h67 = _mm256_hadd_ps(h[6], h[7]);
+    let h0123 = _mm256_hadd_ps(h01, h23);
+    let h4567 = _mm256_hadd_ps(h45, h67);
+    let lo = _mm256_permute2f128_ps::<0x20>(h0123, h4567);
+    let hi = _mm256_permute2f128_ps::<0x31>(h0123, h4567);
+    _mm256_add_ps(lo, hi)
 }

@@ -8,17 +8,19 @@ use half::f16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{has_f16c, v3, x86};
+use crate::gemv_v4 as k4;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{has_f16c, v3, v4, x86};
 
 /// Borrowed row-major weight matrix `[rows, cols]`. bf16/f16 are the raw bits
 /// as stored in the checkpoint; they are widened to f32 inside the kernels.
 #[derive(Clone, Copy, Debug)]
 pub enum WeightRef<'a> {
-    /// f32 weights (AVX2+FMA fast path).
+    /// f32 weights (AVX-512 or AVX2+FMA fast path).
     F32(&'a [f32]),
-    /// bf16 bit patterns (AVX2+FMA fast path, widened in registers).
+    /// bf16 bit patterns (AVX-512 or AVX2+FMA fast path, widened in registers).
     Bf16(&'a [u16]),
-    /// IEEE f16 bit patterns (fast path needs AVX2+FMA+F16C, else the scalar loop).
+    /// IEEE f16 bit patterns (fast path needs AVX-512 or AVX2+FMA+F16C, else the scalar loop).
     F16(&'a [u16]),
 }
 
@@ -106,6 +108,11 @@ fn gemv_rows(w: WeightRef, row0: usize, cols: usize, x: &[f32], y: &mut [f32]) {
         WeightRef::F32(w) => {
             let w = &w[lo..hi]; // [n_rows, cols]
             #[cfg(target_arch = "x86_64")]
+            if let Some(t) = v4() {
+                // SAFETY: the token proves the V4 features at run time.
+                return unsafe { k4::rows::<k4::F32Src>(t, w, x, y) };
+            }
+            #[cfg(target_arch = "x86_64")]
             if let Some(simd) = v3() {
                 return simd.vectorize(RowsOp { simd, w, x, y });
             }
@@ -115,6 +122,11 @@ fn gemv_rows(w: WeightRef, row0: usize, cols: usize, x: &[f32], y: &mut [f32]) {
         }
         WeightRef::Bf16(w) => {
             let w = &w[lo..hi]; // [n_rows, cols] bf16 bits
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = v4() {
+                // SAFETY: the token proves the V4 features at run time.
+                return unsafe { k4::rows::<k4::Bf16Src>(t, w, x, y) };
+            }
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = v3() {
                 return simd.vectorize(RowsOp { simd, w: Bf16Bits(w), x, y });
@@ -126,6 +138,11 @@ fn gemv_rows(w: WeightRef, row0: usize, cols: usize, x: &[f32], y: &mut [f32]) {
         }
         WeightRef::F16(w) => {
             let w = &w[lo..hi]; // [n_rows, cols] f16 bits
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = v4() {
+                // SAFETY: the token proves the V4 features at run time.
+                return unsafe { k4::rows::<k4::F16Src>(t, w, x, y) };
+            }
             #[cfg(target_arch = "x86_64")]
             if has_f16c() {
                 for (r, yr) in y.iter_mut().enumerate() {
@@ -222,7 +239,7 @@ use core::arch::x86_64::{__m256, _mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
 /// pages ahead of the hardware prefetcher, which stops at page boundaries.
 /// Measured: bf16 decode 1T 25 -> 40 tok/s, f32 21 -> 24.5 (SmolLM2-135M).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 8192;
+pub(crate) const PREFETCH_BYTES: usize = 8192;
 
 /// `R` row dot products against the same `x`, sharing each `x` load.
 /// Per row: 4 f32x8 FMA accumulators over 32-wide blocks, leftover 8-wide
@@ -304,13 +321,21 @@ impl<S: RowSource> pulp::NullaryFnOnce for RowsOp<'_, S> {
 /// `y[r] = sum_c W[r,c] * x[c]` for `W: [rows, cols]` (only the first
 /// `rows*cols` weights are used), `x: [cols]`, `y: [rows]`; single thread.
 ///
-/// Fast paths (chosen at run time): f32 and bf16 on AVX2+FMA via pulp, f16 on
-/// F16C via `std::arch`; otherwise a scalar loop. Each row uses 4 f32x8 FMA
-/// accumulators + masked tail in a fixed order (f32/bf16 rows go in pairs
-/// sharing the `x` loads, without changing any row's arithmetic), so results
-/// are deterministic but differ from [`gemv_ref`] by rounding
-/// (|Δ| <= (cols + cols/32 + 10)·ε·Σ|w·x|). On AVX2 the bf16 and f16 results
-/// are bit-identical to the f32 kernel over the widened weights.
+/// Fast paths (by the dispatch level, [`crate::dispatch`]): at V4 all three
+/// dtypes on AVX-512 (`std::arch`, 16 lanes); at V3 f32 and bf16 on AVX2+FMA
+/// via pulp, f16 on F16C via `std::arch`; otherwise a scalar loop. Each row
+/// uses 4 FMA accumulators (f32x16 at V4, f32x8 at V3) + masked tail in a
+/// fixed order (rows go in pairs sharing the `x` loads, without changing any
+/// row's arithmetic), so results are deterministic for a level but differ from
+/// [`gemv_ref`] by rounding (|Δ| <= (cols + cols/32 + 10)·ε·Σ|w·x|). At each
+/// level the bf16 and f16 results are bit-identical to the f32 kernel over the
+/// widened weights (except f16 at V3 without F16C).
+///
+/// bf16 weights are widened to f32 (exact) and multiplied by the f32 `x`; the
+/// AVX512_BF16 dot product (`vdpbf16ps`) is not used: it needs `x` in bf16 too,
+/// and rounding `x` once to bf16 put the error at 4× the tolerance above on
+/// 576-column rows (measured), while splitting `x` exactly into three bf16
+/// parts stays within it but ran at half the speed of widening.
 pub fn gemv(w: WeightRef, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     check(&w, rows, cols, x, y);
     gemv_rows(w, 0, cols, x, y);
@@ -443,8 +468,16 @@ fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[
     // per-row function (`dot_rows`) as `gemv_rows`, so the bits are the same.
     #[cfg(target_arch = "x86_64")]
     if cols > 0 {
+        let (lo, hi) = (row0 * cols, (row0 + n_rows) * cols);
+        if let Some(t) = v4() {
+            // SAFETY (all three): the token proves the V4 features at run time.
+            return match w {
+                WeightRef::F32(w) => unsafe { k4::batch_rows::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::Bf16(w) => unsafe { k4::batch_rows::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F16(w) => unsafe { k4::batch_rows::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
+            };
+        }
         if let Some(simd) = v3() {
-            let (lo, hi) = (row0 * cols, (row0 + n_rows) * cols);
             match w {
                 WeightRef::F32(w) => return simd.vectorize(BatchRowsOp { simd, w: &w[lo..hi], xs, m, out }),
                 WeightRef::Bf16(w) => return simd.vectorize(BatchRowsOp { simd, w: Bf16Bits(&w[lo..hi]), xs, m, out }),

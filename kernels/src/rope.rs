@@ -6,7 +6,7 @@ use crate::simd::{v3, x86};
 fn check(x: &[f32], cos: &[f32], sin: &[f32]) -> usize {
     let h = x.len() / 2;
     assert!(
-        x.len() % 2 == 0 && cos.len() >= h && sin.len() >= h,
+        x.len().is_multiple_of(2) && cos.len() >= h && sin.len() >= h,
         "rope: head dim {} must be even and cos {} / sin {} >= d/2",
         x.len(),
         cos.len(),

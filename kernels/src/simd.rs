@@ -1,8 +1,14 @@
-//! Shared run-time dispatch helpers and AVX2 building blocks.
+//! Shared run-time dispatch helpers and SIMD building blocks.
 //!
 //! Everything here is either safe pulp code behind a `V3` token (which proves
-//! AVX2+FMA at run time), or `std::arch` F16C code behind `#[target_feature]`
-//! that is only reachable after [`has_f16c`] returned true.
+//! AVX2+FMA at run time), `std::arch` F16C code behind `#[target_feature]`
+//! that is only reachable after [`has_f16c`] returned true, or AVX-512 code
+//! behind the [`x86v4::V4`] token (see that module). Every check also consults
+//! the dispatch level ([`crate::dispatch`]), so a forced lower level turns the
+//! faster paths off.
+
+#[cfg(target_arch = "x86_64")]
+use crate::dispatch::{simd_dispatch_level, SimdLevel};
 
 /// pulp's AVX2+FMA token; `None` on CPUs (or targets) without it.
 #[cfg(target_arch = "x86_64")]
@@ -11,19 +17,37 @@ pub(crate) use pulp::x86::V3;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-/// Run-time check for the AVX2+FMA path (pulp caches the CPUID answer).
+/// The AVX2+FMA path, if the dispatch level is at least V3 (pulp caches the
+/// CPUID answer; `V3::try_new` re-checks it, so a token is never forged).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn v3() -> Option<V3> {
-    V3::try_new()
+    if simd_dispatch_level() >= SimdLevel::V3 {
+        V3::try_new()
+    } else {
+        None
+    }
 }
 
-/// Run-time check for the F16C path. pulp's V3 does not include F16C, so the
-/// f16 kernels use `std::arch` directly; std caches the answer.
+/// The AVX-512 path, if the dispatch level is V4.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn v4() -> Option<x86v4::V4> {
+    if simd_dispatch_level() == SimdLevel::V4 {
+        x86v4::V4::try_new()
+    } else {
+        None
+    }
+}
+
+/// Run-time check for the F16C path (dispatch level at least V3). pulp's V3
+/// does not include F16C, so the f16 kernels use `std::arch` directly; std
+/// caches the answer.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_f16c() -> bool {
-    is_x86_feature_detected!("avx2")
+    simd_dispatch_level() >= SimdLevel::V3
+        && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
 }
@@ -33,6 +57,10 @@ pub(crate) fn has_f16c() -> bool {
 pub(crate) fn has_f16c() -> bool {
     false
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "simd_v4.rs"]
+pub(crate) mod x86v4;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {

@@ -1,6 +1,7 @@
 //! GEMV throughput over a 16384 x 4096 weight (256 MiB f32, larger than L3).
 //! Ignored by default; run with
-//! `cargo test -p kvcompact-kernels --release --test throughput -- --ignored --nocapture`.
+//! `cargo test -p kvcompact-kernels --release --test throughput -- --ignored --nocapture`
+//! (prefix `KVCOMPACT_SIMD=v3` to measure the AVX2 kernels on an AVX-512 machine).
 //! Weights are written with real random values (never zero pages, see
 //! performance.md §5). Reports the median of 7 timed runs after one warm-up.
 
@@ -52,7 +53,7 @@ fn bench(label: &str, w: WeightRef, x: &[f32], f: &GemvFn) {
 #[test]
 #[ignore]
 fn gemv_throughput_16384x4096() {
-    eprintln!("simd_level = {}", simd_level());
+    eprintln!("cpu {} | simd {} (level {})", cpu_model(), simd_level(), simd_dispatch_level());
     let w32 = rand_vec(ROWS * COLS, 0x9E37_79B9_7F4A_7C15);
     let wb: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
     let wh: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
@@ -67,6 +68,33 @@ fn gemv_throughput_16384x4096() {
         for w in [WeightRef::F32(&w32), WeightRef::Bf16(&wb), WeightRef::F16(&wh)] {
             bench(&format!("gemv_par {threads}T"), w, &x, &par);
         }
+    }
+}
+
+/// The lm_head shape of SmolLM2-135M (49152 x 576: 113 MB f32, 57 MB bf16/f16), 1 thread,
+/// median of 21 calls after a warm-up (each call a few ms).
+#[test]
+#[ignore]
+fn gemv_lm_head_shape() {
+    let (rows, cols) = (49152usize, 576usize);
+    eprintln!("cpu {} | simd {} (level {})", cpu_model(), simd_level(), simd_dispatch_level());
+    let w32 = rand_vec(rows * cols, 0x5EED);
+    let wb: Vec<u16> = w32.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    let wh: Vec<u16> = w32.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    let x = rand_vec(cols, 99);
+    let mut y = vec![0.0f32; rows];
+    for w in [WeightRef::F32(&w32), WeightRef::Bf16(&wb), WeightRef::F16(&wh)] {
+        gemv(w, rows, cols, &x, &mut y);
+        let mut t: Vec<f64> = (0..21)
+            .map(|_| {
+                let s = Instant::now();
+                gemv(w, rows, cols, &x, &mut y);
+                s.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        let gb = (rows * cols * w.bytes_per_weight()) as f64 / 1e9;
+        eprintln!("lm_head {:>5}: median {:.2} ms = {:.1} GB/s (best {:.1} GB/s)", w.dtype_name(), t[10] * 1e3, gb / t[10], gb / t[0]);
     }
 }
 
@@ -174,3 +202,4 @@ fn attend_group_fixed_work() {
     }
     eprintln!("checksum {acc}");
 }
+

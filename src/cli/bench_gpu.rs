@@ -107,10 +107,10 @@ pub fn run(reps: usize, json: bool) -> Result<()> {
         }
     }
     if json {
-        println!("{}", serde_json::json!({"gpu": gpu.name, "cpu_threads": threads, "simd": kvcompact_kernels::simd_level(), "rows": rows}));
+        println!("{}", serde_json::json!({"gpu": gpu.name, "cpu_threads": threads, "simd": kvcompact_kernels::simd_level(), "cpu": kvcompact_kernels::cpu_model(), "rows": rows}));
         return Ok(());
     }
-    println!("GPU {} | CPU {} threads, simd {} | medians of {} reps (compact-head: one run after a warm-up)", gpu.name, threads, kvcompact_kernels::simd_level(), reps);
+    println!("GPU {} | CPU {} ({} threads), simd {} | medians of {} reps (compact-head: one run after a warm-up)", gpu.name, kvcompact_kernels::cpu_model(), threads, kvcompact_kernels::simd_level(), reps);
     println!("| kernel | shape | CPU ms | GPU ms | GPU speedup | agreement |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {

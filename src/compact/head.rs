@@ -80,7 +80,7 @@ impl HeadInput<'_> {
         if self.d == 0 {
             return Err(Error::Invalid(format!("{op}: {at}: head_dim d is 0")));
         }
-        if self.keys.len() % self.d != 0 {
+        if !self.keys.len().is_multiple_of(self.d) {
             return Err(Error::Shape { op, expected: format!("keys [T, {}]", self.d), got: format!("{} values", self.keys.len()) });
         }
         let t_rows = self.rows();

@@ -158,14 +158,14 @@ pub struct HeadResult {
 pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> {
     let d = a.d;
     let bad = |name: &str, msg: String| Error::Invalid(format!("compact_head: {name}: {msg}"));
-    if d == 0 || a.keys.len() % d != 0 {
+    if d == 0 || !a.keys.len().is_multiple_of(d) {
         return Err(bad("keys", format!("{} values do not form rows of d = {d}", a.keys.len())));
     }
     let t_rows = a.keys.len() / d;
     if a.values.len() != a.keys.len() {
         return Err(bad("values", format!("{} values, the keys have {}", a.values.len(), a.keys.len())));
     }
-    if a.queries.is_empty() || a.queries.len() % d != 0 {
+    if a.queries.is_empty() || !a.queries.len().is_multiple_of(d) {
         return Err(bad("queries", format!("{} values do not form one or more rows of d = {d}", a.queries.len())));
     }
     if let Some(b) = a.bias {

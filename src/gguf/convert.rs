@@ -362,7 +362,7 @@ pub fn hf_tensor_plan(gguf: &GgufFile) -> Result<Vec<HfTensor>, GgufError> {
 /// `rows / heads` rows each (HF row h·D + j·D/2 + i = GGUF row h·D + 2i + j).
 fn source_row(r: usize, n_rows: usize, heads: Option<usize>) -> usize {
     match heads {
-        Some(nh) if nh > 0 && n_rows % nh == 0 && (n_rows / nh) % 2 == 0 => {
+        Some(nh) if nh > 0 && n_rows.is_multiple_of(nh) && (n_rows / nh).is_multiple_of(2) => {
             let d = n_rows / nh;
             let (head, c) = (r / d, r % d);
             let (j, i) = (c / (d / 2), c % (d / 2));

@@ -111,7 +111,7 @@ impl GgmlType {
     }
     /// Bytes of one row of `n_cols` elements; `None` if `n_cols` is not a whole number of blocks.
     pub fn row_bytes(self, n_cols: usize) -> Option<usize> {
-        if n_cols % self.block_size() != 0 {
+        if !n_cols.is_multiple_of(self.block_size()) {
             return None;
         }
         (n_cols / self.block_size()).checked_mul(self.type_size())

@@ -40,13 +40,13 @@ fn random(n: usize, fan_in: usize, rng: &mut Rng) -> Vec<f32> {
 /// Write `config.json` and `model.safetensors` (f32, tied embeddings) of a Llama model into
 /// `dir`; returns the weight bytes written.
 pub fn write_llama(dir: &Path, s: &SynthSpec) -> Result<usize> {
-    if s.hidden == 0 || s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
+    if s.hidden == 0 || s.heads == 0 || s.kv_heads == 0 || !s.hidden.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) {
         return Err(Error::Invalid(format!(
             "synthetic model: hidden {} must split into {} heads, and heads into {} KV heads",
             s.hidden, s.heads, s.kv_heads
         )));
     }
-    if (s.hidden / s.heads) % 2 != 0 || s.layers == 0 || s.ff == 0 || s.vocab == 0 || s.max_pos == 0 {
+    if !(s.hidden / s.heads).is_multiple_of(2) || s.layers == 0 || s.ff == 0 || s.vocab == 0 || s.max_pos == 0 {
         return Err(Error::Invalid("synthetic model: head_dim must be even and every size at least 1".into()));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

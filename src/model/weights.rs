@@ -192,7 +192,7 @@ impl TensorStore {
                 msg: format!("non-finite value (NaN or inf) at flat index {i}"),
             });
         }
-        if bytes.as_ptr() as usize % dtype.size() == 0 {
+        if (bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Ok(MatrixView { src: Src::Mapped { file: e.file, start: e.start, end: e.end }, rows, cols, dtype });
         }
         tracing::warn!(tensor = name, "tensor bytes are misaligned in the file; copying it");

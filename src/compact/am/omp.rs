@@ -596,7 +596,7 @@ pub fn omp_select<T: Elem>(
                 selected[j] = true;
                 st.push(j, gram.as_ref().and_then(|g| g.col(j)));
             }
-            let solve_now = prev_b.is_none() || iteration % interval == 0;
+            let solve_now = prev_b.is_none() || iteration.is_multiple_of(interval);
             let b = if solve_now {
                 let warm = prev_b.as_ref().map(|p| {
                     let mut w = p.clone();

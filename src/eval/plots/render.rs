@@ -448,7 +448,7 @@ fn log_ticks(lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
     let multiples = |ms: &[f64]| -> Vec<f64> { (e0 - 1..=e1).flat_map(|e| ms.iter().map(move |m| m * 10f64.powi(e))).filter(|v| inside(*v)).collect() };
     if e1 > e0 {
         let every = (e1 - e0) as usize / 6 + 1;
-        let bold: Vec<f64> = (e0..=e1).filter(|e| (e - e0) as usize % every == 0).map(|e| 10f64.powi(e)).collect();
+        let bold: Vec<f64> = (e0..=e1).filter(|e| ((e - e0) as usize).is_multiple_of(every)).map(|e| 10f64.powi(e)).collect();
         let light = if every == 1 { multiples(&[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]) } else { (e0..=e1).map(|e| 10f64.powi(e)).filter(|v| !bold.contains(v)).collect() };
         return (bold, light);
     }
