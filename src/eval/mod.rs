@@ -340,6 +340,9 @@ fn command_line(a: &EvalOptions) -> String {
     if a.am_budgets != "global" {
         s.push_str(&format!(" --am-budgets {}", a.am_budgets));
     }
+    if let Some(p) = &a.budgets {
+        s.push_str(&format!(" --budgets {}", p.display()));
+    }
     if let Some((i, n)) = a.shard {
         s.push_str(&format!(" --shard {i}/{n}"));
     }
