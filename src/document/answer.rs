@@ -31,7 +31,7 @@ pub fn answer_nll(model: &Model, st: &mut RunState, cache: &mut KvCache, questio
 }
 
 /// Mean negative log-likelihood (nats/token) of `answer_ids`, where logits row `first + k`
-/// [vocab] predicts `answer_ids[k]`.
+/// (`[vocab]`) predicts `answer_ids[k]`.
 pub fn mean_nll(logits: &[f32], vocab: usize, first: usize, answer_ids: &[u32]) -> f64 {
     let mut total = 0.0f64;
     for (k, &tgt) in answer_ids.iter().enumerate() {
