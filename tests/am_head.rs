@@ -657,3 +657,24 @@ fn timing_4k_head() {
         println!("{method:12} 2 heads in parallel: {secs:.3} s wall, {cpu:.2} s CPU → 90 heads ≈ {:.1} s wall", secs * 45.0);
     }
 }
+
+/// The global allocation's blocked key scores are the same bits as the full attention statistics
+/// followed by the `max` score, on real heads (n = 1020, not a multiple of the block) and on a
+/// synthetic head with a prior bias.
+#[test]
+fn blocked_max_scores_equal_full_statistics() {
+    use kvcompact::compact::am::fit::max_scores_blocked;
+    use kvcompact::compact::am::highest::{scores, Score};
+    let full = |h: &HeadInput| {
+        let st = attention_stats::<f32>(h, false).unwrap();
+        scores(&st.e, &st.z, st.n, st.t_rows, Score::Max)
+    };
+    for name in ["L00H0", "L29H2"] {
+        let c = Case::load(name);
+        let (a, b) = (max_scores_blocked(&c.head()).unwrap(), full(&c.head()));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: blocked scores differ");
+    }
+    let s = synth(9, 257, 131, 64);
+    let (a, b) = (max_scores_blocked(&s.head(true)).unwrap(), full(&s.head(true)));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "synthetic: blocked scores differ");
+}

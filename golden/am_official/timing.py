@@ -5,7 +5,7 @@ Usage:
     OMP_NUM_THREADS=1 /work/venvs/kvpress/bin/python golden/am_official/timing.py SRC target/release/kvcompact
 
 Interleaved per (head, method, budget) so that both sides see the same machine load: the official
-`compute_compacted_cache` (torch float32, 1 thread) and `compact-head` (RAYON_NUM_THREADS=1; its
+`compute_compacted_cache` (torch float32, 1 thread) and `compact-head` (`--threads 1`: kvcompact sizes its own pool and ignores RAYON_NUM_THREADS; its
 printed `seconds` is the compaction alone, without file I/O or evaluation), REPEATS runs each, best
 kept. Writes golden/am_official/timing.json. Nothing here is asserted by a test.
 """
@@ -33,11 +33,22 @@ OURS = {"official-highest": "am-highest", "official-omp": "am-omp"}
 REPEATS = 5
 
 
+def cpu_model():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
     ap.add_argument("kvcompact")
     ap.add_argument("--out", default=str(HERE / "timing.json"))
+    ap.add_argument("--heads", nargs="*", default=None,
+                    help="compact-head input files to time instead of golden/am's five heads "
+                         "(e.g. written by `kvcompact compact --dump-heads DIR`)")
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.src).resolve()))
     from compaction.algorithms import ALGORITHM_REGISTRY  # noqa: E402
@@ -47,8 +58,10 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS="1")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
-            path = GOLDEN_AM / f"{case}.safetensors"
+        cases = [(c, GOLDEN_AM / f"{c}.safetensors") for c in CASES]
+        if args.heads:
+            cases = [(Path(h).stem, Path(h)) for h in args.heads]
+        for case, path in cases:
             h = load_file(str(path))
             K, V, Q = (h[n].to(torch.float32).contiguous() for n in ("keys", "values", "queries"))
             T = K.shape[0]
@@ -57,14 +70,14 @@ def main():
                     cfg = configs[cfg_name]
                     kwargs = {k: v for k, v in cfg.items() if k not in WRAPPER_FIELDS}
                     off, ours, strict = [], [], []
-                    for _ in range(REPEATS):
+                    for _ in range(args.repeats):
                         torch.manual_seed(0)
                         alg = ALGORITHM_REGISTRY[cfg["algorithm"]](**kwargs)
                         t0 = time.perf_counter()
                         alg.compute_compacted_cache(K, V, Q, t)
                         off.append(time.perf_counter() - t0)
                         for flags, acc in (([], ours), (["--strict-parity"], strict)):
-                            cmd = [args.kvcompact, "compact-head", "--input", str(path), "--output", f"{tmp}/o.safetensors",
+                            cmd = [args.kvcompact, "--threads", "1", "compact-head", "--input", str(path), "--output", f"{tmp}/o.safetensors",
                                    "--method", OURS[method], "--budget", str(t), *flags]
                             r = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                             acc.append(json.loads(r.stdout)["seconds"])
@@ -73,7 +86,8 @@ def main():
                                  "ratio_default": min(ours) / min(off), "ratio_strict": min(strict) / min(off)}
                     print(f"{key:22s} official {min(off):.4f}s  ours {min(ours):.4f}s (x{min(ours) / min(off):.2f})  "
                           f"strict {min(strict):.4f}s (x{min(strict) / min(off):.2f})", flush=True)
-    doc = {"torch": torch.__version__, "repeats": REPEATS, "threads": 1, "load_note": "shared 2-core machine; best of REPEATS",
+    doc = {"torch": torch.__version__, "repeats": args.repeats, "heads": [str(p) for _, p in cases],
+           "cpu": cpu_model(), "threads": 1, "load_note": "shared 2-core machine; best of REPEATS",
            "loadavg_at_end": os.getloadavg(), "rows": rows}
     Path(args.out).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}")

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kvcompact::cache::save_cache;
 use kvcompact::compact::{registry, BetaSolver, Budget};
 use kvcompact::document::budgets::global_from_name;
@@ -74,6 +74,10 @@ pub struct Args {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also write each compressed head's problem (keys, values, positions, bias, reference and
+    /// held-out queries, scale) to DIR/L{layer}H{kv_head}.safetensors, the input `compact-head` reads.
+    #[arg(long, value_name = "DIR")]
+    pub dump_heads: Option<PathBuf>,
     #[command(flatten)]
     pub device: super::DeviceArg,
 }
@@ -93,6 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         global_budgets: budgets.is_none() && global_from_name(&a.am_budgets)?,
         budgets,
         seed: a.seed,
+        dump_heads: a.dump_heads.clone(),
         ..Default::default()
     };
     // Bad options and unknown names fail before the model loads (or is fetched).
@@ -103,7 +108,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     registry::family(&a.method)?;
     if registry::runs_as_press(&a.method, a.kvpress) {
+        if a.dump_heads.is_some() {
+            anyhow::bail!("--dump-heads writes per-head problems; {} runs as a kvpress press over the whole context, which has none", a.method);
+        }
         return run_press(&a, opts.budget);
+    }
+    if let Some(d) = &a.dump_heads {
+        std::fs::create_dir_all(d).with_context(|| format!("--dump-heads {}", d.display()))?;
     }
     let dir = model_dir(&a.model)?;
     let (model, tok) = kvcompact::generate::load(&dir)?;

@@ -250,6 +250,33 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
     })
 }
 
+
+/// Write `input` (and the held-out `test_queries` [m, d]) as a `compact-head` input file: `keys`,
+/// `values` [T, d], `positions` (i64 [T]), `queries` [n, d], `test_queries`, `bias` [T] when the
+/// head has one, and `scale` [1]. [`compact_head_file`] on it reruns exactly this head's problem.
+pub fn write_head_input(path: &Path, input: &HeadInput, test_queries: &[f32]) -> Result<()> {
+    let (t, d) = (input.rows(), input.d);
+    let positions: Vec<i64> = input.positions.iter().map(|&p| p as i64).collect();
+    let queries = input.queries.unwrap_or(&[]);
+    let scale = [input.scale];
+    let mut tensors = vec![
+        OutTensor::F32 { name: "keys", shape: vec![t, d], data: input.keys },
+        OutTensor::F32 { name: "values", shape: vec![t, d], data: input.values },
+        OutTensor::I64 { name: "positions", shape: vec![t], data: &positions },
+        OutTensor::F32 { name: "queries", shape: vec![queries.len() / d.max(1), d], data: queries },
+        OutTensor::F32 { name: "test_queries", shape: vec![test_queries.len() / d.max(1), d], data: test_queries },
+        OutTensor::F32 { name: "scale", shape: vec![1], data: &scale },
+    ];
+    if let Some(b) = input.bias {
+        tensors.push(OutTensor::F32 { name: "bias", shape: vec![t], data: b });
+    }
+    let meta = HashMap::from([
+        ("layer".to_string(), input.layer.to_string()),
+        ("kv_head".to_string(), input.kv_head.to_string()),
+        ("generator".to_string(), format!("kvcompact {} compact --dump-heads", env!("CARGO_PKG_VERSION"))),
+    ]);
+    save_safetensors(path, &tensors, Some(meta))
+}
 /// Run one compaction from `input` to `output` (see the module docs).
 pub fn compact_head_file(input: &Path, output: &Path, opts: &OracleOptions) -> Result<OracleReport> {
     let map = load_safetensors(input)?;

@@ -86,7 +86,7 @@ pub fn head_budgets(n_layers: usize, n_kv: usize, t_article: usize, ratio: f64, 
 /// head holds in `cache` (template rows included, as KVzip normalises, so a head whose queries
 /// mostly attend to the sink scores low everywhere), kept for the rows `rows[i]`.
 pub fn global_key_scores(cache: &KvCache, rows: &[Range<usize>], queries: &[Vec<f32>], scale: f32) -> Result<Vec<Vec<f64>>> {
-    use crate::compact::am::{fit::attention_stats, highest};
+    use crate::compact::am::fit::max_scores_blocked;
     use rayon::prelude::*;
     let nkv = cache.n_kv_heads;
     (0..rows.len())
@@ -94,8 +94,7 @@ pub fn global_key_scores(cache: &KvCache, rows: &[Range<usize>], queries: &[Vec<
         .map(|i| {
             let (l, h) = (i / nkv, i % nkv);
             let input = HeadInput::from_cache(cache, l, h, 0..cache.len(l, h), Some(&queries[i][..]), scale);
-            let st = attention_stats::<f32>(&input, false)?;
-            Ok(highest::scores(&st.e, &st.z, st.n, st.t_rows, highest::Score::Max)[rows[i].clone()].to_vec())
+            Ok(max_scores_blocked(&input)?[rows[i].clone()].to_vec())
         })
         .collect()
 }

@@ -47,6 +47,11 @@ pub struct CompactOptions {
     /// ⌊T/ratio⌋ per head; the same total (issue 14's diagnosis, `docs/amdiag.md`). Off-policy
     /// only, and not with `budgets`; eviction methods ignore it.
     pub global_budgets: bool,
+    /// Write every compressed head's input (keys, values, positions, bias, reference and held-out
+    /// queries, scale) to `L{l}H{h}[.c{chunk}].safetensors` in this directory, in the format
+    /// `compact-head` reads: the exact per-head problem, for an external implementation or a
+    /// timing run against the official code.
+    pub dump_heads: Option<std::path::PathBuf>,
 }
 
 impl Default for CompactOptions {
@@ -62,6 +67,7 @@ impl Default for CompactOptions {
             max_ratio_per_head: 1.0,
             seed: 0,
             global_budgets: false,
+            dump_heads: None,
         }
     }
 }
@@ -325,6 +331,13 @@ fn compress_and_install(
     };
     let tc = Instant::now();
     let inputs: Vec<HeadInput> = heads.iter().map(|&i| input_of(i)).collect();
+    if let Some(dir) = &opts.dump_heads {
+        for (&i, inp) in heads.iter().zip(&inputs) {
+            let chunk = evals[i].len();
+            let name = if chunk == 0 { format!("L{:02}H{}.safetensors", i / nkv, i % nkv) } else { format!("L{:02}H{}.c{chunk}.safetensors", i / nkv, i % nkv) };
+            crate::compact::oracle::write_head_input(&dir.join(name), inp, &test[i])?;
+        }
+    }
     let bud: Vec<usize> = heads.iter().map(|&i| budgets[i].min(span.rows[i].len())).collect();
     let out = compress_heads(method, &inputs, &bud, opts.seed)?;
     report.compact_seconds += tc.elapsed().as_secs_f64();

@@ -205,6 +205,43 @@ pub fn attention_stats<T: Elem>(input: &HeadInput, inner_par: bool) -> Result<At
     Ok(AttnStats { n, t_rows, e, mu, z, y })
 }
 
+/// The `max` key score of [`super::highest::scores`] (max_i A_ij, A = E / Z̃) straight from `input`,
+/// in blocks of queries, without E [n, T] or Y: the same bits as [`attention_stats`] followed by
+/// `scores(.., Score::Max)` (each block is the same f32 GEMM and row kernel), at half the work
+/// and a block-sized buffer. The global budget allocation ranks every head's rows by it.
+pub fn max_scores_blocked(input: &HeadInput) -> Result<Vec<f64>> {
+    const BLOCK: usize = 64;
+    let d = input.d;
+    let t_rows = input.rows();
+    let q = input.queries.ok_or_else(|| Error::Invalid("max_scores_blocked: reference queries are required".into()))?;
+    let n = q.len() / d.max(1);
+    let mut acc = vec![0.0f64; t_rows]; // [T]
+    if n == 0 {
+        return Ok(acc);
+    }
+    let mut e = vec![0.0f32; BLOCK.min(n) * t_rows]; // [block, T]
+    for qb in q[..n * d].chunks(BLOCK * d) {
+        let b = qb.len() / d;
+        let e = &mut e[..b * t_rows];
+        matmul(
+            MatMut::from_row_major_slice_mut(e, b, t_rows),
+            Accum::Replace,
+            MatRef::from_row_major_slice(qb, b, d),
+            MatRef::from_row_major_slice(input.keys, t_rows, d).transpose(),
+            input.scale,
+            Par::Seq,
+        );
+        for row in e.chunks_mut(t_rows.max(1)) {
+            let (_, z) = f32::row_stats(row, input.bias);
+            let inv = 1.0 / z;
+            for (a, &x) in acc.iter_mut().zip(row.iter()) {
+                *a = a.max(x as f64 * inv);
+            }
+        }
+    }
+    Ok(acc)
+}
+
 /// M = E[:, idx] [n, |idx|] in f64 (column-major).
 pub fn gather_columns<T: Elem>(st: &AttnStats<T>, idx: &[usize]) -> Mat<f64> {
     let mut m = Mat::<f64>::zeros(st.n, idx.len());
@@ -263,18 +300,7 @@ pub fn design_x(q: &[f32], keys: &[f32], beta: &[f32], d: usize, scale: f32, par
         par,
     );
     for row in logits.chunks_mut(t.max(1)) {
-        let mut mx = f64::NEG_INFINITY;
-        for (v, &b) in row.iter_mut().zip(beta) {
-            *v += b as f64;
-            mx = mx.max(*v);
-        }
-        let mut s = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - mx).exp();
-            s += *v;
-        }
-        let inv = 1.0 / s;
-        row.iter_mut().for_each(|v| *v *= inv);
+        expf::softmax_row_f64(row, Some(beta));
     }
     MatRef::from_row_major_slice(&logits, n, t).to_owned()
 }
