@@ -120,8 +120,8 @@ pub fn expf_poly(x: f32) -> f32 {
 pub fn exp_f64_poly(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // ln 2 split so that n·LN2_HI is exact for |n| < 2¹¹ (LN2_HI has 32 trailing zero bits).
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 6.93147180369123816490e-01
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // 1.90821492927058770002e-10
     let under = x < -708.3;
     let over = x > 709.7;
     let xc = x.clamp(-708.3, 709.7);
