@@ -225,3 +225,30 @@ impl CholGrow {
         }
     }
 }
+
+/// `vec![zero; len]` for a large matrix that is written right away, backed by transparent huge
+/// pages where the kernel offers them on request (Linux THP "madvise" mode). A 4096 × 4096 f32 E
+/// is 16 Mi: with 4 KiB pages its first write takes ≈ 16 k page faults, a measurable share of
+/// a head's compaction; with 2 MiB pages, 32. The advice changes nothing else: contents, layout
+/// and deallocation are those of an ordinary `Vec`.
+pub fn zeros_large<T: Copy + bytemuck::Zeroable>(len: usize) -> Vec<T> {
+    let v: Vec<T> = bytemuck::zeroed_vec(len); // alloc_zeroed: large blocks come untouched from mmap
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes >= 2 * HUGE {
+            let start = v.as_ptr() as usize;
+            let lo = start.next_multiple_of(HUGE);
+            let hi = (start + bytes) / HUGE * HUGE;
+            if hi > lo {
+                // SAFETY: [lo, hi) lies inside the allocation `v` owns; MADV_HUGEPAGE is advice on
+                // how to back those pages and never changes their contents. A refusal is harmless.
+                unsafe {
+                    libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+    v
+}

@@ -79,7 +79,7 @@ pub const HIGHEST_BOUNDS: (f64, f64) = (0.049_787_068_367_863_944, 20.085_536_92
 pub const OMP_BOUNDS: (f64, f64) = (1e-12, 1_096.633_158_428_458_6);
 
 /// Storage type of the n×T matrices (f32, or f64 in golden mode).
-pub trait Elem: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd + 'static {
+pub trait Elem: faer::traits::ComplexField + Copy + Send + Sync + PartialOrd + bytemuck::Zeroable + 'static {
     /// Unit roundoff (2⁻²⁴ for f32, 2⁻⁵³ for f64): error bounds of sums computed in this type.
     const UNIT_ROUNDOFF: f64;
     /// Widen (or keep) an f32 input value.
@@ -173,7 +173,7 @@ pub fn attention_stats<T: Elem>(input: &HeadInput, inner_par: bool) -> Result<At
     let qv: Vec<T> = q.iter().map(|&x| T::from_f32(x)).collect(); // [n, d]
     let kv: Vec<T> = input.keys.iter().map(|&x| T::from_f32(x)).collect(); // [T, d]
     let vv: Vec<T> = input.values.iter().map(|&x| T::from_f32(x)).collect(); // [T, d]
-    let mut e = vec![T::from_f32(0.0); n * t_rows]; // [n, T]
+    let mut e: Vec<T> = crate::linalg::dense::zeros_large(n * t_rows); // [n, T]
     matmul(
         MatMut::from_row_major_slice_mut(&mut e, n, t_rows),
         Accum::Replace,
