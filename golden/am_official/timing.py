@@ -60,7 +60,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(c, GOLDEN_AM / f"{c}.safetensors") for c in CASES]
         if args.heads:
-            cases = [(Path(h).stem, Path(h)) for h in args.heads]
+            cases = [(f"{Path(h).parent.name}/{Path(h).stem}", Path(h)) for h in args.heads]
         for case, path in cases:
             h = load_file(str(path))
             K, V, Q = (h[n].to(torch.float32).contiguous() for n in ("keys", "values", "queries"))

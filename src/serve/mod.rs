@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod compactor;
+pub mod doc_worker;
 pub mod documents;
 pub mod metrics;
 pub mod routes;

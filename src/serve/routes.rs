@@ -22,7 +22,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Content, DocumentRequest, Prompt, Sampling, Usage};
 use super::documents::Store;
 use super::metrics::Metrics;
-use super::scheduler::{DocJob, Event, FailPoint, GenJob, Job};
+use super::doc_worker::DocJob;
+use super::scheduler::{Event, FailPoint, GenJob, Job};
 use crate::document::{continuation_tokens, QuerySource};
 use crate::tokenizer::{Message, TextStream, Tokenizer};
 

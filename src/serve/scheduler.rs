@@ -32,11 +32,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::ApiError;
 use super::compactor::{Compactor, Outcome, Task};
-use super::documents::{DocumentInfo, Store};
+use super::doc_worker::{DocContext, DocJob, DocWorker};
+use super::documents::Store;
 use super::metrics::Metrics;
 use crate::cache::KvCache;
-use crate::compact::{registry, Budget};
-use crate::document::{compact_context, CompactOptions, ContextLayout, QuerySource};
 use crate::model::{Logits, Model, RunState, DEFAULT_MAX_BATCH};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -143,20 +142,6 @@ pub enum Event {
     Error(ApiError),
 }
 
-/// A document to compact once and store.
-pub struct DocJob {
-    /// The text, prefilled as a user turn.
-    pub text: String,
-    /// Attention Matching method.
-    pub method: String,
-    /// Compaction ratio.
-    pub ratio: f64,
-    /// Reference query source.
-    pub queries: QuerySource,
-    /// The answer.
-    pub reply: tokio::sync::oneshot::Sender<Result<DocumentInfo, ApiError>>,
-}
-
 /// A message to the engine.
 pub enum Job {
     /// Generate.
@@ -229,6 +214,8 @@ pub struct Engine {
     /// Started at the first compaction.
     compactor: Option<Compactor>,
     in_flight: Option<InFlight>,
+    /// Started at the first document.
+    docs: Option<DocWorker>,
     /// The compaction pool gets as many threads as the engine's, for the same bits.
     threads: usize,
     next_id: u64,
@@ -253,6 +240,7 @@ impl Engine {
             decode_state,
             compactor: None,
             in_flight: None,
+            docs: None,
             threads,
             next_id: 0,
             draining: false,
@@ -264,7 +252,7 @@ impl Engine {
     pub fn run(mut self, jobs: Receiver<Job>) {
         loop {
             let idle = self.waiting.is_empty() && self.running.is_empty();
-            if idle && self.draining {
+            if idle && self.draining && self.docs_pending() == 0 {
                 return;
             }
             // Block while there is nothing to step: until a job comes when idle; briefly, to poll
@@ -305,10 +293,10 @@ impl Engine {
                 let _ = g.events.send(Event::Error(ApiError::unavailable("the server is shutting down")));
             }
             Job::Generate(g) => self.waiting.push_back(g),
-            Job::Document(d) => {
-                let reply = self.document(&d);
-                let _ = d.reply.send(reply);
+            Job::Document(d) if self.draining => {
+                let _ = d.reply.send(Err(ApiError::unavailable("the server is shutting down")));
             }
+            Job::Document(d) => self.submit_document(d),
         }
     }
 
@@ -755,20 +743,34 @@ impl Engine {
         }
     }
 
-    /// Compact a document once and store it (runs between steps; decoding waits meanwhile).
-    fn document(&mut self, d: &DocJob) -> Result<DocumentInfo, ApiError> {
-        let method = registry::require_am(&d.method, "serve").map_err(|e| ApiError::bad_param("method", e.to_string()))?;
-        let chat = self.tok.has_chat_template();
-        let layout = ContextLayout::build(&self.tok, &d.text, chat).map_err(|e| ApiError::bad_param("text", e.to_string()))?;
-        let opts = CompactOptions { budget: Budget::Ratio(d.ratio), queries: d.queries, n_queries: 2048, global_budgets: self.cfg.global_budgets, ..Default::default() };
-        let full_bytes = layout.len() * self.row_bytes();
-        let (cache, report) = compact_context(&self.model, &self.tok, &layout, &method, &opts).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let info = self
-            .store
-            .insert(&self.model, cache, chat, &d.method, d.ratio, &report, full_bytes, layout.tokens())
-            .map_err(|e| ApiError::internal(format!("storing the document: {e}")))?;
-        self.metrics.compactions.inc();
-        Ok(info)
+    /// Hand a document to the documents worker (started at the first one); decoding goes on
+    /// while it is compacted.
+    fn submit_document(&mut self, d: Box<DocJob>) {
+        if self.docs.is_none() {
+            let ctx = DocContext {
+                model: self.model.clone(),
+                tok: self.tok.clone(),
+                store: self.store.clone(),
+                metrics: self.metrics.clone(),
+                global_budgets: self.cfg.global_budgets,
+                hold: self.cfg.hold_compactions.clone(),
+            };
+            match DocWorker::spawn(ctx, self.threads) {
+                Ok(w) => self.docs = Some(w),
+                Err(e) => {
+                    let _ = d.reply.send(Err(ApiError::internal(e.to_string())));
+                    return;
+                }
+            }
+        }
+        if let Err(d) = self.docs.as_ref().expect("started above").submit(d) {
+            let _ = d.reply.send(Err(ApiError::internal("the documents worker has stopped")));
+        }
+    }
+
+    /// Documents queued or being compacted, not yet answered.
+    fn docs_pending(&self) -> usize {
+        self.docs.as_ref().map_or(0, |w| w.pending())
     }
 
     fn publish_gauges(&self) {
@@ -803,7 +805,8 @@ mod tests {
     //! The engine driven step by step on the tiny golden model (no HTTP): panic isolation in
     //! the batched decode step and its rollback; compaction in the background.
     use super::*;
-    use crate::document::compact_older_rows;
+    use crate::compact::{registry, Budget};
+    use crate::document::{compact_context, compact_older_rows, CompactOptions, ContextLayout, QuerySource};
     use std::path::Path;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -1086,5 +1089,61 @@ mod tests {
         step_until(&mut e, |e| e.in_flight.is_none());
         assert_eq!(e.kv_bytes(), 0);
         assert_eq!(e.metrics.compactions.get(), 0);
+    }
+
+    /// A document is compacted on the documents worker while a sequence decodes: the sequence
+    /// finishes (with its solo tokens) while the document is held in flight, and the stored
+    /// cache is the same bits as
+    /// `compact_context` on the engine's pool.
+    #[test]
+    fn sequences_decode_while_a_document_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("release");
+        let text = PROMPTS.concat();
+        let reference = alone(config(), dir.path(), PROMPTS[1], 12, 4);
+        let mut e = engine(EngineConfig { hold_compactions: Some(gate.clone()), ..config() }, dir.path());
+        let (reply, mut rx_doc) = tokio::sync::oneshot::channel();
+        e.accept(Job::Document(Box::new(DocJob { text: text.clone(), method: "am-highest".into(), ratio: 4.0, queries: QuerySource::Repeat, reply })));
+        assert_eq!(e.docs_pending(), 1);
+        let (g, mut rx) = job(&e.tok, PROMPTS[1], 12, 4, None);
+        e.accept(g);
+        run_out(&mut e);
+        assert_eq!(outcome(&mut rx).0, reference, "decoded beside the document, with the solo tokens");
+        assert!(rx_doc.try_recv().is_err() && e.docs_pending() == 1, "the document is still held");
+        std::fs::write(&gate, b"").unwrap();
+        let t0 = Instant::now();
+        while e.docs_pending() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "the document was never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let info = rx_doc.try_recv().expect("answered").expect("compacted");
+        assert_eq!(e.metrics.compactions.get(), 1);
+        let stored = e.store.get(&info.id).unwrap().expect("stored");
+        let chat = e.tok.has_chat_template();
+        let layout = ContextLayout::build(&e.tok, &text, chat).unwrap();
+        let method = registry::require_am("am-highest", "test").unwrap();
+        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 2048, global_budgets: true, ..Default::default() };
+        let (inline, _) = compact_context(&e.model, &e.tok, &layout, &method, &opts).unwrap();
+        assert_same(&stored.cache, &inline);
+    }
+
+    /// A drain waits for the documents still being compacted: `run` returns only after the
+    /// held document is released and answered.
+    #[test]
+    fn a_drain_waits_for_pending_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("release");
+        let e = engine(EngineConfig { hold_compactions: Some(gate.clone()), ..config() }, dir.path());
+        let (jobs, inbox) = std::sync::mpsc::channel();
+        let (reply, mut rx_doc) = tokio::sync::oneshot::channel();
+        jobs.send(Job::Document(Box::new(DocJob { text: PROMPTS[2].into(), method: "am-highest".into(), ratio: 4.0, queries: QuerySource::Repeat, reply }))).unwrap();
+        jobs.send(Job::Drain).unwrap();
+        let engine = std::thread::spawn(move || e.run(inbox));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!engine.is_finished() && rx_doc.try_recv().is_err(), "the drain returned before the document was answered");
+        std::fs::write(&gate, b"").unwrap();
+        engine.join().unwrap();
+        assert!(rx_doc.try_recv().expect("answered before the engine returned").is_ok());
+        drop(jobs);
     }
 }
