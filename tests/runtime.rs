@@ -110,18 +110,44 @@ fn f16_weights_are_widened_exactly() {
     half_matches_f32(WDtype::F16);
 }
 
-#[test]
-fn one_and_two_threads_give_identical_bits() {
-    let dir = golden("tiny/llama-mha");
+fn same_bits_at_1_2_and_3_threads(dir: &Path, what: &str) {
     let toks = tokens(50);
     let run = |threads: usize, batch: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| logits(&dir, &toks, batch))
+        pool.install(|| logits(dir, &toks, batch))
     };
     for batch in [256, 1] {
-        let (a, b) = (run(1, batch), run(2, batch));
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "batch {batch}: 1- and 2-thread logits differ");
+        let a = run(1, batch);
+        for t in [2, 3] {
+            let b = run(t, batch);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}, batch {batch}: 1- and {t}-thread logits differ");
+        }
     }
+}
+
+#[test]
+fn one_and_two_threads_give_identical_bits() {
+    same_bits_at_1_2_and_3_threads(&golden("tiny/llama-mha"), "f32");
+}
+
+/// The bf16 prefill widens weight tiles on every thread; the tile split depends on the matrix
+/// only, so the bits do not depend on the thread count either.
+#[test]
+fn bf16_one_and_two_threads_give_identical_bits() {
+    let src = golden("tiny/llama-mha");
+    let all = load_safetensors(&src.join("model.safetensors")).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    copy_dir(&src, t.path());
+    let halves: Vec<(String, Vec<usize>, Vec<u16>)> = all
+        .iter()
+        .map(|(n, (sh, d))| {
+            let TensorData::F32(v) = d else { unreachable!() };
+            (n.clone(), sh.clone(), v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())
+        })
+        .collect();
+    let hs: Vec<OutTensor> = halves.iter().map(|(n, sh, b)| OutTensor::Half { name: n, shape: sh.clone(), data: b, dtype: WDtype::Bf16 }).collect();
+    save_safetensors(&t.path().join("model.safetensors"), &hs, None).unwrap();
+    same_bits_at_1_2_and_3_threads(t.path(), "bf16");
 }
 
 #[test]

@@ -28,6 +28,14 @@ pub const DEFAULT_MAX_BATCH: usize = 256;
 /// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
 const WIDEN_TILE_ROWS: usize = 256;
 
+/// Weight rows per widened tile of an `out`-row matrix: about an eighth of the rows (so that both
+/// of two threads, or all of eight, get work on the small projections), a multiple of 16, at most
+/// [`WIDEN_TILE_ROWS`]. A function of `out` only: the split, and so the bits, never depend on the
+/// thread count.
+fn widen_tile_rows(out: usize) -> usize {
+    out.div_ceil(8).next_multiple_of(16).clamp(16, WIDEN_TILE_ROWS)
+}
+
 /// Which logits a forward call should produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -70,7 +78,7 @@ pub struct RunState {
     pub(super) sin: Vec<f32>,   // [B, hd/2]
     pub(super) positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
     pub(super) base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
-    pub(super) wtile: Vec<f32>, // [WIDEN_TILE_ROWS, max(d, ff)] widened weight tile (bf16/f16 GEMM)
+    pub(super) wtiles: Vec<std::sync::Mutex<Vec<f32>>>, // per pool thread: [≤ WIDEN_TILE_ROWS, in] widened weight tile (bf16/f16 GEMM), grown on demand
     pub(super) slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
     pub(super) slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
     pub(super) slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
@@ -147,7 +155,6 @@ impl Model {
     pub fn new_state(&self, max_batch: usize) -> RunState {
         let c = &self.config;
         let b = max_batch.max(1);
-        let wide = if self.weights.dtype() == WDtype::F32 { 0 } else { WIDEN_TILE_ROWS * c.hidden_size.max(c.intermediate_size).max(c.q_dim()) };
         RunState {
             max_batch: b,
             x: vec![0.0; b * c.hidden_size],
@@ -164,7 +171,7 @@ impl Model {
             sin: vec![0.0; b * c.head_dim / 2],
             positions: vec![0; b],
             base: vec![0; c.n_kv_heads],
-            wtile: vec![0.0; wide],
+            wtiles: if self.weights.dtype() == WDtype::F32 { Vec::new() } else { (0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect() },
             slim_s: Vec::new(),
             slim_part: Vec::new(),
             slim_kbar: Vec::new(),
@@ -291,9 +298,9 @@ impl Model {
                 self.gemv_task(&lw.wv, xn, &mut st.kv_v[..kvd]),
             ]);
         } else {
-            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
-            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &mut st.wtile);
-            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &mut st.wtile);
+            self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &st.wtiles);
+            self.linear(&lw.wk, &st.xn[..n * d], n, &mut st.kv_k[..n * kvd], &st.wtiles);
+            self.linear(&lw.wv, &st.xn[..n * d], n, &mut st.kv_v[..n * kvd], &st.wtiles);
         }
         add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
         add_bias_rows(&mut st.kv_v[..n * kvd], lw.bv.as_deref());
@@ -328,7 +335,7 @@ impl Model {
                 self.attention(st, stores, metas, n);
             }
         }
-        self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &mut st.wtile);
+        self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &st.wtiles);
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
@@ -342,8 +349,8 @@ impl Model {
                 self.gemv_task(&lw.w_up, xn, &mut st.up[..ff]),
             ]);
         } else {
-            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &mut st.wtile);
-            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &mut st.wtile);
+            self.linear(&lw.w_gate, &st.xn[..n * d], n, &mut st.gate[..n * ff], &st.wtiles);
+            self.linear(&lw.w_up, &st.xn[..n * d], n, &mut st.up[..n * ff], &st.wtiles);
         }
         add_bias_rows(&mut st.gate[..n * ff], lw.b_gate.as_deref());
         add_bias_rows(&mut st.up[..n * ff], lw.b_up.as_deref());
@@ -351,7 +358,7 @@ impl Model {
             .par_chunks_mut(ff)
             .zip(st.up[..n * ff].par_chunks(ff))
             .for_each(|(g, u)| k::silu_mul(g, u));
-        self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &mut st.wtile);
+        self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &st.wtiles);
         add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
@@ -388,7 +395,7 @@ impl Model {
         let lw = &self.weights.layers[l];
         let (d, qd, half) = (c.hidden_size, c.q_dim(), c.head_dim / 2);
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, c.rms_norm_eps);
-        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &mut st.wtile);
+        self.linear(&lw.wq, &st.xn[..n * d], n, &mut st.q[..n * qd], &st.wtiles);
         add_bias_rows(&mut st.q[..n * qd], lw.bq.as_deref());
         let (cos, sin) = (&st.cos[..n * half], &st.sin[..n * half]);
         rope_heads(&mut st.q[..n * qd], c.n_heads, c.head_dim, cos, sin, lw.q_norm.as_deref(), c.rms_norm_eps);
@@ -432,7 +439,7 @@ impl Model {
         let at = st.logits.len();
         st.logits.resize(at + m * vocab, 0.0);
         let xn = &st.xn[rows.start * d..rows.end * d];
-        self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &mut st.wtile);
+        self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &st.wtiles);
     }
 
     /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
@@ -446,7 +453,7 @@ impl Model {
     }
 
     /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.
-    fn linear(&self, wm: &MatrixView, x: &[f32], n: usize, y: &mut [f32], wtile: &mut [f32]) {
+    fn linear(&self, wm: &MatrixView, x: &[f32], n: usize, y: &mut [f32], wtiles: &[std::sync::Mutex<Vec<f32>>]) {
         let (out, inp) = (wm.rows, wm.cols);
         debug_assert_eq!(x.len(), n * inp);
         debug_assert_eq!(y.len(), n * out);
@@ -464,17 +471,31 @@ impl Model {
                 faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
             }
             _ => {
-                // Widen a tile of weight rows, multiply into the matching output columns.
+                // Tiles of weight rows run on the pool's threads: each is widened into the
+                // thread's own buffer and multiplied (sequentially) into its output columns, so
+                // the widening is parallel too and a tile never waits for another's.
+                let tr = widen_tile_rows(out);
+                let mut blocks = Vec::with_capacity(out.div_ceil(tr));
+                let mut rest = MatMut::from_row_major_slice_mut(y, n, out);
                 let mut r0 = 0;
                 while r0 < out {
-                    let tr = WIDEN_TILE_ROWS.min(out - r0);
-                    let tile = &mut wtile[..tr * inp];
-                    k::widen_rows(wr, r0, tr, inp, tile);
-                    let wt = MatRef::from_row_major_slice(&*tile, tr, inp).transpose();
-                    let ym = MatMut::from_row_major_slice_mut(&mut *y, n, out).subcols_mut(r0, tr);
-                    faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
-                    r0 += tr;
+                    let w = tr.min(out - r0);
+                    let (block, tail) = rest.split_at_col_mut(w);
+                    blocks.push((r0, w, block));
+                    rest = tail;
+                    r0 += w;
                 }
+                blocks.into_par_iter().for_each(|(r0, w, ym)| {
+                    let slot = rayon::current_thread_index().unwrap_or(0) % wtiles.len().max(1);
+                    let mut guard = wtiles[slot].lock().unwrap_or_else(|p| p.into_inner());
+                    if guard.len() < w * inp {
+                        guard.resize(w * inp, 0.0);
+                    }
+                    let tile = &mut guard[..w * inp];
+                    k::widen_rows(wr, r0, w, inp, tile);
+                    let wt = MatRef::from_row_major_slice(&*tile, w, inp).transpose();
+                    faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
+                });
             }
         }
     }
