@@ -89,6 +89,17 @@ def main():
     doc = {"torch": torch.__version__, "repeats": args.repeats, "heads": [str(p) for _, p in cases],
            "cpu": cpu_model(), "threads": 1, "load_note": "shared 2-core machine; best of REPEATS",
            "loadavg_at_end": os.getloadavg(), "rows": rows}
+    # Sums per head set, method and budget: steadier than single rows.
+    groups = {}
+    for key, r in rows.items():
+        case, method, tag = key.rsplit(".", 2)
+        g = groups.setdefault((case.split("/")[0], method, tag), [0.0, 0.0, 0])
+        g[0] += r["official_s"]
+        g[1] += r["ours_default_s"]
+        g[2] += 1
+    doc["sums"] = {f"{s}.{m}.{t}": {"cases": n, "official_s": o, "ours_default_s": u, "speedup": o / u} for (s, m, t), (o, u, n) in sorted(groups.items())}
+    for k, v in doc["sums"].items():
+        print(f"{k:28s} {v['cases']} cases  official {v['official_s']:.3f}s  ours {v['ours_default_s']:.3f}s  ours {v['speedup']:.2f}x faster")
     Path(args.out).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
 
