@@ -462,42 +462,39 @@ impl Model {
             k::gemv_par(wr, out, inp, x, y);
             return;
         }
-        let par = Par::rayon(0);
         let xm = MatRef::from_row_major_slice(x, n, inp);
-        match wr {
+        // Tiles of weight rows run on the pool's threads, each multiplied (sequentially) into its
+        // own output columns: every thread packs only its own weight panels, and bf16/f16 tiles
+        // are widened there into the thread's own buffer. The split depends on `out` only, so
+        // the bits do not depend on the thread count.
+        let tr = widen_tile_rows(out);
+        let mut blocks = Vec::with_capacity(out.div_ceil(tr));
+        let mut rest = MatMut::from_row_major_slice_mut(y, n, out);
+        let mut r0 = 0;
+        while r0 < out {
+            let w = tr.min(out - r0);
+            let (block, tail) = rest.split_at_col_mut(w);
+            blocks.push((r0, w, block));
+            rest = tail;
+            r0 += w;
+        }
+        blocks.into_par_iter().for_each(|(r0, w, ym)| match wr {
             k::WeightRef::F32(ws) => {
-                let wt = MatRef::from_row_major_slice(ws, out, inp).transpose();
-                let ym = MatMut::from_row_major_slice_mut(y, n, out);
-                faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, par);
+                let wt = MatRef::from_row_major_slice(&ws[r0 * inp..(r0 + w) * inp], w, inp).transpose();
+                faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
             }
             _ => {
-                // Tiles of weight rows run on the pool's threads: each is widened into the
-                // thread's own buffer and multiplied (sequentially) into its output columns, so
-                // the widening is parallel too and a tile never waits for another's.
-                let tr = widen_tile_rows(out);
-                let mut blocks = Vec::with_capacity(out.div_ceil(tr));
-                let mut rest = MatMut::from_row_major_slice_mut(y, n, out);
-                let mut r0 = 0;
-                while r0 < out {
-                    let w = tr.min(out - r0);
-                    let (block, tail) = rest.split_at_col_mut(w);
-                    blocks.push((r0, w, block));
-                    rest = tail;
-                    r0 += w;
+                let slot = rayon::current_thread_index().unwrap_or(0) % wtiles.len().max(1);
+                let mut guard = wtiles[slot].lock().unwrap_or_else(|p| p.into_inner());
+                if guard.len() < w * inp {
+                    guard.resize(w * inp, 0.0);
                 }
-                blocks.into_par_iter().for_each(|(r0, w, ym)| {
-                    let slot = rayon::current_thread_index().unwrap_or(0) % wtiles.len().max(1);
-                    let mut guard = wtiles[slot].lock().unwrap_or_else(|p| p.into_inner());
-                    if guard.len() < w * inp {
-                        guard.resize(w * inp, 0.0);
-                    }
-                    let tile = &mut guard[..w * inp];
-                    k::widen_rows(wr, r0, w, inp, tile);
-                    let wt = MatRef::from_row_major_slice(&*tile, w, inp).transpose();
-                    faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
-                });
+                let tile = &mut guard[..w * inp];
+                k::widen_rows(wr, r0, w, inp, tile);
+                let wt = MatRef::from_row_major_slice(&*tile, w, inp).transpose();
+                faer::linalg::matmul::matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
             }
-        }
+        });
     }
 }
 
