@@ -253,8 +253,10 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
 
 /// Write `input` (and the held-out `test_queries` [m, d]) as a `compact-head` input file: `keys`,
 /// `values` [T, d], `positions` (i64 [T]), `queries` [n, d], `test_queries`, `bias` [T] when the
-/// head has one, and `scale` [1]. [`compact_head_file`] on it reruns exactly this head's problem.
-pub fn write_head_input(path: &Path, input: &HeadInput, test_queries: &[f32]) -> Result<()> {
+/// head has one, and `scale` [1]. `used`: the budget (rows) and method seed the head was compacted
+/// with, recorded as metadata `budget` and `seed`; [`compact_head_file`] with them reruns exactly
+/// this head's compaction.
+pub fn write_head_input(path: &Path, input: &HeadInput, test_queries: &[f32], used: Option<(usize, u64)>) -> Result<()> {
     let (t, d) = (input.rows(), input.d);
     let positions: Vec<i64> = input.positions.iter().map(|&p| p as i64).collect();
     let queries = input.queries.unwrap_or(&[]);
@@ -270,11 +272,15 @@ pub fn write_head_input(path: &Path, input: &HeadInput, test_queries: &[f32]) ->
     if let Some(b) = input.bias {
         tensors.push(OutTensor::F32 { name: "bias", shape: vec![t], data: b });
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("layer".to_string(), input.layer.to_string()),
         ("kv_head".to_string(), input.kv_head.to_string()),
         ("generator".to_string(), format!("kvcompact {} compact --dump-heads", env!("CARGO_PKG_VERSION"))),
     ]);
+    if let Some((budget, seed)) = used {
+        meta.insert("budget".to_string(), budget.to_string());
+        meta.insert("seed".to_string(), seed.to_string());
+    }
     save_safetensors(path, &tensors, Some(meta))
 }
 /// Run one compaction from `input` to `output` (see the module docs).

@@ -331,14 +331,15 @@ fn compress_and_install(
     };
     let tc = Instant::now();
     let inputs: Vec<HeadInput> = heads.iter().map(|&i| input_of(i)).collect();
+    let bud: Vec<usize> = heads.iter().map(|&i| budgets[i].min(span.rows[i].len())).collect();
     if let Some(dir) = &opts.dump_heads {
-        for (&i, inp) in heads.iter().zip(&inputs) {
+        for ((&i, inp), &b) in heads.iter().zip(&inputs).zip(&bud) {
             let chunk = evals[i].len();
             let name = if chunk == 0 { format!("L{:02}H{}.safetensors", i / nkv, i % nkv) } else { format!("L{:02}H{}.c{chunk}.safetensors", i / nkv, i % nkv) };
-            crate::compact::oracle::write_head_input(&dir.join(name), inp, &test[i])?;
+            let seed = crate::compact::head_seed(opts.seed, inp.layer, inp.kv_head);
+            crate::compact::oracle::write_head_input(&dir.join(name), inp, &test[i], Some((b, seed)))?;
         }
     }
-    let bud: Vec<usize> = heads.iter().map(|&i| budgets[i].min(span.rows[i].len())).collect();
     let out = compress_heads(method, &inputs, &bud, opts.seed)?;
     report.compact_seconds += tc.elapsed().as_secs_f64();
     let te = Instant::now();
