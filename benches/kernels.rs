@@ -59,6 +59,48 @@ fn read_bytes(b: Bencher, (rows, cols): (usize, usize)) {
     b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| arch.dispatch(Sum(divan::black_box(&w))));
 }
 
+/// [`read_bytes`] split into one contiguous part per rayon thread (all cores unless
+/// RAYON_NUM_THREADS says otherwise): the multi-thread read roofline of decode.
+#[divan::bench(args = GEMV_SHAPES)]
+fn read_bytes_par(b: Bencher, (rows, cols): (usize, usize)) {
+    use rayon::prelude::*;
+    let w: Vec<u32> = random(rows * cols, 1).iter().map(|v| v.to_bits()).collect();
+    let parts = rayon::current_num_threads().max(1);
+    let chunk = (w.len().div_ceil(parts)).next_multiple_of(16);
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| {
+        w.par_chunks(chunk)
+            .map(|c| {
+                let mut acc = [0u32; 16];
+                let (blocks, tail) = c.as_chunks::<16>();
+                for blk in blocks {
+                    for l in 0..16 {
+                        acc[l] = acc[l].wrapping_add(blk[l]);
+                    }
+                }
+                tail.iter().fold(acc.iter().fold(0u32, |a, &v| a.wrapping_add(v)), |a, &v| a.wrapping_add(v))
+            })
+            .reduce(|| 0u32, |a, b| a.wrapping_add(b))
+    });
+}
+
+/// The decode GEMV on the rayon pool ([`k::gemv_par`]), f32 and bf16: compare with
+/// [`read_bytes_par`].
+#[divan::bench(args = GEMV_SHAPES)]
+fn gemv_par_f32(b: Bencher, (rows, cols): (usize, usize)) {
+    let w = random(rows * cols, 1);
+    let x = random(cols, 2);
+    let mut y = vec![0.0; rows];
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv_par(k::WeightRef::F32(&w), rows, cols, &x, &mut y));
+}
+
+#[divan::bench(args = GEMV_SHAPES)]
+fn gemv_par_bf16(b: Bencher, (rows, cols): (usize, usize)) {
+    let w: Vec<u16> = random(rows * cols, 3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    let x = random(cols, 4);
+    let mut y = vec![0.0; rows];
+    b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv_par(k::WeightRef::Bf16(&w), rows, cols, &x, &mut y));
+}
+
 #[divan::bench(args = GEMV_SHAPES)]
 fn gemv_bf16(b: Bencher, (rows, cols): (usize, usize)) {
     let w: Vec<u16> = random(rows * cols, 3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
