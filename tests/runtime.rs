@@ -187,3 +187,30 @@ fn cache_positions_and_rollback_after_forward() {
     assert_eq!(first, st.logits);
     assert_eq!(c.bytes(), 20 * m.config.n_layers * m.config.n_kv_heads * (2 * m.config.head_dim * 4 + 4));
 }
+
+/// `layer_queries` (the queries alone, as the last layer's query extraction and on-policy
+/// compaction take them) gives the same bits as the queries a full `layer` call writes, for one
+/// token and for a chunk, with a prefix already in the cache.
+#[test]
+fn layer_queries_equal_the_full_layer_s() {
+    let dir = golden("tiny/qwen2-bias");
+    let m = Model::load(&dir).unwrap();
+    let toks = tokens(40);
+    for n in [1usize, 23] {
+        let mut st = m.new_state(64);
+        let mut c = m.new_cache();
+        m.forward(&mut st, &mut c, &toks[..17], Logits::None).unwrap();
+        let chunk = &toks[17..17 + n];
+        for l in 0..m.config.n_layers {
+            m.embed(&mut st, chunk);
+            m.prepare_positions(&mut st, n, 17);
+            let x = m.residual(&mut st, n).to_vec();
+            let alone = m.layer_queries(l, &mut st, n).to_vec();
+            m.residual(&mut st, n).copy_from_slice(&x);
+            m.layer(l, &mut st, &mut c, n);
+            let full = m.last_queries(&st, n);
+            assert!(alone.iter().zip(full).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {l}, n {n}: queries differ");
+            c.truncate_layer_to(l, 17);
+        }
+    }
+}

@@ -111,6 +111,21 @@ impl LayerRun<'_> {
         let (model, mb) = (self.model, st.max_batch());
         let (d, nkv) = (model.config.hidden_size, model.config.n_kv_heads);
         let mut collect = collect;
+        // The last layer's output is never used: only its queries are, and they need neither its
+        // attention nor its MLP (the same bits as `last_queries` after a full layer).
+        if l + 1 == model.config.n_layers {
+            if let Some((train, test)) = collect.as_mut() {
+                for (ci, chunk) in self.tokens.chunks(mb).enumerate() {
+                    let (at, n) = (ci * mb, chunk.len());
+                    model.prepare_positions(st, n, self.pos0 + at);
+                    model.residual(st, n).copy_from_slice(&hidden[at * d..(at + n) * d]);
+                    let q = model.layer_queries(l, st, n);
+                    group_queries(q, model, &local(self.sel, at, n), &mut train[l * nkv..(l + 1) * nkv]);
+                    group_queries(q, model, &local(self.test_sel, at, n), &mut test[l * nkv..(l + 1) * nkv]);
+                }
+                return;
+            }
+        }
         for (ci, chunk) in self.tokens.chunks(mb).enumerate() {
             let (at, n) = (ci * mb, chunk.len());
             model.prepare_positions(st, n, self.pos0 + at);
