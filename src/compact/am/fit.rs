@@ -205,7 +205,7 @@ pub fn attention_stats<T: Elem>(input: &HeadInput, inner_par: bool) -> Result<At
     Ok(AttnStats { n, t_rows, e, mu, z, y })
 }
 
-/// The `max` key score of [`super::highest::scores`] (max_i A_ij, A = E / Z̃) straight from `input`,
+/// The `max` key score of HighestAttnKeys selection (max_i A_ij, A = E / Z̃) straight from `input`,
 /// in blocks of queries, without E [n, T] or Y: the same bits as [`attention_stats`] followed by
 /// `scores(.., Score::Max)` (each block is the same f32 GEMM and row kernel), at half the work
 /// and a block-sized buffer. The global budget allocation ranks every head's rows by it.
