@@ -251,9 +251,9 @@ pub fn compact_head(a: &HeadArrays, opts: &OracleOptions) -> Result<HeadResult> 
 }
 
 
-/// Write `input` (and the held-out `test_queries` [m, d]) as a `compact-head` input file: `keys`,
-/// `values` [T, d], `positions` (i64 [T]), `queries` [n, d], `test_queries`, `bias` [T] when the
-/// head has one, and `scale` [1]. `used`: the budget (rows) and method seed the head was compacted
+/// Write `input` (and the held-out `test_queries`, `[m, d]`) as a `compact-head` input file:
+/// `keys` and `values` (`[T, d]`), `positions` (i64, `[T]`), `queries` (`[n, d]`), `test_queries`,
+/// `bias` (`[T]`) when the head has one, and `scale` (`[1]`). `used`: the budget (rows) and method seed the head was compacted
 /// with, recorded as metadata `budget` and `seed`; [`compact_head_file`] with them reruns exactly
 /// this head's compaction.
 pub fn write_head_input(path: &Path, input: &HeadInput, test_queries: &[f32], used: Option<(usize, u64)>) -> Result<()> {
