@@ -125,5 +125,8 @@ fn document(ctx: &DocContext, d: &DocJob) -> std::result::Result<DocumentInfo, A
         .insert(&ctx.model, cache, chat, &d.method, d.ratio, &report, full_bytes, layout.tokens())
         .map_err(|e| ApiError::internal(format!("storing the document: {e}")))?;
     ctx.metrics.compactions.inc();
+    // The engine republishes this gauge after each of its steps; set it now so that the document
+    // is visible in /metrics as soon as its request is answered, even while the engine idles.
+    ctx.metrics.documents_hot_bytes.set(ctx.store.hot_bytes() as i64);
     Ok(info)
 }
