@@ -26,7 +26,7 @@ pub struct HeadEval {
 
 /// Attention output and log-sum-exp of `q` [d] against rows (`keys` [r, d], `values` [r, d],
 /// additive `bias` [r]) in f64. No rows gives (0, −inf): spec §7 rule 6, never NaN.
-// Hot inner helper: the scratch buffers are passed in so the parallel map can reuse them.
+// The kernel of the naive twin [`evaluate_head_ref`]: one query, sequential sums, libm exp.
 #[allow(clippy::too_many_arguments)]
 fn attend_f64(q: &[f32], keys: &[f32], values: &[f32], bias: Option<&[f32]>, scale: f64, d: usize, out: &mut [f64], logits: &mut Vec<f64>) -> f64 {
     let r = keys.len() / d;
