@@ -306,9 +306,17 @@ impl Engine {
         self.running.iter().map(|s| s.cache.bytes()).sum::<usize>() + self.in_flight.as_ref().map_or(0, |f| f.bytes)
     }
 
-    /// What the KV budget bounds: the running sequences' caches and the documents kept in RAM.
+    /// What the KV budget bounds: the running sequences' caches, the rows their prompts will
+    /// still take ([`Engine::promised_bytes`]), and the documents kept in RAM.
     fn held_bytes(&self) -> usize {
-        self.kv_bytes() + self.store.hot_bytes()
+        self.kv_bytes() + self.promised_bytes() + self.store.hot_bytes()
+    }
+
+    /// The rows admitted prompts have yet to prefill, in bytes. Admission promises them: without
+    /// this, requests arriving together were all admitted against caches that were still empty,
+    /// and the prefills then took the KV memory to twice the budget while a compaction ran.
+    fn promised_bytes(&self) -> usize {
+        self.running.iter().map(|s| s.pending).sum::<usize>() * self.row_bytes()
     }
 
     /// Bytes one more token costs a sequence: one row in every (layer, KV head).
@@ -372,7 +380,7 @@ impl Engine {
                         }
                         let job = self.waiting.pop_front().expect("front exists");
                         let _ = job.events.send(Event::Error(ApiError::out_of_memory(format!(
-                            "KV memory is full ({:.1} of {:.1} MiB held) and compaction cannot free {:.1} MiB; retry later",
+                            "KV memory is full ({:.1} of {:.1} MiB held or promised to prompts) and compaction cannot free {:.1} MiB; retry later",
                             self.held_bytes() as f64 / MIB,
                             budget as f64 / MIB,
                             need as f64 / MIB
@@ -414,7 +422,7 @@ impl Engine {
         if self.held_bytes() <= target {
             return Room::Now;
         }
-        let shed = self.store.shed_hot(target.saturating_sub(self.kv_bytes()));
+        let shed = self.store.shed_hot(target.saturating_sub(self.kv_bytes() + self.promised_bytes()));
         if shed > 0 {
             self.metrics.documents_shed_bytes.inc_by(shed as u64);
             tracing::info!(bytes = shed, "dropped documents from RAM under memory pressure");
@@ -571,7 +579,8 @@ impl Engine {
             panic!("fail point KVCOMPACT_FAIL_POINT reached in prefill");
         }
         let chunk = self.cfg.prefill_chunk.max(1);
-        self.make_room(chunk.min(self.running[i].pending));
+        // The chunk's rows are already counted as promised: only the high-water mark is checked.
+        self.make_room(0);
         let s = &mut self.running[i];
         let done = s.job.prompt.len() - s.pending;
         let n = chunk.min(s.pending);
@@ -1145,5 +1154,37 @@ mod tests {
         engine.join().unwrap();
         assert!(rx_doc.try_recv().expect("answered before the engine returned").is_ok());
         drop(jobs);
+    }
+
+    /// Prompts arriving together are admitted against what they will take, not against their
+    /// still-empty caches: with room for two, the third waits, the held-or-promised bytes never
+    /// pass the budget while they prefill, and all three finish.
+    #[test]
+    fn prompts_arriving_together_are_admitted_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = engine(config(), dir.path());
+        let (tok, row) = (probe.tok.clone(), probe.row_bytes());
+        let text = PROMPTS.concat();
+        let len = tok.encode(&text, true).unwrap().len();
+        let budget = (2 * (len + 1) + 4) * row;
+        let mut e = engine(EngineConfig { kv_budget_bytes: Some(budget), ..config() }, dir.path());
+        let mut rxs = Vec::new();
+        for seed in 0..3 {
+            let (j, rx) = job(&tok, &text, 4, seed, None);
+            e.accept(j);
+            rxs.push(rx);
+        }
+        e.admit();
+        assert_eq!(e.running.len(), 2, "the third prompt waits for room");
+        assert!(e.held_bytes() <= budget);
+        let t0 = Instant::now();
+        while !(e.waiting.is_empty() && e.running.is_empty() && e.in_flight.is_none()) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the requests did not finish");
+            e.step();
+            assert!(e.kv_bytes() <= budget, "{} bytes held, budget {budget}", e.kv_bytes());
+        }
+        for rx in &mut rxs {
+            assert!(matches!(outcome(rx).1, Event::Done { .. }));
+        }
     }
 }
