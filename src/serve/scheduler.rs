@@ -193,7 +193,8 @@ struct InFlight {
 enum Room {
     /// They fit now.
     Now,
-    /// Not yet; a compaction in flight will free memory when it comes back.
+    /// Not yet; a compaction in flight will free memory when it comes back, or a sequence still
+    /// prefilling will be compacted once its prompt is in.
     Soon,
     /// Not, and nothing is left to compact.
     Never,
@@ -442,7 +443,12 @@ impl Engine {
                 .filter(|(_, s)| s.pending == 0 && !s.compacting && s.fresh_rows > keep + 8)
                 .max_by_key(|(_, s)| s.fresh_rows)
                 .map(|(i, _)| i);
-            let Some(i) = candidate else { return Room::Never };
+            let Some(i) = candidate else {
+                // A sequence still prefilling will be compactable once its prompt is in: room
+                // comes soon, so a request waits for it rather than being refused.
+                let coming = self.running.iter().any(|s| s.pending > 0 && !s.compacting && s.fresh_rows + s.pending > keep + 8);
+                return if coming { Room::Soon } else { Room::Never };
+            };
             if self.start_compaction(i) {
                 return Room::Soon;
             }
