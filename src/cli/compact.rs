@@ -145,8 +145,8 @@ pub fn run(a: Args) -> Result<()> {
         report.kv_bytes_before as f64 / report.kv_bytes_after.max(1) as f64, report.mean_rel_l2, report.mean_mass_err
     );
     println!(
-        "time: total {:.2} s = prefill {:.2} + queries {:.2} + compaction {:.2} (per-head sums: attention {:.2}, select {:.2}, beta {:.2}, values {:.2}) + eval {:.2}",
-        report.total_seconds, report.prefill_seconds, report.query_seconds, report.compact_seconds,
+        "time: total {:.2} s = prefill {:.2} + queries {:.2} + budgets {:.2} + compaction {:.2} (per-head sums: attention {:.2}, select {:.2}, beta {:.2}, values {:.2}) + eval {:.2}",
+        report.total_seconds, report.prefill_seconds, report.query_seconds, report.budget_seconds, report.compact_seconds,
         report.attn_seconds, report.select_seconds, report.beta_seconds, report.values_seconds, report.eval_seconds
     );
     println!("saved {}", a.out.display());

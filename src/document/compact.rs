@@ -200,6 +200,9 @@ pub struct CompactReport {
     pub compact_seconds: f64,
     /// Wall time of the held-out evaluation of every head.
     pub eval_seconds: f64,
+    /// Wall time of the global allocation's key scores ([`CompactOptions::global_budgets`]; 0
+    /// without it).
+    pub budget_seconds: f64,
     /// Wall time of the whole [`compact_context`] call.
     pub total_seconds: f64,
     /// One summary per layer, in layer order.
@@ -278,7 +281,9 @@ pub(super) fn compact_span(
         merge_extra(&mut train, &mut test, extra, 0..nl * nkv);
         report.query_seconds += tq.elapsed().as_secs_f64();
         let all: Vec<usize> = (0..nl * nkv).collect();
+        let tb = Instant::now();
         let global = (opts.global_budgets && opts.budgets.is_none() && method.scorer().is_none()).then(|| global_head_budgets(model, cache, span, budgets, &train)).transpose()?;
+        report.budget_seconds += tb.elapsed().as_secs_f64();
         compress_and_install(model, cache, span, method, global.as_deref().unwrap_or(budgets), opts, &all, &train, &test, evals, report)?;
     } else {
         for l in 0..nl {
