@@ -25,15 +25,15 @@ use crate::model::weights::{MatrixView, WDtype, Weights};
 
 /// Default number of tokens per forward chunk.
 pub const DEFAULT_MAX_BATCH: usize = 256;
-/// Weight rows widened per GEMM tile for bf16/f16 prefill (tile = rows × in_features f32).
-const WIDEN_TILE_ROWS: usize = 256;
+/// Most weight rows per prefill GEMM tile (a bf16/f16 tile is widened to rows × in_features f32).
+const GEMM_TILE_ROWS: usize = 256;
 
-/// Weight rows per widened tile of an `out`-row matrix: about an eighth of the rows (so that both
+/// Weight rows per prefill GEMM tile of an `out`-row matrix: about an eighth of the rows (so that both
 /// of two threads, or all of eight, get work on the small projections), a multiple of 16, at most
-/// [`WIDEN_TILE_ROWS`]. A function of `out` only: the split, and so the bits, never depend on the
+/// [`GEMM_TILE_ROWS`]. A function of `out` only: the split, and so the bits, never depend on the
 /// thread count.
-fn widen_tile_rows(out: usize) -> usize {
-    out.div_ceil(8).next_multiple_of(16).clamp(16, WIDEN_TILE_ROWS)
+fn gemm_tile_rows(out: usize) -> usize {
+    out.div_ceil(8).next_multiple_of(16).clamp(16, GEMM_TILE_ROWS)
 }
 
 /// Which logits a forward call should produce.
@@ -78,7 +78,7 @@ pub struct RunState {
     pub(super) sin: Vec<f32>,   // [B, hd/2]
     pub(super) positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
     pub(super) base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
-    pub(super) wtiles: Vec<std::sync::Mutex<Vec<f32>>>, // per pool thread: [≤ WIDEN_TILE_ROWS, in] widened weight tile (bf16/f16 GEMM), grown on demand
+    pub(super) wtiles: Vec<std::sync::Mutex<Vec<f32>>>, // per pool thread: [≤ GEMM_TILE_ROWS, in] widened weight tile (bf16/f16 GEMM), grown on demand
     pub(super) slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
     pub(super) slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
     pub(super) slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
@@ -467,7 +467,7 @@ impl Model {
         // own output columns: every thread packs only its own weight panels, and bf16/f16 tiles
         // are widened there into the thread's own buffer. The split depends on `out` only, so
         // the bits do not depend on the thread count.
-        let tr = widen_tile_rows(out);
+        let tr = gemm_tile_rows(out);
         let mut blocks = Vec::with_capacity(out.div_ceil(tr));
         let mut rest = MatMut::from_row_major_slice_mut(y, n, out);
         let mut r0 = 0;

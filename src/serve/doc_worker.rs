@@ -48,6 +48,8 @@ pub struct DocContext {
     pub metrics: Arc<Metrics>,
     /// [`CompactOptions::global_budgets`] of the server.
     pub global_budgets: bool,
+    /// KV bytes of one token (one row in every layer and KV head), for `kv_bytes_full`.
+    pub row_bytes: usize,
     /// Testing hook (`KVCOMPACT_HOLD_COMPACTION`): each document waits, compacted but neither
     /// stored nor answered, until this file exists.
     pub hold: Option<PathBuf>,
@@ -112,8 +114,7 @@ fn document(ctx: &DocContext, d: &DocJob) -> std::result::Result<DocumentInfo, A
     let chat = ctx.tok.has_chat_template();
     let layout = ContextLayout::build(&ctx.tok, &d.text, chat).map_err(|e| ApiError::bad_param("text", e.to_string()))?;
     let opts = CompactOptions { budget: Budget::Ratio(d.ratio), queries: d.queries, n_queries: 2048, global_budgets: ctx.global_budgets, ..Default::default() };
-    let c = &ctx.model.config;
-    let full_bytes = layout.len() * c.n_layers * c.n_kv_heads * crate::cache::KvCache::row_bytes(c.head_dim);
+    let full_bytes = layout.len() * ctx.row_bytes;
     let (cache, report) = compact_context(&ctx.model, &ctx.tok, &layout, &method, &opts).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(gate) = &ctx.hold {
         while !gate.exists() {

@@ -768,6 +768,7 @@ impl Engine {
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
                 global_budgets: self.cfg.global_budgets,
+                row_bytes: self.row_bytes(),
                 hold: self.cfg.hold_compactions.clone(),
             };
             match DocWorker::spawn(ctx, self.threads) {
