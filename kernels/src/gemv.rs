@@ -7,6 +7,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::team::Team;
+
 #[cfg(target_arch = "x86_64")]
 use crate::gemv_v4 as k4;
 #[cfg(target_arch = "x86_64")]
@@ -393,13 +395,30 @@ struct Seg<'a> {
 /// Every row is reduced by the same function whatever the partition, so the
 /// outputs are bit-identical to [`gemv`] of each task at any thread count.
 pub fn gemv_multi_par(tasks: &mut [GemvTask<'_>]) {
+    gemv_multi(None, tasks)
+}
+
+/// [`gemv_multi_par`] on the threads of a decode [`Team`] (one stage, no rayon dispatch); the
+/// same outputs, bit for bit.
+pub fn gemv_multi_team(team: &Team<'_>, tasks: &mut [GemvTask<'_>]) {
+    gemv_multi(Some(team), tasks)
+}
+
+/// Below this many weight bytes a [`Team`] stage runs on the calling thread: a stage costs
+/// about a microsecond, a rayon fork/join tens.
+const GEMV_TEAM_MIN_BYTES: usize = 32 * 1024;
+
+fn gemv_multi(team: Option<&Team<'_>>, tasks: &mut [GemvTask<'_>]) {
     let mut total = 0usize;
     for t in tasks.iter() {
         check(&t.w, t.rows, t.cols, t.x, t.y);
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || total < GEMV_PAR_MIN_BYTES {
+    let (threads, min_bytes) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
+    };
+    if threads <= 1 || total < min_bytes {
         for t in tasks.iter_mut() {
             gemv_rows(t.w, 0, t.cols, t.x, t.y);
         }
@@ -425,11 +444,18 @@ pub fn gemv_multi_par(tasks: &mut [GemvTask<'_>]) {
             done += n * row_bytes;
         }
     }
-    segs.par_chunk_by_mut(|a, b| a.part == b.part).for_each(|group| {
+    let run = |group: &mut [Seg<'_>]| {
         for s in group.iter_mut() {
             gemv_rows(s.w, s.row0, s.cols, s.x, s.y);
         }
-    });
+    };
+    match team {
+        Some(t) => {
+            let mut groups: Vec<&mut [Seg<'_>]> = segs.chunk_by_mut(|a, b| a.part == b.part).collect();
+            t.for_each_mut(&mut groups, |_, g| run(g));
+        }
+        None => segs.par_chunk_by_mut(|a, b| a.part == b.part).for_each(run),
+    }
 }
 
 /// Naive twin of [`gemv_batch`]: [`gemv_ref`] of each vector.
@@ -579,14 +605,26 @@ pub struct GemvBatchTask<'a> {
 /// [`gemv_multi_par`]. Every output is bit-identical to [`gemv`] of its vector alone, at any
 /// thread count and any batch size.
 pub fn gemv_batch_multi_par(tasks: &mut [GemvBatchTask<'_>]) {
+    gemv_batch_multi(None, tasks)
+}
+
+/// [`gemv_batch_multi_par`] on the threads of a decode [`Team`]; the same outputs, bit for bit.
+pub fn gemv_batch_multi_team(team: &Team<'_>, tasks: &mut [GemvBatchTask<'_>]) {
+    gemv_batch_multi(Some(team), tasks)
+}
+
+fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
     let mut total = 0usize;
     let mut ms = Vec::with_capacity(tasks.len());
     for t in tasks.iter() {
         ms.push(batch_check(&t.w, t.rows, t.cols, t.xs, t.ys));
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || total < GEMV_PAR_MIN_BYTES {
+    let (threads, min_bytes) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
+    };
+    if threads <= 1 || total < min_bytes {
         for (t, &m) in tasks.iter_mut().zip(&ms) {
             if m > 0 {
                 let mut out = vec![0.0f32; t.rows * m];
@@ -614,21 +652,27 @@ pub fn gemv_batch_multi_par(tasks: &mut [GemvBatchTask<'_>]) {
         }
     }
     let view: Vec<(WeightRef, usize, &[f32], usize)> = tasks.iter().zip(&ms).map(|(t, &m)| (t.w, t.cols, t.xs, m)).collect();
-    let results: Vec<Vec<(usize, usize, Vec<f32>)>> = segs
-        .par_chunk_by(|a, b| a.0 == b.0)
-        .map(|group| {
-            let mut tmp = Vec::new();
-            group
-                .iter()
-                .map(|&(_, ti, row0, n)| {
-                    let (w, cols, xs, m) = view[ti];
-                    let mut out = vec![0.0f32; n * m];
-                    gemv_rows_batch(w, row0, n, cols, xs, m, &mut out, &mut tmp);
-                    (ti, row0, out)
-                })
-                .collect()
-        })
-        .collect();
+    let run = |group: &[(usize, usize, usize, usize)]| -> Vec<(usize, usize, Vec<f32>)> {
+        let mut tmp = Vec::new();
+        group
+            .iter()
+            .map(|&(_, ti, row0, n)| {
+                let (w, cols, xs, m) = view[ti];
+                let mut out = vec![0.0f32; n * m];
+                gemv_rows_batch(w, row0, n, cols, xs, m, &mut out, &mut tmp);
+                (ti, row0, out)
+            })
+            .collect()
+    };
+    let results: Vec<Vec<(usize, usize, Vec<f32>)>> = match team {
+        Some(t) => {
+            let mut jobs: Vec<(&[(usize, usize, usize, usize)], Vec<(usize, usize, Vec<f32>)>)> =
+                segs.chunk_by(|a, b| a.0 == b.0).map(|g| (g, Vec::new())).collect();
+            t.for_each_mut(&mut jobs, |_, (g, out)| *out = run(g));
+            jobs.into_iter().map(|(_, out)| out).collect()
+        }
+        None => segs.par_chunk_by(|a, b| a.0 == b.0).map(run).collect(),
+    };
     for (ti, row0, out) in results.into_iter().flatten() {
         let t = &mut tasks[ti];
         if ms[ti] > 0 {

@@ -12,6 +12,7 @@
 //! | [`gemv_batch`], [`gemv_batch_multi_par`] (m vectors, each weight read once; bit-identical to [`gemv()`] per vector) | as [`gemv()`], row blocks kept in L1 | [`gemv_batch_ref`] |
 //! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
 //! | [`attend_group`] | AVX2 or AVX-512 GQA decode attention, K/V read once per group | [`attend_group_ref`] |
+//! | [`gemv_multi_team`], [`gemv_batch_multi_team`] (one stage of a decode [`Team`]: workers kept awake for a whole token) | as [`gemv_multi_par`] | [`gemv_ref`] |
 //!
 //! **Dispatch rule.** The ISA is detected at run time, never at build time
 //! (no `target-cpu=native`, no `-C target-feature`), and one level is used for
@@ -43,6 +44,7 @@ mod gemv_v4;
 pub mod norm;
 pub mod rope;
 mod simd;
+pub mod team;
 pub mod vecops;
 
 pub use activ::{
@@ -50,9 +52,10 @@ pub use activ::{
 };
 pub use attn::{attend_group, attend_group_ref};
 pub use dispatch::{cpu_model, detected_simd_level, force_simd_level, simd_dispatch_level, SimdLevel, UnsupportedSimdLevel, SIMD_ENV};
-pub use gemv::{gemv, gemv_batch, gemv_batch_multi_par, gemv_batch_ref, gemv_multi_par, gemv_par, gemv_ref, GemvBatchTask, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
+pub use gemv::{gemv, gemv_batch, gemv_batch_multi_par, gemv_batch_multi_team, gemv_batch_ref, gemv_multi_par, gemv_multi_team, gemv_par, gemv_ref, GemvBatchTask, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};
 pub use rope::{rope_dot, rope_dot_ref, rope_rotate_half, rope_rotate_half_ref};
+pub use team::{team_scope, Team};
 pub use vecops::{axpy, axpy_ref, dot, dot_ref};
 
 /// What the kernels dispatch to now, with the features each level uses:

@@ -657,6 +657,20 @@ fn gemv_multi_par_bit_identical_to_gemv() {
                 let b: Vec<u32> = ys[i].iter().map(|v| v.to_bits()).collect();
                 assert_eq!(a, b, "task {i} with {threads} threads");
             }
+            // The same GEMVs as stages of a decode team, several stages in one scope.
+            let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; r]).collect();
+            pool.install(|| {
+                team_scope(|team| {
+                    for (i, y) in ys.iter_mut().enumerate() {
+                        gemv_multi_team(team, &mut [GemvTask { w: weight(i), rows: shapes[i].0, cols: shapes[i].1, x: &xs[i], y }]);
+                    }
+                })
+            });
+            for i in 0..shapes.len() {
+                let a: Vec<u32> = want[i].iter().map(|v| v.to_bits()).collect();
+                let b: Vec<u32> = ys[i].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(a, b, "team: task {i} with {threads} threads");
+            }
         }
         Ok::<(), String>(())
     })
@@ -729,6 +743,16 @@ fn gemv_batch_bit_identical_to_gemv_per_vector() {
                     pool.install(|| gemv_batch_multi_par(&mut tasks));
                     for i in 0..shapes.len() {
                         assert_eq!(bits(&want[i]), bits(&ys[i]), "gemv_batch_multi_par shape {i} dtype {dt} m {m} threads {threads}");
+                    }
+                    let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; m * r]).collect();
+                    let mut tasks: Vec<GemvBatchTask> = ys
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, y)| GemvBatchTask { w: weight(i, dt), rows: shapes[i].0, cols: shapes[i].1, xs: &xs[i], ys: y })
+                        .collect();
+                    pool.install(|| team_scope(|team| gemv_batch_multi_team(team, &mut tasks)));
+                    for i in 0..shapes.len() {
+                        assert_eq!(bits(&want[i]), bits(&ys[i]), "gemv_batch_multi_team shape {i} dtype {dt} m {m} threads {threads}");
                     }
                 }
             }

@@ -41,6 +41,23 @@ impl Model {
         });
     }
 
+    /// One token's attention (st.q [nh·hd] → st.att), one team item per KV head: the same
+    /// per-head kernel and visible rows as [`Model::attention`] at n = 1.
+    pub(super) fn attention_token(&self, st: &mut RunState, stores: &[HeadStore], metas: &[HeadMeta], team: &k::Team<'_>) {
+        let c = &self.config;
+        let (hd, qd, group) = (c.head_dim, c.q_dim(), c.group_size());
+        let scale = c.attn_scale();
+        let window = c.sliding_window;
+        let pos = st.positions[0] as usize;
+        let q = &st.q[..qd];
+        let base = &st.base[..];
+        let mut outs: Vec<&mut [f32]> = st.att[..qd].chunks_mut(group * hd).collect();
+        team.for_each_mut(&mut outs, |g, out| {
+            let qs = &q[g * group * hd..(g + 1) * group * hd];
+            attend_token(qs, &stores[g], &metas[g], base[g] + 1, pos, window, hd, scale, out, &mut Vec::new());
+        });
+    }
+
     /// One token's attention on the GPU when [`RunState::use_device`] chose CUDA; false (the CPU
     /// runs it) otherwise or when the GPU call failed (the error is kept for `forward`).
     #[cfg(feature = "cuda")]

@@ -1,7 +1,7 @@
 //! Batched decode: one token for each of m sequences in one step, each with its own cache.
 //!
 //! Every weight matrix is streamed once per step for all m sequences
-//! ([`k::gemv_batch_multi_par`]); attention stays per sequence over its own ragged cache (with
+//! ([`k::gemv_batch_multi_team`], on a [`k::Team`] kept awake for the step); attention stays per sequence over its own ragged cache (with
 //! β). Each row's arithmetic is exactly the one-token path of [`Model::forward`] — the batched
 //! GEMV reduces every (row, vector) with the single-vector kernel's function, norms, RoPE and
 //! attention are per row — so a sequence's logits are bit-identical whatever else is in the
@@ -64,30 +64,33 @@ impl Model {
                 st.sin[i * half + j] = a.sin() as f32;
             }
         }
-        for l in 0..c.n_layers {
-            self.layer_batch(l, st, caches, m);
-        }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
-        }
-        // Final norm and lm_head for every row.
-        let d = c.hidden_size;
-        rmsnorm_rows(&mut st.xn[..m * d], &st.x[..m * d], &self.weights.final_norm, d, c.rms_norm_eps);
-        st.logits.clear();
-        st.logits.resize(m * c.vocab_size, 0.0);
-        let w = &self.weights.lm_head;
-        k::gemv_batch_multi_par(&mut [self.batch_task(w, &st.xn[..m * d], &mut st.logits[..])]);
+        // The pool's threads stay awake for the whole step: every parallel stage is a team stage.
+        k::team_scope(|team| {
+            for l in 0..c.n_layers {
+                self.layer_batch(l, st, caches, m, team);
+            }
+            for cache in caches.iter_mut() {
+                cache.advance(1);
+            }
+            // Final norm and lm_head for every row.
+            let d = c.hidden_size;
+            rmsnorm_rows(&mut st.xn[..m * d], &st.x[..m * d], &self.weights.final_norm, d, c.rms_norm_eps);
+            st.logits.clear();
+            st.logits.resize(m * c.vocab_size, 0.0);
+            let w = &self.weights.lm_head;
+            k::gemv_batch_multi_team(team, &mut [self.batch_task(w, &st.xn[..m * d], &mut st.logits[..])]);
+        });
         Ok(())
     }
 
-    /// A batched `ys = W xs` for [`k::gemv_batch_multi_par`].
+    /// A batched `ys = W xs` for [`k::gemv_batch_multi_team`].
     fn batch_task<'a>(&'a self, wm: &MatrixView, xs: &'a [f32], ys: &'a mut [f32]) -> k::GemvBatchTask<'a> {
         k::GemvBatchTask { w: self.weights.view(wm), rows: wm.rows, cols: wm.cols, xs, ys }
     }
 
     /// Decoder layer `l` for one token of each of m sequences (rows of st.x [m, d]); row i
     /// belongs to `caches[i]` at position st.positions[i].
-    fn layer_batch(&self, l: usize, st: &mut RunState, caches: &mut [&mut KvCache], m: usize) {
+    fn layer_batch(&self, l: usize, st: &mut RunState, caches: &mut [&mut KvCache], m: usize, team: &k::Team<'_>) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -99,7 +102,7 @@ impl Model {
         rmsnorm_rows(&mut st.xn[..m * d], &st.x[..m * d], &lw.attn_norm, d, eps);
         {
             let xn = &st.xn[..m * d];
-            k::gemv_batch_multi_par(&mut [
+            k::gemv_batch_multi_team(team, &mut [
                 self.batch_task(&lw.wq, xn, &mut st.q[..m * qd]),
                 self.batch_task(&lw.wk, xn, &mut st.kv_k[..m * kvd]),
                 self.batch_task(&lw.wv, xn, &mut st.kv_v[..m * kvd]),
@@ -125,13 +128,14 @@ impl Model {
         let window = c.sliding_window;
         let q = &st.q[..m * qd];
         let positions = &st.positions[..m];
-        st.att[..m * qd].par_chunks_mut(group * hd).enumerate().for_each_init(Vec::new, |scratch, (idx, out)| {
+        let mut outs: Vec<&mut [f32]> = st.att[..m * qd].chunks_mut(group * hd).collect();
+        team.for_each_mut(&mut outs, |idx, out| {
             let (i, g) = (idx / nkv, idx % nkv);
             let (stores, metas) = layers[i];
             let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-            attend_token(qs, &stores[g], &metas[g], metas[g].positions.len(), positions[i] as usize, window, hd, scale, out, scratch);
+            attend_token(qs, &stores[g], &metas[g], metas[g].positions.len(), positions[i] as usize, window, hd, scale, out, &mut Vec::new());
         });
-        k::gemv_batch_multi_par(&mut [self.batch_task(&lw.wo, &st.att[..m * qd], &mut st.o[..m * d])]);
+        k::gemv_batch_multi_team(team, &mut [self.batch_task(&lw.wo, &st.att[..m * qd], &mut st.o[..m * d])]);
         add_bias_rows(&mut st.o[..m * d], lw.bo.as_deref());
         add_into(&mut st.x[..m * d], &st.o[..m * d]);
 
@@ -139,7 +143,7 @@ impl Model {
         rmsnorm_rows(&mut st.xn[..m * d], &st.x[..m * d], &lw.ffn_norm, d, eps);
         {
             let xn = &st.xn[..m * d];
-            k::gemv_batch_multi_par(&mut [
+            k::gemv_batch_multi_team(team, &mut [
                 self.batch_task(&lw.w_gate, xn, &mut st.gate[..m * ff]),
                 self.batch_task(&lw.w_up, xn, &mut st.up[..m * ff]),
             ]);
@@ -147,7 +151,7 @@ impl Model {
         add_bias_rows(&mut st.gate[..m * ff], lw.b_gate.as_deref());
         add_bias_rows(&mut st.up[..m * ff], lw.b_up.as_deref());
         st.gate[..m * ff].par_chunks_mut(ff).zip(st.up[..m * ff].par_chunks(ff)).for_each(|(g, u)| k::silu_mul(g, u));
-        k::gemv_batch_multi_par(&mut [self.batch_task(&lw.w_down, &st.gate[..m * ff], &mut st.o[..m * d])]);
+        k::gemv_batch_multi_team(team, &mut [self.batch_task(&lw.w_down, &st.gate[..m * ff], &mut st.o[..m * d])]);
         add_bias_rows(&mut st.o[..m * d], lw.b_down.as_deref());
         add_into(&mut st.x[..m * d], &st.o[..m * d]);
     }

@@ -244,11 +244,23 @@ impl Model {
             let half = self.config.head_dim / 2;
             cache.slim_push_positions(&st.positions[..n], &st.cos[..n * half], &st.sin[..n * half]);
         }
-        for l in 0..self.config.n_layers {
-            self.layer(l, st, cache, n);
+        if n == 1 {
+            // Decode: the pool's threads stay awake for the whole token (one dispatch, not five
+            // per layer); each parallel stage below is a team stage.
+            k::team_scope(|team| {
+                for l in 0..self.config.n_layers {
+                    self.layer_on(l, st, cache, n, team);
+                }
+                cache.advance(n);
+                self.head(st, n, want, team);
+            });
+        } else {
+            for l in 0..self.config.n_layers {
+                self.layer_on(l, st, cache, n, &k::Team::solo());
+            }
+            cache.advance(n);
+            self.head(st, n, want, &k::Team::solo());
         }
-        cache.advance(n);
-        self.head(st, n, want);
     }
 
     /// Embedding rows of `tokens` into the residual stream st.x [n, d], widened to f32.
@@ -280,6 +292,15 @@ impl Model {
     /// [`Model::prepare_positions`], appending their keys/values to the cache's layer `l`
     /// (the logical counter is not advanced: the caller does that once per chunk).
     pub fn layer(&self, l: usize, st: &mut RunState, cache: &mut KvCache, n: usize) {
+        if n == 1 {
+            k::team_scope(|team| self.layer_on(l, st, cache, n, team));
+        } else {
+            self.layer_on(l, st, cache, n, &k::Team::solo());
+        }
+    }
+
+    /// [`Model::layer`] with one-token stages run on `team` (multi-token chunks use the pool).
+    fn layer_on(&self, l: usize, st: &mut RunState, cache: &mut KvCache, n: usize, team: &k::Team<'_>) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
@@ -292,7 +313,7 @@ impl Model {
         if n == 1 {
             // One token: the three projections in one fork/join.
             let xn = &st.xn[..d];
-            k::gemv_multi_par(&mut [
+            k::gemv_multi_team(team, &mut [
                 self.gemv_task(&lw.wq, xn, &mut st.q[..qd]),
                 self.gemv_task(&lw.wk, xn, &mut st.kv_k[..kvd]),
                 self.gemv_task(&lw.wv, xn, &mut st.kv_v[..kvd]),
@@ -331,11 +352,19 @@ impl Model {
                 cache.append_strided(l, h, &st.kv_k[..n * kvd], &st.kv_v[..n * kvd], kvd, h * hd, &st.positions[..n]);
             }
             let (stores, metas) = cache.layer(l);
-            if !(n == 1 && self.attention_on_device(l, st, stores, metas)) {
+            if n == 1 {
+                if !self.attention_on_device(l, st, stores, metas) {
+                    self.attention_token(st, stores, metas, team);
+                }
+            } else {
                 self.attention(st, stores, metas, n);
             }
         }
-        self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &st.wtiles);
+        if n == 1 {
+            k::gemv_multi_team(team, &mut [self.gemv_task(&lw.wo, &st.att[..qd], &mut st.o[..d])]);
+        } else {
+            self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &st.wtiles);
+        }
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
@@ -344,7 +373,7 @@ impl Model {
         if n == 1 {
             // One token: gate and up in one fork/join.
             let xn = &st.xn[..d];
-            k::gemv_multi_par(&mut [
+            k::gemv_multi_team(team, &mut [
                 self.gemv_task(&lw.w_gate, xn, &mut st.gate[..ff]),
                 self.gemv_task(&lw.w_up, xn, &mut st.up[..ff]),
             ]);
@@ -358,7 +387,11 @@ impl Model {
             .par_chunks_mut(ff)
             .zip(st.up[..n * ff].par_chunks(ff))
             .for_each(|(g, u)| k::silu_mul(g, u));
-        self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &st.wtiles);
+        if n == 1 {
+            k::gemv_multi_team(team, &mut [self.gemv_task(&lw.w_down, &st.gate[..ff], &mut st.o[..d])]);
+        } else {
+            self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &st.wtiles);
+        }
         add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
@@ -384,7 +417,7 @@ impl Model {
         // Only the wanted rows go through the lm_head (the largest matrix of a small model).
         let m = n - logits_from.min(n);
         st.x.copy_within(logits_from * d..n * d, 0);
-        self.head(st, m, Logits::All);
+        self.head(st, m, Logits::All, &k::Team::solo());
         &st.logits
     }
 
@@ -408,7 +441,7 @@ impl Model {
     }
 
     /// Final norm and lm_head for the rows whose logits are wanted (appended to st.logits).
-    fn head(&self, st: &mut RunState, n: usize, want: Logits) {
+    fn head(&self, st: &mut RunState, n: usize, want: Logits, team: &k::Team<'_>) {
         let c = &self.config;
         let w = &self.weights;
         let d = c.hidden_size;
@@ -439,7 +472,11 @@ impl Model {
         let at = st.logits.len();
         st.logits.resize(at + m * vocab, 0.0);
         let xn = &st.xn[rows.start * d..rows.end * d];
-        self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &st.wtiles);
+        if m == 1 && team.size() > 1 {
+            k::gemv_multi_team(team, &mut [self.gemv_task(&w.lm_head, xn, &mut st.logits[at..])]);
+        } else {
+            self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &st.wtiles);
+        }
     }
 
     /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
@@ -447,7 +484,7 @@ impl Model {
         &mut st.x[..n * self.config.hidden_size]
     }
 
-    /// A one-token `y = W x` for [`k::gemv_multi_par`].
+    /// A one-token `y = W x` for [`k::gemv_multi_team`].
     fn gemv_task<'a>(&'a self, wm: &MatrixView, x: &'a [f32], y: &'a mut [f32]) -> k::GemvTask<'a> {
         k::GemvTask { w: self.weights.view(wm), rows: wm.rows, cols: wm.cols, x, y }
     }
