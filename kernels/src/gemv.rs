@@ -414,9 +414,9 @@ fn gemv_multi(team: Option<&Team<'_>>, tasks: &mut [GemvTask<'_>]) {
         check(&t.w, t.rows, t.cols, t.x, t.y);
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let (threads, min_bytes) = match team {
-        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
-        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
+    let (threads, min_bytes, per_thread) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES, GEMV_PARTS_PER_THREAD),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES, GEMV_PARTS_PER_THREAD),
     };
     if threads <= 1 || total < min_bytes {
         for t in tasks.iter_mut() {
@@ -424,7 +424,7 @@ fn gemv_multi(team: Option<&Team<'_>>, tasks: &mut [GemvTask<'_>]) {
         }
         return;
     }
-    let parts = threads * GEMV_PARTS_PER_THREAD;
+    let parts = threads * per_thread;
     let mut segs: Vec<Seg<'_>> = Vec::with_capacity(parts + tasks.len());
     let mut done = 0usize; // bytes of the rows already assigned
     for t in tasks.iter_mut() {
@@ -620,9 +620,9 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
         ms.push(batch_check(&t.w, t.rows, t.cols, t.xs, t.ys));
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let (threads, min_bytes) = match team {
-        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
-        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
+    let (threads, min_bytes, per_thread) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES, GEMV_PARTS_PER_THREAD),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES, GEMV_PARTS_PER_THREAD),
     };
     if threads <= 1 || total < min_bytes {
         for (t, &m) in tasks.iter_mut().zip(&ms) {
@@ -635,7 +635,7 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
         return;
     }
     // (task, first row, rows) per part, cut at equal weight bytes like gemv_multi_par.
-    let parts = threads * GEMV_PARTS_PER_THREAD;
+    let parts = threads * per_thread;
     let mut segs: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(parts + tasks.len()); // (part, task, row0, n)
     let mut done = 0usize;
     for (ti, t) in tasks.iter().enumerate() {
