@@ -128,6 +128,27 @@ fn gemv_batch_f32(b: Bencher, m: usize) {
     b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv_batch(k::WeightRef::F32(&w), rows, cols, &xs, &mut ys));
 }
 
+/// Batched GEMV over the lm_head shape (49152×576, 57 MB of bf16 / 113 MB of f32: out of every
+/// cache), m vectors; bytes counted once per call.
+#[divan::bench(args = [1, 8])]
+fn gemv_batch_lm_head_bf16(b: Bencher, m: usize) {
+    let (rows, cols) = (49152, 576);
+    let w: Vec<u16> = random(rows * cols, 25).iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+    let xs = random(m * cols, 26);
+    let mut ys = vec![0.0; m * rows];
+    b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv_batch(k::WeightRef::Bf16(&w), rows, cols, &xs, &mut ys));
+}
+
+/// As [`gemv_batch_lm_head_bf16`], f32 weights.
+#[divan::bench(args = [1, 8])]
+fn gemv_batch_lm_head_f32(b: Bencher, m: usize) {
+    let (rows, cols) = (49152, 576);
+    let w = random(rows * cols, 27);
+    let xs = random(m * cols, 28);
+    let mut ys = vec![0.0; m * rows];
+    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv_batch(k::WeightRef::F32(&w), rows, cols, &xs, &mut ys));
+}
+
 /// One GQA group (3 query heads, d = 64) against n cached keys: the decode attention step.
 #[divan::bench(args = [1024, 4096, 8192])]
 fn attend_group_decode(b: Bencher, n: usize) {

@@ -498,9 +498,9 @@ fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[
         if let Some(t) = v4() {
             // SAFETY (all three): the token proves the V4 features at run time.
             return match w {
-                WeightRef::F32(w) => unsafe { k4::batch_rows::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::Bf16(w) => unsafe { k4::batch_rows::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::F16(w) => unsafe { k4::batch_rows::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F32(w) => unsafe { k4::batch_rows_pairs::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::Bf16(w) => unsafe { k4::batch_rows_blocked::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F16(w) => unsafe { k4::batch_rows_blocked::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
             };
         }
         if let Some(simd) = v3() {

@@ -694,7 +694,7 @@ fn weight_ref_metadata() {
 fn gemv_batch_bit_identical_to_gemv_per_vector() {
     each_level(|_level| {
         let mut rng = Rng(21);
-        let shapes = [(576usize, 579usize), (5, 64), (193, 67), (1, 8), (1500, 33)];
+        let shapes = [(576usize, 579usize), (5, 64), (193, 67), (1, 8), (1500, 33), (7, 40), (3, 130)];
         let w32: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| (0..r * c).map(|_| rng.f()).collect()).collect();
         let wb: Vec<Vec<u16>> = w32.iter().map(|w| to_bf16_bits(w)).collect();
         let wh: Vec<Vec<u16>> = w32.iter().map(|w| w.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()).collect();
