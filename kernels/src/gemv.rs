@@ -485,6 +485,13 @@ fn batch_check(w: &WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &[f32]) 
 /// from memory once per call, not once per vector.
 const BATCH_BLOCK_BYTES: usize = 16 * 1024;
 
+/// Fewest vectors for which 2-byte weights take the blocked AVX-512 batch kernel. Below it the
+/// step is bandwidth-bound and the blocked kernel's k-slice order streams worse. SmolLM2 bf16 at
+/// 2 threads, `kvcompact bench --batch m`, blocked against pairs, tok/s: m = 1 (serve, one
+/// stream) 55 against 82; m = 4 178 against 192–198; m = 6 level; m = 8 248–259 against 230;
+/// m = 12 264–270 against 233–255.
+const BLOCKED_MIN_VECTORS: usize = 8;
+
 /// Rows `[row0, row0 + n_rows)` of `W x_v` for every vector v, into `out` [n_rows, m] (row-major
 /// by weight row). Each (row, vector) is reduced by [`gemv_rows`], the function single-vector
 /// GEMV uses, so every output is bit-identical to [`gemv`] of that vector alone.
@@ -499,8 +506,10 @@ fn gemv_rows_batch(w: WeightRef, row0: usize, n_rows: usize, cols: usize, xs: &[
             // SAFETY (all three): the token proves the V4 features at run time.
             return match w {
                 WeightRef::F32(w) => unsafe { k4::batch_rows_pairs::<k4::F32Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::Bf16(w) => unsafe { k4::batch_rows_blocked::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
-                WeightRef::F16(w) => unsafe { k4::batch_rows_blocked::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::Bf16(w) if m >= BLOCKED_MIN_VECTORS => unsafe { k4::batch_rows_blocked::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F16(w) if m >= BLOCKED_MIN_VECTORS => unsafe { k4::batch_rows_blocked::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::Bf16(w) => unsafe { k4::batch_rows_pairs::<k4::Bf16Src>(t, &w[lo..hi], xs, m, out) },
+                WeightRef::F16(w) => unsafe { k4::batch_rows_pairs::<k4::F16Src>(t, &w[lo..hi], xs, m, out) },
             };
         }
         if let Some(simd) = v3() {

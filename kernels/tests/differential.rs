@@ -703,7 +703,7 @@ fn gemv_batch_bit_identical_to_gemv_per_vector() {
             1 => WeightRef::Bf16(&wb[i]),
             _ => WeightRef::F16(&wh[i]),
         };
-        for m in [1usize, 2, 3, 8, 17] {
+        for m in [1usize, 2, 3, 8, 11, 17] {
             let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| (0..m * c).map(|_| rng.f()).collect()).collect();
             for dt in 0..3 {
                 // Reference: gemv of each vector alone.
