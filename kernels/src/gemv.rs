@@ -661,7 +661,9 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
         }
     }
     let view: Vec<(WeightRef, usize, &[f32], usize)> = tasks.iter().zip(&ms).map(|(t, &m)| (t.w, t.cols, t.xs, m)).collect();
-    let run = |group: &[(usize, usize, usize, usize)]| -> Vec<(usize, usize, Vec<f32>)> {
+    type Part = Vec<(usize, usize, Vec<f32>)>; // (task, row0, out [n, m]) per segment of one part
+    type SegRow = (usize, usize, usize, usize); // (part, task, row0, n)
+    let run = |group: &[SegRow]| -> Part {
         let mut tmp = Vec::new();
         group
             .iter()
@@ -673,10 +675,9 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
             })
             .collect()
     };
-    let results: Vec<Vec<(usize, usize, Vec<f32>)>> = match team {
+    let results: Vec<Part> = match team {
         Some(t) => {
-            let mut jobs: Vec<(&[(usize, usize, usize, usize)], Vec<(usize, usize, Vec<f32>)>)> =
-                segs.chunk_by(|a, b| a.0 == b.0).map(|g| (g, Vec::new())).collect();
+            let mut jobs: Vec<(&[SegRow], Part)> = segs.chunk_by(|a, b| a.0 == b.0).map(|g| (g, Vec::new())).collect();
             t.for_each_mut(&mut jobs, |_, (g, out)| *out = run(g));
             jobs.into_iter().map(|(_, out)| out).collect()
         }

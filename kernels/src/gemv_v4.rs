@@ -179,6 +179,7 @@ pub(crate) fn rows<S: RowSource>(t: V4, w: &[S::Elem], x: &[f32], y: &mut [f32])
 /// rows that follow in memory, for the next call.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::needless_range_loop)] // k, r and v index several arrays at once
 fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::Elem]; R], xs: [&[f32]; V], next: Option<[*const S::Elem; R]>) -> [[f32; V]; R] {
     let n = xs[0].len();
     let z = _mm512_setzero_ps();
@@ -226,7 +227,7 @@ fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::El
             }
         }
     }
-    if n % 16 != 0 {
+    if !n.is_multiple_of(16) {
         for r in 0..R {
             let w = S::load_tail(t, w16[r].1);
             for v in 0..V {
