@@ -486,11 +486,11 @@ fn batch_check(w: &WeightRef, rows: usize, cols: usize, xs: &[f32], ys: &[f32]) 
 const BATCH_BLOCK_BYTES: usize = 16 * 1024;
 
 /// Fewest vectors for which 2-byte weights take the blocked AVX-512 batch kernel. Below it the
-/// step is bandwidth-bound and the blocked kernel's k-slice order streams worse. SmolLM2 bf16 at
-/// 2 threads, `kvcompact bench --batch m`, blocked against pairs, tok/s: m = 1 (serve, one
-/// stream) 55 against 82; m = 4 178 against 192–198; m = 6 level; m = 8 248–259 against 230;
-/// m = 12 264–270 against 233–255.
-const BLOCKED_MIN_VECTORS: usize = 8;
+/// step is bandwidth-bound and the pairs kernel is as fast or faster. SmolLM2 bf16 at 2 threads,
+/// `kvcompact bench --batch m`, blocked against pairs, tok/s, two A/B rounds: m = 4 180–186
+/// against 181–194; m = 6 216–219 against 208–212; m = 8 245–250 against 216–224. (f32 at m = 8:
+/// level, 203–207 against 205–211, so f32 keeps the pairs kernel.)
+const BLOCKED_MIN_VECTORS: usize = 6;
 
 /// Rows `[row0, row0 + n_rows)` of `W x_v` for every vector v, into `out` [n_rows, m] (row-major
 /// by weight row). Each (row, vector) is reduced by [`gemv_rows`], the function single-vector

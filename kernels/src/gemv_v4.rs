@@ -175,12 +175,11 @@ pub(crate) fn rows<S: RowSource>(t: V4, w: &[S::Elem], x: &[f32], y: &mut [f32])
 /// 16-block of every 64-block, then leftover 16-blocks into 0 and the masked tail into 1), then
 /// `hsum4`. Only the loop nest differs: one k-slice at a time, so each weight load is shared by
 /// `V` vectors and each `x` load by `R` rows (16 accumulators at R = V = 4), instead of one
-/// weight load per FMA. `next` is prefetched (one line per step) while the slice runs: the
-/// rows that follow in memory, for the next call.
+/// weight load per FMA. It expects its rows in L1 (see [`batch_group`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // k, r and v index several arrays at once
-fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::Elem]; R], xs: [&[f32]; V], next: Option<[*const S::Elem; R]>) -> [[f32; V]; R] {
+fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::Elem]; R], xs: [&[f32]; V]) -> [[f32; V]; R] {
     let n = xs[0].len();
     let z = _mm512_setzero_ps();
     let mut acc = [[[z; 4]; V]; R];
@@ -203,10 +202,6 @@ fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::El
                 xv[v] = v4::ld(&x16[v].0[i]);
             }
             for r in 0..R {
-                if let Some(nx) = next {
-                    // A hint: never faults, whatever the address.
-                    _mm_prefetch::<_MM_HINT_T0>(nx[r].wrapping_add(16 * i).cast());
-                }
                 let w = S::load16(t, &w16[r].0[i]);
                 for v in 0..V {
                     a[r][v] = _mm512_fmadd_ps(w, xv[v], a[r][v]);
@@ -244,32 +239,46 @@ fn dot_block<S: RowSource, const R: usize, const V: usize>(t: V4, rows: [&[S::El
     out
 }
 
-/// `R` consecutive rows starting at row `r0` against every vector (4, then 2, then 1 at a time),
-/// into `out` [n_rows, m]; the first vector group prefetches the `R` rows after these.
+/// `R` consecutive rows starting at row `r0` against every vector, into `out` [n_rows, m]: the
+/// first vector by [`dot_rows`] (its prefetch runs ahead into the rows after these), the rest
+/// 4, then 2, then 1 at a time by [`dot_block`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 #[inline]
 fn batch_group<S: RowSource, const R: usize>(t: V4, w: &[S::Elem], r0: usize, xs: &[f32], m: usize, out: &mut [f32]) {
     let cols = xs.len() / m;
     let rows: [&[S::Elem]; R] = core::array::from_fn(|r| &w[(r0 + r) * cols..(r0 + r + 1) * cols]);
-    let next: [*const S::Elem; R] = core::array::from_fn(|r| w.as_ptr().wrapping_add((r0 + R + r) * cols));
     let x = |v: usize| &xs[v * cols..(v + 1) * cols];
+    // The first vector streams the rows in from memory in `rows`' own order and prefetch (the
+    // k-slice order of `dot_block` waits on memory there); the others then find them in L1.
     let mut v = 0;
+    if m > 0 {
+        let mut r = 0;
+        while r + 2 <= R {
+            let [ya, yb] = dot_rows::<S, 2>(t, [rows[r], rows[r + 1]], x(0));
+            out[(r0 + r) * m] = ya;
+            out[(r0 + r + 1) * m] = yb;
+            r += 2;
+        }
+        if r < R {
+            out[(r0 + r) * m] = dot_rows::<S, 1>(t, [rows[r]], x(0))[0];
+        }
+        v = 1;
+    }
     while v < m {
-        let pf = if v == 0 { Some(next) } else { None };
         if m - v >= 4 {
-            let y = dot_block::<S, R, 4>(t, rows, [x(v), x(v + 1), x(v + 2), x(v + 3)], pf);
+            let y = dot_block::<S, R, 4>(t, rows, [x(v), x(v + 1), x(v + 2), x(v + 3)]);
             for r in 0..R {
                 out[(r0 + r) * m + v..(r0 + r) * m + v + 4].copy_from_slice(&y[r]);
             }
             v += 4;
         } else if m - v >= 2 {
-            let y = dot_block::<S, R, 2>(t, rows, [x(v), x(v + 1)], pf);
+            let y = dot_block::<S, R, 2>(t, rows, [x(v), x(v + 1)]);
             for r in 0..R {
                 out[(r0 + r) * m + v..(r0 + r) * m + v + 2].copy_from_slice(&y[r]);
             }
             v += 2;
         } else {
-            let y = dot_block::<S, R, 1>(t, rows, [x(v)], pf);
+            let y = dot_block::<S, R, 1>(t, rows, [x(v)]);
             for r in 0..R {
                 out[(r0 + r) * m + v] = y[r][0];
             }
@@ -278,11 +287,11 @@ fn batch_group<S: RowSource, const R: usize>(t: V4, w: &[S::Elem], r0: usize, xs
     }
 }
 
-/// V4 body of `gemv_rows_batch` for bf16/f16 weights: rows four at a time against vectors four
-/// at a time ([`dot_block`]), every output bit-identical to [`rows`] of its vector alone;
-/// `xs: [m, cols]`, `out: [n_rows, m]`. Each 16-weight widening is shared by four vectors: at
-/// 1 thread on the lm_head shape, 8 vectors take 7.98 ms against 9.77 ms for the pairs
-/// kernel; SmolLM2 bf16 batched decode at 2 threads, 8 vectors: 229-238 against 218-226 tok/s.
+/// V4 body of `gemv_rows_batch` for bf16/f16 weights at 6 or more vectors: rows four at a time,
+/// the first vector streamed by [`dot_rows`], the others four at a time by [`dot_block`]; every
+/// output bit-identical to [`rows`] of its vector alone; `xs: [m, cols]`, `out: [n_rows, m]`.
+/// Each 16-weight widening is shared by four vectors (see `gemv::BLOCKED_MIN_VECTORS` for the
+/// measurements).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 pub(crate) fn batch_rows_blocked<S: RowSource>(t: V4, w: &[S::Elem], xs: &[f32], m: usize, out: &mut [f32]) {
     let cols = xs.len() / m;
@@ -304,10 +313,8 @@ pub(crate) fn batch_rows_blocked<S: RowSource>(t: V4, w: &[S::Elem], xs: &[f32],
 }
 
 /// V4 body of `gemv_rows_batch` for f32 weights: rows two at a time (as [`rows`] pairs them), each pair against
-/// every vector while it sits in L1; `xs: [m, cols]`, `out: [n_rows, m]`. Measured faster than
-/// [`batch_rows_blocked`] for f32 at 2 threads (8 vectors: 199-208 against 177-180 tok/s of
-/// SmolLM2 batched decode), where the blocked kernel's k-slice order costs more in DRAM
-/// streaming than it saves in loads.
+/// every vector while it sits in L1; `xs: [m, cols]`, `out: [n_rows, m]`. For f32 at any m and
+/// bf16/f16 below 6 vectors: there it is as fast as [`batch_rows_blocked`] or faster.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx,avx2,fma,f16c")]
 pub(crate) fn batch_rows_pairs<S: RowSource>(t: V4, w: &[S::Elem], xs: &[f32], m: usize, out: &mut [f32]) {
     let cols = xs.len() / m;
