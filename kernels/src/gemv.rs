@@ -351,9 +351,9 @@ pub const GEMV_PAR_CHUNK_ROWS: usize = 64;
 /// reduced on the calling thread: a fork/join costs more than it saves.
 pub const GEMV_PAR_MIN_BYTES: usize = 96 * 1024;
 
-/// Contiguous parts per pool thread in [`gemv_multi_par`]: slack so that work
-/// stealing evens out the finish times (a worker left idle for more than a few
-/// microseconds at the end of a GEMV parks, and waking it costs tens of µs).
+/// Contiguous parts per thread in [`gemv_multi_par`] and the team stages: slack so
+/// that claiming evens out the finish times. In a decode team 1, 2 and 4 measured
+/// level and 8 or more slower (more row runs, more broken prefetch streams).
 const GEMV_PARTS_PER_THREAD: usize = 4;
 
 /// Same as [`gemv`], with rows split across the current rayon pool (see
@@ -414,9 +414,9 @@ fn gemv_multi(team: Option<&Team<'_>>, tasks: &mut [GemvTask<'_>]) {
         check(&t.w, t.rows, t.cols, t.x, t.y);
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let (threads, min_bytes, per_thread) = match team {
-        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES, GEMV_PARTS_PER_THREAD),
-        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES, GEMV_PARTS_PER_THREAD),
+    let (threads, min_bytes) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
     };
     if threads <= 1 || total < min_bytes {
         for t in tasks.iter_mut() {
@@ -424,7 +424,7 @@ fn gemv_multi(team: Option<&Team<'_>>, tasks: &mut [GemvTask<'_>]) {
         }
         return;
     }
-    let parts = threads * per_thread;
+    let parts = threads * GEMV_PARTS_PER_THREAD;
     let mut segs: Vec<Seg<'_>> = Vec::with_capacity(parts + tasks.len());
     let mut done = 0usize; // bytes of the rows already assigned
     for t in tasks.iter_mut() {
@@ -629,9 +629,9 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
         ms.push(batch_check(&t.w, t.rows, t.cols, t.xs, t.ys));
         total += t.rows * t.cols * t.w.bytes_per_weight();
     }
-    let (threads, min_bytes, per_thread) = match team {
-        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES, GEMV_PARTS_PER_THREAD),
-        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES, GEMV_PARTS_PER_THREAD),
+    let (threads, min_bytes) = match team {
+        Some(t) => (t.size(), GEMV_TEAM_MIN_BYTES),
+        None => (rayon::current_num_threads(), GEMV_PAR_MIN_BYTES),
     };
     if threads <= 1 || total < min_bytes {
         for (t, &m) in tasks.iter_mut().zip(&ms) {
@@ -644,7 +644,7 @@ fn gemv_batch_multi(team: Option<&Team<'_>>, tasks: &mut [GemvBatchTask<'_>]) {
         return;
     }
     // (task, first row, rows) per part, cut at equal weight bytes like gemv_multi_par.
-    let parts = threads * per_thread;
+    let parts = threads * GEMV_PARTS_PER_THREAD;
     let mut segs: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(parts + tasks.len()); // (part, task, row0, n)
     let mut done = 0usize;
     for (ti, t) in tasks.iter().enumerate() {

@@ -734,25 +734,22 @@ fn gemv_batch_bit_identical_to_gemv_per_vector() {
                 }
                 for threads in [1, 2, 3] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; m * r]).collect();
-                    let mut tasks: Vec<GemvBatchTask> = ys
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(i, y)| GemvBatchTask { w: weight(i, dt), rows: shapes[i].0, cols: shapes[i].1, xs: &xs[i], ys: y })
-                        .collect();
-                    pool.install(|| gemv_batch_multi_par(&mut tasks));
-                    for i in 0..shapes.len() {
-                        assert_eq!(bits(&want[i]), bits(&ys[i]), "gemv_batch_multi_par shape {i} dtype {dt} m {m} threads {threads}");
-                    }
-                    let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; m * r]).collect();
-                    let mut tasks: Vec<GemvBatchTask> = ys
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(i, y)| GemvBatchTask { w: weight(i, dt), rows: shapes[i].0, cols: shapes[i].1, xs: &xs[i], ys: y })
-                        .collect();
-                    pool.install(|| team_scope(|team| gemv_batch_multi_team(team, &mut tasks)));
-                    for i in 0..shapes.len() {
-                        assert_eq!(bits(&want[i]), bits(&ys[i]), "gemv_batch_multi_team shape {i} dtype {dt} m {m} threads {threads}");
+                    // The pool path, then the same GEMVs as one decode-team stage.
+                    for team in [false, true] {
+                        let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(r, _)| vec![f32::NAN; m * r]).collect();
+                        let mut tasks: Vec<GemvBatchTask> = ys
+                            .iter_mut()
+                            .enumerate()
+                            .map(|(i, y)| GemvBatchTask { w: weight(i, dt), rows: shapes[i].0, cols: shapes[i].1, xs: &xs[i], ys: y })
+                            .collect();
+                        if team {
+                            pool.install(|| team_scope(|t| gemv_batch_multi_team(t, &mut tasks)));
+                        } else {
+                            pool.install(|| gemv_batch_multi_par(&mut tasks));
+                        }
+                        for i in 0..shapes.len() {
+                            assert_eq!(bits(&want[i]), bits(&ys[i]), "shape {i} dtype {dt} m {m} threads {threads} team {team}");
+                        }
                     }
                 }
             }

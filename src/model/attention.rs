@@ -51,10 +51,11 @@ impl Model {
         let pos = st.positions[0] as usize;
         let q = &st.q[..qd];
         let base = &st.base[..];
-        let mut outs: Vec<&mut [f32]> = st.att[..qd].chunks_mut(group * hd).collect();
-        team.for_each_mut(&mut outs, |g, out| {
+        st.att_scratch.resize_with(st.att_scratch.len().max(stores.len()), Vec::new);
+        let mut items: Vec<(&mut [f32], &mut Vec<f32>)> = st.att[..qd].chunks_mut(group * hd).zip(st.att_scratch.iter_mut()).collect();
+        team.for_each_mut(&mut items, |g, (out, scratch)| {
             let qs = &q[g * group * hd..(g + 1) * group * hd];
-            attend_token(qs, &stores[g], &metas[g], base[g] + 1, pos, window, hd, scale, out, &mut Vec::new());
+            attend_token(qs, &stores[g], &metas[g], base[g] + 1, pos, window, hd, scale, out, scratch);
         });
     }
 

@@ -128,12 +128,13 @@ impl Model {
         let window = c.sliding_window;
         let q = &st.q[..m * qd];
         let positions = &st.positions[..m];
-        let mut outs: Vec<&mut [f32]> = st.att[..m * qd].chunks_mut(group * hd).collect();
-        team.for_each_mut(&mut outs, |idx, out| {
+        st.att_scratch.resize_with(st.att_scratch.len().max(m * nkv), Vec::new);
+        let mut items: Vec<(&mut [f32], &mut Vec<f32>)> = st.att[..m * qd].chunks_mut(group * hd).zip(st.att_scratch.iter_mut()).collect();
+        team.for_each_mut(&mut items, |idx, (out, scratch)| {
             let (i, g) = (idx / nkv, idx % nkv);
             let (stores, metas) = layers[i];
             let qs = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-            attend_token(qs, &stores[g], &metas[g], metas[g].positions.len(), positions[i] as usize, window, hd, scale, out, &mut Vec::new());
+            attend_token(qs, &stores[g], &metas[g], metas[g].positions.len(), positions[i] as usize, window, hd, scale, out, scratch);
         });
         k::gemv_batch_multi_team(team, &mut [self.batch_task(&lw.wo, &st.att[..m * qd], &mut st.o[..m * d])]);
         add_bias_rows(&mut st.o[..m * d], lw.bo.as_deref());

@@ -79,6 +79,7 @@ pub struct RunState {
     pub(super) positions: Vec<u32>, // [B] absolute positions of the chunk's tokens
     pub(super) base: Vec<usize>,    // [nkv] rows each KV head held before the chunk was appended
     pub(super) wtiles: Vec<std::sync::Mutex<Vec<f32>>>, // per pool thread: [≤ GEMM_TILE_ROWS, in] widened weight tile (bf16/f16 GEMM), grown on demand
+    pub(super) att_scratch: Vec<Vec<f32>>, // per (sequence, KV head) of a decode step: attention scores [G, rows], grown on demand
     pub(super) slim_s: Vec<f32>,    // [blocks, nh, block rows] slim decode softmax weights (grown on demand)
     pub(super) slim_part: Vec<f32>, // [blocks, nh·kv_dim + 2·nh] slim decode partial key sums, (max, sum) per head
     pub(super) slim_kbar: Vec<f32>, // [nh, kv_dim] slim decode weighted key sums
@@ -172,6 +173,7 @@ impl Model {
             positions: vec![0; b],
             base: vec![0; c.n_kv_heads],
             wtiles: if self.weights.dtype() == WDtype::F32 { Vec::new() } else { (0..rayon::current_num_threads().max(1)).map(|_| Default::default()).collect() },
+            att_scratch: Vec::new(),
             slim_s: Vec::new(),
             slim_part: Vec::new(),
             slim_kbar: Vec::new(),
