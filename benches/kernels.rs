@@ -130,23 +130,26 @@ fn gemv_batch_f32(b: Bencher, m: usize) {
 
 /// Batched GEMV over the lm_head shape (49152×576, 57 MB of bf16 / 113 MB of f32: out of every
 /// cache), m vectors; bytes counted once per call.
-#[divan::bench(args = [1, 8])]
-fn gemv_batch_lm_head_bf16(b: Bencher, m: usize) {
+fn batch_lm_head(b: Bencher, m: usize, bf16: bool) {
     let (rows, cols) = (49152, 576);
-    let w: Vec<u16> = random(rows * cols, 25).iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+    let w32 = random(rows * cols, 25);
+    let wb: Vec<u16> = w32.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+    let (w, bytes) = if bf16 { (k::WeightRef::Bf16(&wb), 2) } else { (k::WeightRef::F32(&w32), 4) };
     let xs = random(m * cols, 26);
     let mut ys = vec![0.0; m * rows];
-    b.counter(BytesCount::new(rows * cols * 2)).bench_local(|| k::gemv_batch(k::WeightRef::Bf16(&w), rows, cols, &xs, &mut ys));
+    b.counter(BytesCount::new(rows * cols * bytes)).bench_local(|| k::gemv_batch(w, rows, cols, &xs, &mut ys));
 }
 
-/// As [`gemv_batch_lm_head_bf16`], f32 weights.
+/// [`batch_lm_head`], bf16 weights.
+#[divan::bench(args = [1, 8])]
+fn gemv_batch_lm_head_bf16(b: Bencher, m: usize) {
+    batch_lm_head(b, m, true)
+}
+
+/// [`batch_lm_head`], f32 weights.
 #[divan::bench(args = [1, 8])]
 fn gemv_batch_lm_head_f32(b: Bencher, m: usize) {
-    let (rows, cols) = (49152, 576);
-    let w = random(rows * cols, 27);
-    let xs = random(m * cols, 28);
-    let mut ys = vec![0.0; m * rows];
-    b.counter(BytesCount::new(rows * cols * 4)).bench_local(|| k::gemv_batch(k::WeightRef::F32(&w), rows, cols, &xs, &mut ys));
+    batch_lm_head(b, m, false)
 }
 
 /// One GQA group (3 query heads, d = 64) against n cached keys: the decode attention step.

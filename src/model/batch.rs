@@ -1,8 +1,8 @@
 //! Batched decode: one token for each of m sequences in one step, each with its own cache.
 //!
 //! Every weight matrix is streamed once per step for all m sequences
-//! ([`k::gemv_batch_multi_team`], on a [`k::Team`] kept awake for the step); attention stays per sequence over its own ragged cache (with
-//! β). Each row's arithmetic is exactly the one-token path of [`Model::forward`] — the batched
+//! ([`k::gemv_batch_multi_team`], on a [`k::Team`] kept awake for the step); attention stays per
+//! sequence over its own ragged cache (with β). Each row's arithmetic is exactly the one-token path of [`Model::forward`] — the batched
 //! GEMV reduces every (row, vector) with the single-vector kernel's function, norms, RoPE and
 //! attention are per row — so a sequence's logits are bit-identical whatever else is in the
 //! batch, and equal to decoding it alone.

@@ -246,22 +246,19 @@ impl Model {
             let half = self.config.head_dim / 2;
             cache.slim_push_positions(&st.positions[..n], &st.cos[..n * half], &st.sin[..n * half]);
         }
-        if n == 1 {
-            // Decode: the pool's threads stay awake for the whole token (one dispatch, not five
-            // per layer); each parallel stage below is a team stage.
-            k::team_scope(|team| {
-                for l in 0..self.config.n_layers {
-                    self.layer_on(l, st, cache, n, team);
-                }
-                cache.advance(n);
-                self.head(st, n, want, team);
-            });
-        } else {
+        let mut run = |team: &k::Team<'_>| {
             for l in 0..self.config.n_layers {
-                self.layer_on(l, st, cache, n, &k::Team::solo());
+                self.layer_on(l, st, cache, n, team);
             }
             cache.advance(n);
-            self.head(st, n, want, &k::Team::solo());
+            self.head(st, n, want, team);
+        };
+        if n == 1 {
+            // Decode: the pool's threads stay awake for the whole token (one dispatch, not five
+            // per layer); each parallel stage is a team stage.
+            k::team_scope(run);
+        } else {
+            run(&k::Team::solo());
         }
     }
 
@@ -313,7 +310,7 @@ impl Model {
         // --- attention block ---
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.attn_norm, d, eps);
         if n == 1 {
-            // One token: the three projections in one fork/join.
+            // One token: the three projections in one team stage.
             let xn = &st.xn[..d];
             k::gemv_multi_team(team, &mut [
                 self.gemv_task(&lw.wq, xn, &mut st.q[..qd]),
@@ -362,18 +359,14 @@ impl Model {
                 self.attention(st, stores, metas, n);
             }
         }
-        if n == 1 {
-            k::gemv_multi_team(team, &mut [self.gemv_task(&lw.wo, &st.att[..qd], &mut st.o[..d])]);
-        } else {
-            self.linear(&lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &st.wtiles);
-        }
+        self.linear_on(team, &lw.wo, &st.att[..n * qd], n, &mut st.o[..n * d], &st.wtiles);
         add_bias_rows(&mut st.o[..n * d], lw.bo.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
         // --- MLP block (SwiGLU) ---
         rmsnorm_rows(&mut st.xn[..n * d], &st.x[..n * d], &lw.ffn_norm, d, eps);
         if n == 1 {
-            // One token: gate and up in one fork/join.
+            // One token: gate and up in one team stage.
             let xn = &st.xn[..d];
             k::gemv_multi_team(team, &mut [
                 self.gemv_task(&lw.w_gate, xn, &mut st.gate[..ff]),
@@ -389,11 +382,7 @@ impl Model {
             .par_chunks_mut(ff)
             .zip(st.up[..n * ff].par_chunks(ff))
             .for_each(|(g, u)| k::silu_mul(g, u));
-        if n == 1 {
-            k::gemv_multi_team(team, &mut [self.gemv_task(&lw.w_down, &st.gate[..ff], &mut st.o[..d])]);
-        } else {
-            self.linear(&lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &st.wtiles);
-        }
+        self.linear_on(team, &lw.w_down, &st.gate[..n * ff], n, &mut st.o[..n * d], &st.wtiles);
         add_bias_rows(&mut st.o[..n * d], lw.b_down.as_deref());
         add_into(&mut st.x[..n * d], &st.o[..n * d]);
 
@@ -474,11 +463,7 @@ impl Model {
         let at = st.logits.len();
         st.logits.resize(at + m * vocab, 0.0);
         let xn = &st.xn[rows.start * d..rows.end * d];
-        if m == 1 && team.size() > 1 {
-            k::gemv_multi_team(team, &mut [self.gemv_task(&w.lm_head, xn, &mut st.logits[at..])]);
-        } else {
-            self.linear(&w.lm_head, xn, m, &mut st.logits[at..], &st.wtiles);
-        }
+        self.linear_on(team, &w.lm_head, xn, m, &mut st.logits[at..], &st.wtiles);
     }
 
     /// The residual stream rows st.x [n, d] (to save or restore hidden states between layers).
@@ -489,6 +474,15 @@ impl Model {
     /// A one-token `y = W x` for [`k::gemv_multi_team`].
     fn gemv_task<'a>(&'a self, wm: &MatrixView, x: &'a [f32], y: &'a mut [f32]) -> k::GemvTask<'a> {
         k::GemvTask { w: self.weights.view(wm), rows: wm.rows, cols: wm.cols, x, y }
+    }
+
+    /// [`Model::linear`], with a one-token product run as a stage of `team` when it has helpers.
+    fn linear_on(&self, team: &k::Team<'_>, wm: &MatrixView, x: &[f32], n: usize, y: &mut [f32], wtiles: &[std::sync::Mutex<Vec<f32>>]) {
+        if n == 1 && team.size() > 1 {
+            k::gemv_multi_team(team, &mut [self.gemv_task(wm, x, y)]);
+        } else {
+            self.linear(wm, x, n, y, wtiles);
+        }
     }
 
     /// y[n, out] = x[n, in] · Wᵀ for W [out, in] in its stored dtype.
