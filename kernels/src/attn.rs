@@ -2,12 +2,14 @@
 
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{v3, v4, x86, x86v4};
+use crate::gemv::{bf16_to_f32, f16_to_f32};
+use crate::WeightRef;
 
 /// Shape checks shared by both paths; returns `g`, the number of query heads.
 fn check(
     qs: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: WeightRef,
+    values: WeightRef,
     bias: Option<&[f32]>,
     n: usize,
     d: usize,
@@ -41,7 +43,7 @@ pub fn attend_group_ref(
     out: &mut [f32],        // [g, d]
     scratch: &mut Vec<f32>, // resized to [n]
 ) {
-    check(qs, keys, values, bias, n, d, out);
+    check(qs, WeightRef::F32(keys), WeightRef::F32(values), bias, n, d, out);
     scratch.clear();
     scratch.resize(n, 0.0);
     for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -94,39 +96,99 @@ pub fn attend_group(
     d: usize,
     scale: f32,
     out: &mut [f32],        // [g, d]
-    scratch: &mut Vec<f32>, // resized to [g, n] scores, then probabilities
+    scratch: &mut Vec<f32>, // resized to [g, n] scores, then probabilities (+ [8, d] at V3/V4)
+) {
+    attend_group_kv(qs, WeightRef::F32(keys), WeightRef::F32(values), bias, n, d, scale, out, scratch)
+}
+
+/// Naive twin of [`attend_group_kv`]: every row widened up front, then [`attend_group_ref`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group_kv_ref(
+    qs: &[f32],             // [g, d]
+    keys: WeightRef,        // [>=n, d]
+    values: WeightRef,      // [>=n, d]
+    bias: Option<&[f32]>,   // [>=n]
+    n: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],        // [g, d]
+    scratch: &mut Vec<f32>, // resized to [n]
+) {
+    check(qs, keys, values, bias, n, d, out);
+    let (mut kbuf, mut vbuf) = (vec![0.0f32; n * d], vec![0.0f32; n * d]);
+    let (kw, vw) = (rows_f32(keys, 0, n, d, &mut kbuf), rows_f32(values, 0, n, d, &mut vbuf));
+    attend_group_ref(qs, kw, vw, bias, n, d, scale, out, scratch)
+}
+
+/// [`attend_group`] over key and value rows stored in any dtype (a bf16 KV cache): each block
+/// of [`KB`] rows is widened exactly into an L1 buffer, then used as the f32 kernel uses it. So
+/// the result is bit-identical to [`attend_group`] on the widened rows, at every level.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group_kv(
+    qs: &[f32],             // [g, d]
+    keys: WeightRef,        // [>=n, d]
+    values: WeightRef,      // [>=n, d]
+    bias: Option<&[f32]>,   // [>=n]
+    n: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],        // [g, d]
+    scratch: &mut Vec<f32>, // resized to [g, n] probabilities + one widened block [KB, d]
 ) {
     let g = check(qs, keys, values, bias, n, d, out);
     #[cfg(target_arch = "x86_64")]
     if v4().is_some() {
         scratch.clear();
-        scratch.resize(g * n, 0.0);
+        scratch.resize(g * n + KB * d, 0.0);
+        let (probs, buf) = scratch.split_at_mut(g * n);
         // SAFETY: v4() proved the V4 features at run time.
-        return unsafe { attend_v4(qs, &keys[..n * d], &values[..n * d], bias, n, d, scale, out, scratch) };
+        return unsafe { attend_v4(qs, keys, values, bias, n, d, scale, out, probs, buf) };
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = v3() {
         scratch.clear();
-        scratch.resize(g * n, 0.0);
-        let op = AttendOp { simd, qs, keys: &keys[..n * d], values: &values[..n * d], bias, n, d, scale, out, probs: scratch };
+        scratch.resize(g * n + KB * d, 0.0);
+        let (probs, buf) = scratch.split_at_mut(g * n);
+        let op = AttendOp { simd, qs, keys, values, bias, n, d, scale, out, probs, buf };
         return simd.vectorize(op);
     }
     let _ = g;
-    attend_group_ref(qs, keys, values, bias, n, d, scale, out, scratch)
+    attend_group_kv_ref(qs, keys, values, bias, n, d, scale, out, scratch)
+}
+
+/// Rows `[j0, j0 + nb)` of `rows: [_, d]` as f32: borrowed when they are f32, else widened
+/// (exactly) into the front of `buf`.
+#[inline(always)]
+fn rows_f32<'b>(rows: WeightRef<'b>, j0: usize, nb: usize, d: usize, buf: &'b mut [f32]) -> &'b [f32] {
+    let (lo, hi) = (j0 * d, (j0 + nb) * d);
+    match rows {
+        WeightRef::F32(r) => &r[lo..hi],
+        WeightRef::Bf16(r) => {
+            let out = &mut buf[..hi - lo];
+            out.iter_mut().zip(&r[lo..hi]).for_each(|(o, &b)| *o = bf16_to_f32(b));
+            out
+        }
+        WeightRef::F16(r) => {
+            let out = &mut buf[..hi - lo];
+            out.iter_mut().zip(&r[lo..hi]).for_each(|(o, &b)| *o = f16_to_f32(b));
+            out
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 struct AttendOp<'a> {
     simd: x86::V3,
     qs: &'a [f32],            // [g, d]
-    keys: &'a [f32],          // [n, d]
-    values: &'a [f32],        // [n, d]
+    keys: WeightRef<'a>,      // [>=n, d]
+    values: WeightRef<'a>,    // [>=n, d]
     bias: Option<&'a [f32]>,  // [>=n]
     n: usize,
     d: usize,
     scale: f32,
     out: &'a mut [f32],       // [g, d]
     probs: &'a mut [f32],     // [g, n]
+    buf: &'a mut [f32],       // [KB, d] one widened block (unused for f32 rows)
 }
 
 /// Keys per score block: 8 independent FMA chains per query, reduced
@@ -139,7 +201,7 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
     type Output = ();
     #[inline(always)]
     fn call(self) {
-        let AttendOp { simd, qs, keys, values, bias, n, d, scale, out, probs } = self;
+        let AttendOp { simd, qs, keys, values, bias, n, d, scale, out, probs, buf } = self;
         let avx = simd.avx;
         // 1) Scores, KB keys at a time: the block's K rows (KB*d floats) stay in
         //    L1 while all g queries use them, so K is streamed once per group.
@@ -147,7 +209,7 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
         while j0 < n {
             let nb = KB.min(n - j0);
             prefetch_rows(keys, (j0 + PF_ROWS) * d, nb * d);
-            let kblk = &keys[j0 * d..(j0 + nb) * d]; // [nb, d]
+            let kblk = rows_f32(keys, j0, nb, d, &mut *buf); // [nb, d]
             for (i, q) in qs.chunks_exact(d).enumerate() {
                 let s = scores8(simd, q, kblk, nb, d); // [KB], lanes >= nb are 0
                 let dst = &mut probs[i * n + j0..i * n + j0 + nb];
@@ -183,7 +245,7 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
         while j0 < n {
             let nb = KB.min(n - j0);
             prefetch_rows(values, (j0 + PF_ROWS) * d, nb * d);
-            let vblk = &values[j0 * d..(j0 + nb) * d]; // [nb, d]
+            let vblk = rows_f32(values, j0, nb, d, &mut *buf); // [nb, d]
             let d8 = d / 8;
             // Per key row of the block: (8-lane chunks [d/8], tail [d%8]).
             let vrows: [(&[[f32; 8]], &[f32]); KB] = core::array::from_fn(|kk| {
@@ -221,17 +283,21 @@ impl pulp::NullaryFnOnce for AttendOp<'_> {
 #[cfg(target_arch = "x86_64")]
 const PF_ROWS: usize = 4 * KB;
 
-/// Prefetch the cache lines of `rows[start..start + len]` (clamped to the slice).
+/// Prefetch the cache lines of elements `rows[start..start + len]` (clamped to the slice).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_rows(rows: &[f32], start: usize, len: usize) {
+fn prefetch_rows(rows: WeightRef, start: usize, len: usize) {
     use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let end = (start + len).min(rows.len());
-    let mut i = start;
+    let (ptr, size): (*const u8, usize) = match rows {
+        WeightRef::F32(r) => (r.as_ptr().cast(), 4),
+        WeightRef::Bf16(r) | WeightRef::F16(r) => (r.as_ptr().cast(), 2),
+    };
+    let end = (start + len).min(rows.len()) * size;
+    let mut i = start * size;
     while i < end {
         // SAFETY: prefetch is a hint and never faults; the address is in bounds anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(i).cast()) };
-        i += 16; // one 64-byte line
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(i).cast()) };
+        i += 64; // one cache line
     }
 }
 
@@ -296,14 +362,15 @@ fn scores8(simd: x86::V3, q: &[f32], kblk: &[f32], nb: usize, d: usize) -> core:
 #[allow(clippy::too_many_arguments)]
 fn attend_v4(
     qs: &[f32],           // [g, d]
-    keys: &[f32],         // [n, d]
-    values: &[f32],       // [n, d]
+    keys: WeightRef,      // [>=n, d]
+    values: WeightRef,    // [>=n, d]
     bias: Option<&[f32]>, // [>=n]
     n: usize,
     d: usize,
     scale: f32,
     out: &mut [f32],   // [g, d]
     probs: &mut [f32], // [g, n]
+    buf: &mut [f32],   // [KB, d] one widened block (unused for f32 rows)
 ) {
     use core::arch::x86_64::*;
     // 1) Scores, KB keys at a time; `scale*s + b` unfused, as in the twin.
@@ -311,7 +378,7 @@ fn attend_v4(
     while j0 < n {
         let nb = KB.min(n - j0);
         prefetch_rows(keys, (j0 + PF_ROWS) * d, nb * d);
-        let kblk = &keys[j0 * d..(j0 + nb) * d]; // [nb, d]
+        let kblk = rows_f32(keys, j0, nb, d, &mut *buf); // [nb, d]
         let m8 = ((1u32 << nb) - 1) as __mmask8;
         for (i, q) in qs.chunks_exact(d).enumerate() {
             let s = scores8_v4(q, kblk, nb, d); // [KB], lanes >= nb are 0
@@ -339,7 +406,7 @@ fn attend_v4(
     while j0 < n {
         let nb = KB.min(n - j0);
         prefetch_rows(values, (j0 + PF_ROWS) * d, nb * d);
-        let vblk = &values[j0 * d..(j0 + nb) * d]; // [nb, d]
+        let vblk = rows_f32(values, j0, nb, d, &mut *buf); // [nb, d]
         // Per key row of the block: (16-lane chunks [d/16], tail [d%16]).
         let vrows: [(&[[f32; 16]], &[f32]); KB] = core::array::from_fn(|kk| {
             let row = if kk < nb { &vblk[kk * d..(kk + 1) * d] } else { &vblk[..d] };

@@ -62,7 +62,7 @@ pub(crate) fn bf16_to_f32(b: u16) -> f32 {
 }
 
 #[inline(always)]
-fn f16_to_f32(b: u16) -> f32 {
+pub(crate) fn f16_to_f32(b: u16) -> f32 {
     f16::from_bits(b).to_f32()
 }
 

@@ -12,6 +12,7 @@
 //! | [`gemv_batch`], [`gemv_batch_multi_par`] (m vectors, each weight read once; bit-identical to [`gemv()`] per vector) | as [`gemv()`], row blocks kept in L1 | [`gemv_batch_ref`] |
 //! | [`widen_rows`] | bf16 AVX2, f16 F16C (exact) | [`widen_rows_ref`] |
 //! | [`attend_group`] | AVX2 or AVX-512 GQA decode attention, K/V read once per group | [`attend_group_ref`] |
+//! | [`attend_group_kv`] (K/V rows stored bf16/f16: a bf16 KV cache; bit-identical to [`attend_group`] on the widened rows) | as [`attend_group`], each 8-row block widened in L1 | [`attend_group_kv_ref`] |
 //! | [`gemv_multi_team`], [`gemv_batch_multi_team`] (one stage of a decode [`Team`]: workers kept awake for a whole token) | as [`gemv_multi_par`] | [`gemv_ref`] |
 //!
 //! **Dispatch rule.** The ISA is detected at run time, never at build time
@@ -50,7 +51,7 @@ pub mod vecops;
 pub use activ::{
     argmax, argmax_ref, exp_shift_sum, exp_shift_sum_ref, silu_mul, silu_mul_ref, softmax_inplace, softmax_inplace_ref,
 };
-pub use attn::{attend_group, attend_group_ref};
+pub use attn::{attend_group, attend_group_kv, attend_group_kv_ref, attend_group_ref};
 pub use dispatch::{cpu_model, detected_simd_level, force_simd_level, simd_dispatch_level, SimdLevel, UnsupportedSimdLevel, SIMD_ENV};
 pub use gemv::{gemv, gemv_batch, gemv_batch_multi_par, gemv_batch_multi_team, gemv_batch_ref, gemv_multi_par, gemv_multi_team, gemv_par, gemv_ref, GemvBatchTask, GemvTask, GEMV_PAR_MIN_BYTES, widen_rows, widen_rows_ref, WeightRef, GEMV_PAR_CHUNK_ROWS};
 pub use norm::{rmsnorm, rmsnorm_ref};

@@ -459,6 +459,45 @@ proptest! {
             Ok::<(), TestCaseError>(())
         }).map_err(TestCaseError::fail)?;
     }
+
+    /// K/V rows stored bf16 or f16 (a bf16 KV cache) give exactly what the f32 kernel gives on
+    /// the widened rows, at every level, and the twin's result at Scalar.
+    #[test]
+    fn attend_group_kv_is_the_f32_kernel_on_widened_rows(
+        g in 1usize..=4,
+        d in prop_oneof![3 => 1usize..=67, 1 => Just(64usize), 1 => Just(128usize)],
+        n in prop_oneof![1 => Just(0usize), 6 => 1usize..=67, 2 => 68usize..=400],
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        each_level(|level| {
+            let mut rng = Rng(seed | 1);
+            let qs: Vec<f32> = (0..g * d).map(|_| rng.f() * 2.0).collect();
+            let k32: Vec<f32> = (0..n * d).map(|_| rng.f() * 2.0).collect();
+            let v32: Vec<f32> = (0..n * d).map(|_| rng.f() * 3.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| if j % 5 == 2 { f32::NEG_INFINITY } else { rng.f() }).collect();
+            let bias_opt = with_bias.then_some(&bias[..]);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (kb, vb, kh, vh) = (to_bf16_bits(&k32), to_bf16_bits(&v32), to_f16_bits(&k32), to_f16_bits(&v32));
+            for (kr, vr) in [(WeightRef::Bf16(&kb), WeightRef::Bf16(&vb)), (WeightRef::F16(&kh), WeightRef::F16(&vh))] {
+                let (mut kw, mut vw) = (vec![0.0f32; n * d], vec![0.0f32; n * d]);
+                widen_rows_ref(kr, 0, n, d, &mut kw);
+                widen_rows_ref(vr, 0, n, d, &mut vw);
+                let mut want = vec![f32::NAN; g * d];
+                attend_group(&qs, &kw, &vw, bias_opt, n, d, scale, &mut want, &mut Vec::new());
+                let mut got = vec![f32::NAN; g * d];
+                attend_group_kv(&qs, kr, vr, bias_opt, n, d, scale, &mut got, &mut Vec::new());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                prop_assert_eq!(bits(&got), bits(&want), "{} rows at {}", kr.dtype_name(), level);
+                if level == SimdLevel::Scalar {
+                    let mut twin = vec![f32::NAN; g * d];
+                    attend_group_kv_ref(&qs, kr, vr, bias_opt, n, d, scale, &mut twin, &mut Vec::new());
+                    prop_assert_eq!(bits(&twin), bits(&want));
+                }
+            }
+            Ok::<(), TestCaseError>(())
+        }).map_err(TestCaseError::fail)?;
+    }
 }
 
 #[test]

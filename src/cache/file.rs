@@ -58,13 +58,18 @@ pub fn save_cache(path: &Path, model: &ModelId, cache: &KvCache, chat: bool, par
     let vals: Vec<String> = names.iter().map(|n| format!("{n}.values")).collect();
     let bets: Vec<String> = names.iter().map(|n| format!("{n}.beta")).collect();
     let psn: Vec<String> = names.iter().map(|n| format!("{n}.positions")).collect();
+    // Rows as f32 (a bf16 cache widened exactly; loading and converting back gives the same bits).
+    let wide: Vec<std::borrow::Cow<[f32]>> =
+        (0..nl * nkv).flat_map(|i| {
+            let s = cache.store(i / nkv, i % nkv);
+            [s.keys.to_f32(), s.values.to_f32()]
+        }).collect();
     let mut out = Vec::new();
     for i in 0..nl * nkv {
         let (l, h) = (i / nkv, i % nkv);
-        let s = cache.store(l, h);
         let n = cache.len(l, h);
-        out.push(OutTensor::F32 { name: &keys[i], shape: vec![n, hd], data: &s.keys });
-        out.push(OutTensor::F32 { name: &vals[i], shape: vec![n, hd], data: &s.values });
+        out.push(OutTensor::F32 { name: &keys[i], shape: vec![n, hd], data: &wide[2 * i] });
+        out.push(OutTensor::F32 { name: &vals[i], shape: vec![n, hd], data: &wide[2 * i + 1] });
         out.push(OutTensor::F32 { name: &bets[i], shape: vec![n], data: &betas[i] });
         out.push(OutTensor::I64 { name: &psn[i], shape: vec![n], data: &poss[i] });
     }

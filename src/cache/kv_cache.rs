@@ -1,7 +1,9 @@
 //! The KV cache: storage and metadata kept apart, both per (layer, KV head).
 //!
 //! - [`HeadStore`] is dumb contiguous storage: keys and values of one (layer, KV head), each
-//!   [rows, head_dim] row-major f32, keys post-RoPE (and post-k_norm).
+//!   `[rows, head_dim]` row-major in the cache's [`KvDtype`] (f32, or bf16 to halve the bytes),
+//!   keys post-RoPE (and post-k_norm). Rows are computed in f32 and rounded once when stored;
+//!   readers widen them exactly, so a bf16 cache behaves as an f32 cache holding rounded rows.
 //! - [`HeadMeta`] says what each row is: its absolute position and, once any compaction has
 //!   happened, an additive logit bias β (0 for rows that were never compacted).
 //! - [`KvCache`] holds both for every (layer, KV head) plus one logical position counter for the
@@ -17,18 +19,198 @@
 //! Invariant (checked by [`KvCache::check`]): in every head, positions are strictly increasing
 //! and all below `next_pos`; keys, values, positions (and bias, if present) have one entry per row.
 
+use std::borrow::Cow;
+
+use kvcompact_kernels::WeightRef;
+
 use crate::error::{Error, Result};
 
 /// Rows are reserved in chunks of this many so appends rarely reallocate.
 const GROW_ROWS: usize = 256;
 
+/// The element type a cache stores its key and value rows in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// 4 bytes per element: the rows exactly as the forward pass computed them.
+    #[default]
+    F32,
+    /// 2 bytes per element: rounded to nearest even when stored, widened exactly when read.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+    /// `"f32"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+    /// Parse `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<KvDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "bf16" => Ok(KvDtype::Bf16),
+            other => Err(Error::Invalid(format!("unknown KV dtype {other:?}: use f32 or bf16"))),
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<KvDtype> {
+        KvDtype::parse(s)
+    }
+}
+
+/// Key (or value) rows of one head in the cache's dtype, row-major `[rows, head_dim]`.
+#[derive(Debug, Clone)]
+pub enum KvRows {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+}
+
+impl Default for KvRows {
+    fn default() -> KvRows {
+        KvRows::F32(Vec::new())
+    }
+}
+
+#[inline]
+fn to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+impl KvRows {
+    /// No rows, stored as `dtype`.
+    pub fn new(dtype: KvDtype) -> KvRows {
+        match dtype {
+            KvDtype::F32 => KvRows::F32(Vec::new()),
+            KvDtype::Bf16 => KvRows::Bf16(Vec::new()),
+        }
+    }
+    /// f32 rows stored as `dtype` (rounded to nearest even for bf16; moved, not copied, for f32).
+    pub fn from_f32(data: Vec<f32>, dtype: KvDtype) -> KvRows {
+        match dtype {
+            KvDtype::F32 => KvRows::F32(data),
+            KvDtype::Bf16 => KvRows::Bf16(data.iter().map(|&x| to_bf16(x)).collect()),
+        }
+    }
+    /// The storage dtype.
+    pub fn dtype(&self) -> KvDtype {
+        match self {
+            KvRows::F32(_) => KvDtype::F32,
+            KvRows::Bf16(_) => KvDtype::Bf16,
+        }
+    }
+    /// Number of elements (rows × head_dim).
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::Bf16(v) => v.len(),
+        }
+    }
+    /// True when no element is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn capacity(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.capacity(),
+            KvRows::Bf16(v) => v.capacity(),
+        }
+    }
+    fn reserve_exact(&mut self, extra: usize) {
+        match self {
+            KvRows::F32(v) => v.reserve_exact(extra),
+            KvRows::Bf16(v) => v.reserve_exact(extra),
+        }
+    }
+    /// Append f32 elements, rounded to the storage dtype.
+    pub fn extend_from_f32(&mut self, x: &[f32]) {
+        match self {
+            KvRows::F32(v) => v.extend_from_slice(x),
+            KvRows::Bf16(v) => v.extend(x.iter().map(|&x| to_bf16(x))),
+        }
+    }
+    /// Append elements `range` of another store of the same dtype, unchanged.
+    pub fn extend_from_rows(&mut self, other: &KvRows, range: std::ops::Range<usize>) {
+        match (self, other) {
+            (KvRows::F32(v), KvRows::F32(o)) => v.extend_from_slice(&o[range]),
+            (KvRows::Bf16(v), KvRows::Bf16(o)) => v.extend_from_slice(&o[range]),
+            (me, o) => me.extend_from_f32(&o.range_f32(range)),
+        }
+    }
+    /// Keep the first `len` elements.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            KvRows::F32(v) => v.truncate(len),
+            KvRows::Bf16(v) => v.truncate(len),
+        }
+    }
+    /// Elements `range` as f32: borrowed for f32, widened (exactly) for bf16.
+    pub fn range_f32(&self, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
+        match self {
+            KvRows::F32(v) => Cow::Borrowed(&v[range]),
+            KvRows::Bf16(v) => Cow::Owned(v[range].iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()),
+        }
+    }
+    /// Elements `range` as f32: borrowed for f32, widened (exactly) into `buf` for bf16, so a
+    /// loop reuses one buffer.
+    pub fn range_f32_in<'b>(&'b self, range: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match self {
+            KvRows::F32(v) => &v[range],
+            KvRows::Bf16(v) => {
+                buf.resize(range.len(), 0.0);
+                kvcompact_kernels::widen_rows(WeightRef::Bf16(&v[range.clone()]), 0, 1, range.len(), buf);
+                &buf[..]
+            }
+        }
+    }
+    /// Elements `range` as the kernels take them.
+    pub fn range_weights(&self, range: std::ops::Range<usize>) -> WeightRef<'_> {
+        match self {
+            KvRows::F32(v) => WeightRef::F32(&v[range]),
+            KvRows::Bf16(v) => WeightRef::Bf16(&v[range]),
+        }
+    }
+    /// Every element as f32: borrowed for f32, widened (exactly) for bf16.
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        self.range_f32(0..self.len())
+    }
+    /// The same elements stored as `dtype`.
+    pub fn to_dtype(&self, dtype: KvDtype) -> KvRows {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        KvRows::from_f32(self.to_f32().into_owned(), dtype)
+    }
+}
+
 /// Key and value rows of one (layer, KV head); what each row is lives in its [`HeadMeta`].
 #[derive(Debug, Clone, Default)]
 pub struct HeadStore {
     /// Post-RoPE (and post-k_norm) keys, row-major.
-    pub keys: Vec<f32>,   // [rows, head_dim]
+    pub keys: KvRows,   // [rows, head_dim]
     /// Values, row-major, one per key row.
-    pub values: Vec<f32>, // [rows, head_dim]
+    pub values: KvRows, // [rows, head_dim]
+}
+
+impl HeadStore {
+    /// An empty store of `dtype`.
+    pub fn new(dtype: KvDtype) -> HeadStore {
+        HeadStore { keys: KvRows::new(dtype), values: KvRows::new(dtype) }
+    }
 }
 
 /// What each row of a [`HeadStore`] is: its position and its logit bias.
@@ -109,6 +291,7 @@ pub struct KvCache {
     pub n_kv_heads: usize,
     /// Floats per key / value row.
     pub head_dim: usize,
+    dtype: KvDtype,
     store: Vec<HeadStore>, // [n_layers * n_kv_heads]
     meta: Vec<HeadMeta>,   // [n_layers * n_kv_heads]
     slim_store: Vec<SlimStore>, // [n_layers] when slim, else empty
@@ -117,14 +300,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty normal (non-slim) cache with `next_pos` 0.
+    /// An empty normal (non-slim) f32 cache with `next_pos` 0.
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvCache {
+        KvCache::with_dtype(n_layers, n_kv_heads, head_dim, KvDtype::F32)
+    }
+
+    /// An empty normal (non-slim) cache storing its rows as `dtype`.
+    pub fn with_dtype(n_layers: usize, n_kv_heads: usize, head_dim: usize, dtype: KvDtype) -> KvCache {
         let n = n_layers * n_kv_heads;
         KvCache {
             n_layers,
             n_kv_heads,
             head_dim,
-            store: vec![HeadStore::default(); n],
+            dtype,
+            store: vec![HeadStore::new(dtype); n],
             meta: vec![HeadMeta::default(); n],
             slim_store: Vec::new(),
             slim_meta: None,
@@ -142,6 +331,23 @@ impl KvCache {
             ..Default::default()
         });
         c
+    }
+
+    /// The dtype its key and value rows are stored in.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// The same cache with its rows stored as `dtype` (rounded to nearest even when narrowing;
+    /// exact when widening). Slim layers keep their f32 pre-RoPE keys.
+    pub fn into_dtype(mut self, dtype: KvDtype) -> KvCache {
+        if dtype != self.dtype {
+            self.dtype = dtype;
+            for s in &mut self.store {
+                *s = HeadStore { keys: s.keys.to_dtype(dtype), values: s.values.to_dtype(dtype) };
+            }
+        }
+        self
     }
 
     /// True for a cache made by [`KvCache::new_slim`] (even if no layer ended up slim).
@@ -239,14 +445,21 @@ impl KvCache {
         &self.store[self.idx(layer, head)]
     }
 
-    /// Keys and values (`[rows, head_dim]`), bias and positions (`[rows]`) of a head, for the
-    /// attention kernel.
+    /// Keys and values (`[rows, head_dim]`), bias and positions (`[rows]`) of a head of an f32
+    /// cache: what compaction methods read. Compaction works on f32 caches (the entry points
+    /// convert a bf16 cache with [`KvCache::to_dtype`] and round the result back).
+    ///
+    /// # Panics
+    /// On a cache not stored as f32: read [`KvCache::store`] (or convert) instead.
     // A plain tuple of borrowed slices; a named type would add a public item for one call site.
     #[allow(clippy::type_complexity)]
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32], Option<&[f32]>, &[u32]) {
         let i = self.idx(layer, head);
         let (s, m) = (&self.store[i], &self.meta[i]);
-        (&s.keys, &s.values, m.bias.as_deref(), &m.positions)
+        match (&s.keys, &s.values) {
+            (KvRows::F32(k), KvRows::F32(v)) => (k, v, m.bias.as_deref(), &m.positions),
+            _ => panic!("KvCache::head reads f32 rows; this cache stores {} (convert it with to_dtype)", self.dtype.name()),
+        }
     }
 
     /// The heads of one layer: storage and metadata slices, indexed by KV head.
@@ -293,8 +506,8 @@ impl KvCache {
         let s = &mut self.store[i];
         for r in 0..positions.len() {
             let at = r * row_stride + col;
-            s.keys.extend_from_slice(&k_rows[at..at + hd]);
-            s.values.extend_from_slice(&v_rows[at..at + hd]);
+            s.keys.extend_from_f32(&k_rows[at..at + hd]);
+            s.values.extend_from_f32(&v_rows[at..at + hd]);
         }
     }
 
@@ -326,7 +539,7 @@ impl KvCache {
             )));
         }
         let i = self.idx(layer, head);
-        self.store[i] = HeadStore { keys: rows.keys, values: rows.values };
+        self.store[i] = HeadStore { keys: KvRows::from_f32(rows.keys, self.dtype), values: KvRows::from_f32(rows.values, self.dtype) };
         self.meta[i] = HeadMeta { positions: rows.positions, bias: rows.bias };
         Ok(())
     }
@@ -374,23 +587,24 @@ impl KvCache {
         self.truncate_to(0);
     }
 
-    /// Bytes one row of one (layer, KV head) costs without β: f32 key and value, u32 position.
-    pub fn row_bytes(head_dim: usize) -> usize {
-        2 * head_dim * 4 + 4
+    /// Bytes one row of one (layer, KV head) costs without β: key and value in `dtype`, u32
+    /// position.
+    pub fn row_bytes(head_dim: usize, dtype: KvDtype) -> usize {
+        2 * head_dim * dtype.bytes() + 4
     }
 
-    /// Bytes held for keys, values, positions and biases (what the cache really costs); for
+    /// Bytes held for keys, values (in the cache's dtype), positions and biases (what the cache really costs); for
     /// slim layers the pre-RoPE keys, plus one position and RoPE row per token they share.
     pub fn bytes(&self) -> usize {
         let rows: usize = self.meta.iter().map(HeadMeta::len).sum();
         let bias_rows: usize = self.meta.iter().filter_map(|m| m.bias.as_ref()).map(Vec::len).sum();
-        rows * Self::row_bytes(self.head_dim) + bias_rows * 4 + self.slim_bytes()
+        rows * Self::row_bytes(self.head_dim, self.dtype) + bias_rows * 4 + self.slim_bytes()
     }
 
     /// Bytes the same context would hold uncompacted: one row per logical position in every
     /// (layer, KV head), without β.
     pub fn full_bytes(&self) -> usize {
-        self.next_pos() * self.n_layers * self.n_kv_heads * Self::row_bytes(self.head_dim)
+        self.next_pos() * self.n_layers * self.n_kv_heads * Self::row_bytes(self.head_dim, self.dtype)
     }
 
     /// The slim part of [`KvCache::bytes`]: K-only rows, and the shared positions / RoPE rows
@@ -419,6 +633,9 @@ impl KvCache {
             let bad = |msg: String| Err(Error::Invalid(format!("KV cache layer {layer} head {head}: {msg}")));
             if s.keys.len() != n * hd || s.values.len() != n * hd {
                 return bad(format!("{n} positions but {} key and {} value floats", s.keys.len(), s.values.len()));
+            }
+            if s.keys.dtype() != self.dtype || s.values.dtype() != self.dtype {
+                return bad(format!("rows stored as {} in a {} cache", s.keys.dtype().name(), self.dtype.name()));
             }
             if m.bias.as_ref().is_some_and(|b| b.len() != n) {
                 return bad("bias length differs from row count".into());

@@ -5,4 +5,4 @@ pub mod file;
 pub mod kv_cache;
 
 pub use file::{load_cache, save_cache, LoadedCache, ModelId, CACHE_FORMAT};
-pub use kv_cache::{HeadMeta, HeadRows, HeadStore, KvCache, SlimMeta, SlimMode, SlimStore};
+pub use kv_cache::{HeadMeta, HeadRows, HeadStore, KvCache, KvDtype, KvRows, SlimMeta, SlimMode, SlimStore};

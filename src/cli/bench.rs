@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use kvcompact::device::Device;
 use kvcompact::model::{Logits, Model, DEFAULT_MAX_BATCH};
 
-use super::{enable_slim, model_dir, print_slim_cache, ModelArg, SlimArg};
+use super::{enable_slim, model_dir, print_slim_cache, KvDtypeArg, ModelArg, SlimArg};
 
 /// Measure prefill and decode speed on the loaded weights (medians over --reps).
 #[derive(clap::Args)]
@@ -29,6 +29,8 @@ pub struct Args {
     pub json: bool,
     #[command(flatten)]
     pub slim: SlimArg,
+    #[command(flatten)]
+    pub kv: KvDtypeArg,
     #[command(flatten)]
     pub device: super::DeviceArg,
     /// With --device cuda: time each GPU kernel path against its CPU twin on synthetic data of
@@ -63,6 +65,7 @@ pub fn run(a: Args) -> Result<()> {
     let dir = model_dir(&a.model)?;
     let mut model = Model::load(&dir)?;
     enable_slim(&mut model, &a.slim)?;
+    model.set_kv_dtype(a.kv.kv_dtype)?;
     let c = &model.config;
     if a.prompt_tokens + a.gen_tokens > c.max_position_embeddings {
         bail!("--prompt-tokens + --gen-tokens exceeds the model's context of {}", c.max_position_embeddings);

@@ -13,7 +13,7 @@ use kvcompact::model::DEFAULT_MAX_BATCH;
 use kvcompact::sampling::Sampler;
 use kvcompact::tokenizer::TextStream;
 
-use super::{enable_slim, model_dir, print_slim_cache, read_prompt, ModelArg, PromptArg, SlimArg};
+use super::{enable_slim, model_dir, print_slim_cache, read_prompt, KvDtypeArg, ModelArg, PromptArg, SlimArg};
 
 /// Generate text after a prompt, streaming it; ends with prefill and decode tokens/s.
 #[derive(clap::Args)]
@@ -73,6 +73,8 @@ pub struct Args {
     #[command(flatten)]
     pub slim: SlimArg,
     #[command(flatten)]
+    pub kv: KvDtypeArg,
+    #[command(flatten)]
     pub device: super::DeviceArg,
 }
 
@@ -87,6 +89,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--slim cannot be combined with --cache or --max-cache-tokens: compaction and eviction work per KV head, while a slim layer's values are rebuilt from the keys of all heads");
     }
     enable_slim(&mut model, &a.slim)?;
+    model.set_kv_dtype(a.kv.kv_dtype)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
     if a.slim.slim && a.device.device != kvcompact::device::Device::Cpu {
         bail!("--slim runs on the CPU only (drop --device cuda)");
@@ -95,7 +98,7 @@ pub fn run(a: Args) -> Result<()> {
     let (mut cache, cached_chat) = match &a.cache {
         Some(path) => {
             let loaded = kvcompact::cache::load_cache(path, &model.cache_id())?;
-            (loaded.cache, Some(loaded.chat))
+            (loaded.cache.into_dtype(model.kv_dtype()), Some(loaded.chat))
         }
         None => (model.new_cache(), None),
     };
@@ -113,6 +116,9 @@ pub fn run(a: Args) -> Result<()> {
             let copts = kvcompact::document::CompactOptions { budget: kvcompact::compact::Budget::Ratio(a.ratio), seed: a.seed, ..Default::default() };
             online = Some(kvcompact::document::OnlineCompaction::new(&tok, &am_method, n, a.keep_recent, chat, copts)?);
         } else {
+            if model.kv_dtype() != kvcompact::cache::KvDtype::F32 {
+                bail!("--method {} (streaming eviction) reads f32 rows: drop --kv-dtype or use an Attention Matching method", a.method);
+            }
             streaming = Some(kvcompact::compact::qfilters::streaming_policy(&a.method, a.filters.as_deref(), &model, n, a.window, a.sinks)?);
         }
     }

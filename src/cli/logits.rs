@@ -9,7 +9,7 @@ use kvcompact::generate::encode_prompt;
 use kvcompact::model::{Logits, DEFAULT_MAX_BATCH};
 use kvcompact::tensor_file::{save_safetensors, OutTensor};
 
-use super::{model_dir, read_prompt, ModelArg, PromptArg};
+use super::{model_dir, read_prompt, KvDtypeArg, ModelArg, PromptArg};
 
 /// Write the tokens and every position's logits of a raw (untemplated) prompt.
 #[derive(clap::Args)]
@@ -21,13 +21,16 @@ pub struct Args {
     /// Output safetensors file: `tokens` i64 [T], `logits` f32 [T, vocab].
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub kv: KvDtypeArg,
 }
 
 /// `kvcompact logits`.
 pub fn run(a: Args) -> Result<()> {
     let text = read_prompt(&a.prompt)?;
     let dir = model_dir(&a.model)?;
-    let (model, tok) = kvcompact::generate::load(&dir)?;
+    let (mut model, tok) = kvcompact::generate::load(&dir)?;
+    model.set_kv_dtype(a.kv.kv_dtype)?;
     let ids = encode_prompt(&model, &tok, &text, false, 0)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
     let mut cache = model.new_cache();

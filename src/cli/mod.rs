@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvcompact::cache::KvCache;
+use kvcompact::cache::{KvCache, KvDtype};
 use kvcompact::model::Model;
 
 /// `--model DIR`, shared by every command that loads a model.
@@ -54,6 +54,16 @@ pub struct DeviceArg {
     /// `--features cuda` and an NVIDIA GPU; otherwise a one-line error.
     #[arg(long, value_enum, default_value_t = kvcompact::device::Device::Cpu)]
     pub device: kvcompact::device::Device,
+}
+
+/// `--kv-dtype f32|bf16` (`generate`, `logits`, `bench`, `serve`).
+#[derive(Args, Clone, Copy)]
+pub struct KvDtypeArg {
+    /// How the KV cache stores key and value rows: f32, or bf16 (half the bytes; each row
+    /// rounded once when stored, attention still in f32). `serve` and `generate` with the same
+    /// value give the same tokens.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: KvDtype,
 }
 
 /// `--slim` and its two gates (`generate`, `bench`).

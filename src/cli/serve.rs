@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use kvcompact::serve::scheduler::{EngineConfig, FailPoint, DEFAULT_PREFILL_CHUNK};
 use kvcompact::serve::ServeOptions;
 
-use super::{model_dir, ModelArg};
+use super::{model_dir, KvDtypeArg, ModelArg};
 
 /// Serve the model over an OpenAI-compatible HTTP API with continuous batching; KV memory is
 /// bounded by compaction.
@@ -15,6 +15,8 @@ use super::{model_dir, ModelArg};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArg,
+    #[command(flatten)]
+    pub kv: KvDtypeArg,
     /// Address to bind (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -74,6 +76,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let opts = ServeOptions {
         model_dir: dir,
+        kv_dtype: a.kv.kv_dtype,
         addr: SocketAddr::new(a.host, a.port),
         api_key: a.api_key.filter(|k| !k.is_empty()),
         engine: EngineConfig {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::budgets::head_budgets;
 use super::layout::ContextLayout;
 use super::queries::{extra_queries, group_queries, local, merge_extra, repeat_tokens, self_study_tokens, subsample, LayerRun, QuerySource, Queries};
-use crate::cache::{HeadRows, KvCache};
+use crate::cache::{HeadRows, KvCache, KvDtype};
 use crate::compact::registry::{self, Family, MethodOptions};
 use crate::device::Device;
 use crate::compact::{compress_heads, evaluate_head, qfilters, AmCompressor, BetaSolver, Budget, Compressor, HeadEval, HeadInput, HeadStats};
@@ -413,14 +413,15 @@ pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, m
         on_policy: opts.on_policy,
         context_tokens: layout.len(),
         article_tokens: layout.article.len(),
-        kv_bytes_before: layout.len() * c.kv_bytes_per_token() + layout.len() * nl * nkv * 4,
+        kv_bytes_before: layout.len() * nl * nkv * KvCache::row_bytes(c.head_dim, model.kv_dtype()),
         ..Default::default()
     };
     let chunk = opts.chunk_tokens.unwrap_or(layout.article.len()).max(1);
     let chunks: Vec<&[u32]> = layout.article.chunks(chunk).collect();
     report.chunks = chunks.len();
     let mut st = model.new_state(DEFAULT_MAX_BATCH);
-    let mut cache = model.new_cache();
+    // Compaction reads f32 rows; the result is stored in the model's KV dtype at the end.
+    let mut cache = model.new_cache().into_dtype(KvDtype::F32);
     let mut evals: Vec<Vec<(HeadEval, bool)>> = vec![Vec::new(); nl * nkv];
     let capture_ctx = matches!(opts.queries, QuerySource::Context | QuerySource::Mix | QuerySource::Random);
     let tp = Instant::now();
@@ -487,6 +488,7 @@ pub fn compact_context(model: &Model, tok: &Tokenizer, layout: &ContextLayout, m
         // out; we keep it so the cache ends where a conversation expects it).
         model.forward(&mut st, &mut cache, &layout.suffix, Logits::None)?;
     }
+    let cache = cache.into_dtype(model.kv_dtype());
     cache.check()?;
     report.kv_bytes_after = cache.bytes();
     // Per-layer summary over heads (and chunks).

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::compact::{compact_span, CompactOptions, CompactReport, Span};
 use super::queries::repeat_tokens;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvDtype};
 use crate::compact::{Budget, Compressor, HeadEval};
 use crate::error::{Error, Result};
 use crate::model::{Model, RunState, DEFAULT_MAX_BATCH};
@@ -81,6 +81,18 @@ pub fn compact_older_rows(
     chat: bool,
     opts: &CompactOptions,
 ) -> Result<CompactReport> {
+    if cache.dtype() != KvDtype::F32 {
+        // Compaction reads f32 rows: compact a widened copy (exact), then store it back in the
+        // cache's dtype (the fitted rows rounded once), also when compaction fails.
+        let (dtype, before) = (cache.dtype(), cache.bytes());
+        let mut work = std::mem::replace(cache, KvCache::new(0, 0, 0)).into_dtype(KvDtype::F32);
+        let run = compact_older_rows(model, st, tok, method, &mut work, tokens, keep_recent, max_query_tokens, chat, opts);
+        *cache = work.into_dtype(dtype);
+        let mut report = run?;
+        report.kv_bytes_before = before;
+        report.kv_bytes_after = cache.bytes();
+        return Ok(report);
+    }
     let t0 = Instant::now();
     let c = &model.config;
     let (nl, nkv) = (c.n_layers, c.n_kv_heads);

@@ -9,7 +9,7 @@ use kvcompact_kernels as k;
 use rayon::prelude::*;
 
 use super::forward::{Model, RunState};
-use crate::cache::{HeadMeta, HeadStore, KvCache, SlimMode};
+use crate::cache::{HeadMeta, HeadStore, KvCache, KvRows, SlimMode};
 
 /// Chunks of at least this many tokens use the blocked GEMM attention; fewer use the
 /// per-token kernel (decode).
@@ -68,17 +68,12 @@ impl Model {
         let c = &self.config;
         let (hd, qd) = (c.head_dim, c.q_dim());
         let qpos = st.positions[0] as usize;
-        let heads: Vec<HeadRows> = stores
-            .iter()
-            .zip(metas)
-            .map(|(s, m)| HeadRows {
-                keys: &s.keys,
-                values: &s.values,
-                bias: m.bias.as_deref(),
-                positions: &m.positions,
-                start: window_start(c.sliding_window, qpos, &m.positions),
-            })
-            .collect();
+        let mut heads: Vec<HeadRows> = Vec::with_capacity(stores.len());
+        for (s, m) in stores.iter().zip(metas) {
+            // The device path reads f32 rows; a bf16 cache decodes on the CPU.
+            let (KvRows::F32(keys), KvRows::F32(values)) = (&s.keys, &s.values) else { return false };
+            heads.push(HeadRows { keys, values, bias: m.bias.as_deref(), positions: &m.positions, start: window_start(c.sliding_window, qpos, &m.positions) });
+        }
         match dev.attend(l, &st.q[..qd], &heads, c.group_size(), hd, c.attn_scale(), &mut st.att[..qd]) {
             Ok(()) => true,
             Err(e) => {
@@ -112,8 +107,8 @@ impl Model {
         type RowStats = (f32, f32, usize, usize);
         st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
             head_out.par_chunks_mut(ATTN_BLOCK_TOKENS * row_w).enumerate().for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(qbuf, sbuf, stats): &mut (Vec<f32>, Vec<f32>, Vec<RowStats>), (bi, out)| {
+                || (Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new())),
+                |(qbuf, sbuf, stats, (kbuf, vbuf)): &mut (Vec<f32>, Vec<f32>, Vec<RowStats>, (Vec<f32>, Vec<f32>)), (bi, out)| {
                     let t0 = bi * ATTN_BLOCK_TOKENS;
                     let nt = out.len() / row_w;
                     let rows_q = nt * group;
@@ -140,7 +135,8 @@ impl Model {
                         let k1 = (k0 + ATTN_KEY_BLOCK).min(cols);
                         let w = k1 - k0;
                         sbuf.resize(rows_q * w, 0.0);
-                        let keys = MatRef::from_row_major_slice(&stores[g].keys[k0 * hd..k1 * hd], w, hd);
+                        let kblk = stores[g].keys.range_f32_in(k0 * hd..k1 * hd, kbuf);
+                        let keys = MatRef::from_row_major_slice(kblk, w, hd);
                         let sm = MatMut::from_row_major_slice_mut(&mut sbuf[..], rows_q, w);
                         faer::linalg::matmul::matmul(sm, Accum::Replace, qm, keys.transpose(), scale, Par::Seq);
                         for (r, srow) in sbuf.chunks_mut(w).enumerate() {
@@ -167,7 +163,8 @@ impl Model {
                             stats[r].0 = m_new;
                             stats[r].1 = l_run * keep + l_blk * take;
                         }
-                        let vals = MatRef::from_row_major_slice(&stores[g].values[k0 * hd..k1 * hd], w, hd);
+                        let vblk = stores[g].values.range_f32_in(k0 * hd..k1 * hd, vbuf);
+                        let vals = MatRef::from_row_major_slice(vblk, w, hd);
                         let pm = MatRef::from_row_major_slice(&sbuf[..], rows_q, w);
                         let om = MatMut::from_row_major_slice_mut(&mut *out, rows_q, hd);
                         faer::linalg::matmul::matmul(om, Accum::Add, pm, vals, 1.0f32, Par::Seq);
@@ -251,7 +248,7 @@ impl Model {
                         keys.extend_from_slice(&kv_k[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
                         values.extend_from_slice(&kv_v[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
                     }
-                    HeadStore { keys, values }
+                    HeadStore { keys: KvRows::F32(keys), values: KvRows::F32(values) }
                 })
                 .collect();
             let metas: Vec<HeadMeta> =
@@ -343,10 +340,10 @@ impl Model {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend_token(qs: &[f32], store: &HeadStore, meta: &HeadMeta, visible: usize, qpos: usize, window: Option<usize>, hd: usize, scale: f32, out: &mut [f32], scratch: &mut Vec<f32>) {
     let start = window_start(window, qpos, &meta.positions[..visible]);
-    let keys = &store.keys[start * hd..visible * hd];
-    let values = &store.values[start * hd..visible * hd];
+    let keys = store.keys.range_weights(start * hd..visible * hd);
+    let values = store.values.range_weights(start * hd..visible * hd);
     let bias = meta.bias.as_deref().map(|b| &b[start..visible]);
-    k::attend_group(qs, keys, values, bias, visible - start, hd, scale, out, scratch);
+    k::attend_group_kv(qs, keys, values, bias, visible - start, hd, scale, out, scratch);
 }
 
 pub(super) fn window_start(window: Option<usize>, qpos: usize, positions: &[u32]) -> usize {

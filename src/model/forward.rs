@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::model::config::Config;
 use crate::error::{Error, Result};
-use crate::cache::{KvCache, SlimMode};
+use crate::cache::{KvCache, KvDtype, SlimMode};
 use crate::model::rope::rope_inv_freq;
 use crate::model::slim::{SlimOptions, SlimWeights};
 use crate::model::weights::{MatrixView, WDtype, Weights};
@@ -59,6 +59,7 @@ pub struct Model {
     pub(super) inv_freq: Vec<f32>, // [head_dim/2] RoPE inverse frequencies after scaling
     /// Slim-attention weights, once [`Model::enable_slim`] has prepared them.
     pub slim: Option<SlimWeights>,
+    kv_dtype: KvDtype,
 }
 
 /// Activation buffers for up to `max_batch` tokens; shapes use B = max_batch.
@@ -131,23 +132,42 @@ impl Model {
         let config = Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::load(dir, &config)?;
         let inv_freq = rope_inv_freq(&config);
-        Ok(Model { config, weights, dir: dir.into(), inv_freq, slim: None })
+        Ok(Model { config, weights, dir: dir.into(), inv_freq, slim: None, kv_dtype: KvDtype::F32 })
     }
 
     /// Prepare Slim Attention (W_KV per layer in f64, load-time gates); from now on
     /// [`Model::new_cache`] returns K-only caches. Refuses models where it cannot apply.
     pub fn enable_slim(&mut self, opts: SlimOptions) -> Result<&SlimWeights> {
+        if self.kv_dtype != KvDtype::F32 {
+            return Err(Error::Invalid(format!("slim attention keeps f32 keys; it cannot be combined with a {} KV cache", self.kv_dtype.name())));
+        }
         let sw = crate::model::slim::prepare(&self.config, &self.weights, opts)?;
         Ok(self.slim.insert(sw))
     }
 
-    /// An empty cache shaped for this model: K-only (slim) once [`Model::enable_slim`] has run.
+    /// Store the rows of the caches [`Model::new_cache`] makes from now on as `dtype` (bf16
+    /// halves the KV bytes; rows are rounded once when stored). Refused with slim attention.
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) -> Result<()> {
+        if self.slim.is_some() && dtype != KvDtype::F32 {
+            return Err(Error::Invalid(format!("slim attention keeps f32 keys; it cannot be combined with a {} KV cache", dtype.name())));
+        }
+        self.kv_dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype of the caches [`Model::new_cache`] makes.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// An empty cache shaped for this model: K-only (slim) once [`Model::enable_slim`] has run,
+    /// else rows stored as [`Model::kv_dtype`].
     pub fn new_cache(&self) -> KvCache {
         let c = &self.config;
         if self.slim.is_some() {
             KvCache::new_slim(c.n_layers, c.n_kv_heads, c.head_dim)
         } else {
-            KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim)
+            KvCache::with_dtype(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_dtype)
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{load_cache, save_cache, KvCache, ModelId};
+use crate::cache::{load_cache, save_cache, KvCache, KvDtype, ModelId};
 use crate::document::CompactReport;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -76,6 +76,7 @@ pub struct Loaded {
 pub struct Store {
     dir: PathBuf,
     model: ModelId,
+    kv_dtype: KvDtype, // documents read from their files are held in RAM as the sequences hold rows
     inner: Arc<Mutex<Inner>>,
     hot_budget: usize,
 }
@@ -107,7 +108,7 @@ impl Store {
                 Err(e) => tracing::warn!("{}: {e}; skipped", p.display()),
             }
         }
-        Ok(Store { dir: dir.into(), model: id, inner: Arc::new(Mutex::new(Inner { infos, hot: Vec::new() })), hot_budget })
+        Ok(Store { dir: dir.into(), model: id, kv_dtype: model.kv_dtype(), inner: Arc::new(Mutex::new(Inner { infos, hot: Vec::new() })), hot_budget })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -184,7 +185,7 @@ impl Store {
         }
         let loaded_file = load_cache(&self.cache_path(id), &self.model)?;
         let record = read_record(&self.dir.join(format!("{id}.json")))?;
-        let loaded = Loaded { cache: Arc::new(loaded_file.cache), context: Arc::new(record.context), chat: record.chat };
+        let loaded = Loaded { cache: Arc::new(loaded_file.cache.into_dtype(self.kv_dtype)), context: Arc::new(record.context), chat: record.chat };
         let mut inner = self.lock();
         self.make_hot(&mut inner, id, loaded.clone());
         Ok(Some(loaded))

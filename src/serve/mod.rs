@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::KvDtype;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -38,6 +39,8 @@ use scheduler::{Engine, EngineConfig, FailPoint, Job};
 pub struct ServeOptions {
     /// HF-format model directory.
     pub model_dir: PathBuf,
+    /// How the KV caches store their rows (sequences, compacted documents in RAM).
+    pub kv_dtype: KvDtype,
     /// Address to bind (`127.0.0.1` by default; port 0 picks a free port, printed at start).
     pub addr: SocketAddr,
     /// Required bearer token (none: no authentication).
@@ -61,7 +64,9 @@ pub struct ServeOptions {
 /// until SIGTERM or Ctrl-C (then drain: no new requests, in-flight ones finish).
 pub fn run(opts: ServeOptions) -> Result<()> {
     // Shared by the engine and its compaction worker.
-    let model = Arc::new(Model::load(&opts.model_dir)?);
+    let mut model = Model::load(&opts.model_dir)?;
+    model.set_kv_dtype(opts.kv_dtype)?;
+    let model = Arc::new(model);
     let tok = Arc::new(Tokenizer::load(&opts.model_dir, &model.config)?);
     crate::compact::registry::require_am(&opts.engine.policy, "serve")?;
     if !(opts.engine.ratio > 1.0) {

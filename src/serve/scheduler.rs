@@ -323,7 +323,7 @@ impl Engine {
     /// Bytes one more token costs a sequence: one row in every (layer, KV head).
     fn row_bytes(&self) -> usize {
         let c = &self.model.config;
-        c.n_layers * c.n_kv_heads * KvCache::row_bytes(c.head_dim)
+        c.n_layers * c.n_kv_heads * KvCache::row_bytes(c.head_dim, self.model.kv_dtype())
     }
 
     /// Under a budget, before running sequences grow by `rows` tokens' rows: start freeing
@@ -395,7 +395,7 @@ impl Engine {
             // The sequence owns a copy; the document's shared cache is let go here, so a
             // document dropped from RAM under pressure is really freed.
             let (cache, mut tokens) = match job.start.take() {
-                Some((c, t)) => ((*c).clone(), (*t).clone()),
+                Some((c, t)) => ((*c).clone().into_dtype(self.model.kv_dtype()), (*t).clone()),
                 None => (self.model.new_cache(), Vec::new()),
             };
             let max_pos = self.model.config.max_position_embeddings;
