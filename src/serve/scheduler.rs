@@ -821,6 +821,7 @@ mod tests {
     //! The engine driven step by step on the tiny golden model (no HTTP): panic isolation in
     //! the batched decode step and its rollback; compaction in the background.
     use super::*;
+    use crate::cache::KvDtype;
     use crate::compact::{registry, Budget};
     use crate::document::{compact_context, compact_older_rows, CompactOptions, ContextLayout, QuerySource};
     use std::path::Path;
@@ -998,32 +999,40 @@ mod tests {
         assert_eq!(FailPoint::parse(""), None);
     }
 
+    /// Also for a bf16 KV cache: compaction runs on the widened rows and the result is stored
+    /// back as bf16, the same bits inline and on the worker.
     #[test]
     fn background_compaction_equals_the_inline_one() {
-        let (model, tok) = tiny();
-        let tokens = tok.encode(&PROMPTS.concat().repeat(2), true).unwrap();
-        let mut cache = model.new_cache();
-        model.forward(&mut model.new_state(DEFAULT_MAX_BATCH), &mut cache, &tokens, Logits::None).unwrap();
-        // What the engine ran inline before compaction moved to the worker.
-        let mut inline = cache.clone();
-        let method = registry::require_am("am-highest", "serve").unwrap();
-        let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 1024, n_test: 64, seed: 11, global_budgets: true, ..Default::default() };
-        compact_older_rows(&model, &mut model.new_state(DEFAULT_MAX_BATCH), &tok, &method, &mut inline, &tokens, 8, 4096, false, &opts).unwrap();
-        assert!(inline.bytes() < cache.bytes());
-        let worker = Compactor::spawn(Arc::new(model), tok, rayon::current_num_threads(), None).unwrap();
-        let task = Box::new(Task { seq: 42, cache, tokens, method: "am-highest".into(), ratio: 4.0, seed: 11, chat: false, keep_recent: 8, global_budgets: true });
-        assert!(worker.submit(task).is_ok());
-        let t0 = Instant::now();
-        let done = loop {
-            if let Some(d) = worker.poll().unwrap() {
-                break d;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(300), "no result from the worker");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert_eq!(done.seq, 42);
-        assert!(matches!(done.outcome, Outcome::Compacted(_)));
-        assert_same(&done.cache, &inline);
+        for dtype in [KvDtype::F32, KvDtype::Bf16] {
+            let (mut model, tok) = tiny();
+            model.set_kv_dtype(dtype).unwrap();
+            let tokens = tok.encode(&PROMPTS.concat().repeat(2), true).unwrap();
+            let mut cache = model.new_cache();
+            model.forward(&mut model.new_state(DEFAULT_MAX_BATCH), &mut cache, &tokens, Logits::None).unwrap();
+            // What the engine ran inline before compaction moved to the worker.
+            let mut inline = cache.clone();
+            let method = registry::require_am("am-highest", "serve").unwrap();
+            let opts = CompactOptions { budget: Budget::Ratio(4.0), n_queries: 1024, n_test: 64, seed: 11, global_budgets: true, ..Default::default() };
+            let report = compact_older_rows(&model, &mut model.new_state(DEFAULT_MAX_BATCH), &tok, &method, &mut inline, &tokens, 8, 4096, false, &opts).unwrap();
+            assert!(inline.bytes() < cache.bytes());
+            assert_eq!((inline.dtype(), report.kv_bytes_before, report.kv_bytes_after), (dtype, cache.bytes(), inline.bytes()));
+            let worker = Compactor::spawn(Arc::new(model), tok, rayon::current_num_threads(), None).unwrap();
+            let task = Box::new(Task { seq: 42, cache, tokens, method: "am-highest".into(), ratio: 4.0, seed: 11, chat: false, keep_recent: 8, global_budgets: true });
+            assert!(worker.submit(task).is_ok());
+            let t0 = Instant::now();
+            let done = loop {
+                if let Some(d) = worker.poll().unwrap() {
+                    break d;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(300), "no result from the worker");
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(done.seq, 42);
+            assert!(matches!(done.outcome, Outcome::Compacted(_)));
+            assert_eq!(done.cache.dtype(), dtype);
+            let f32_of = |c: &KvCache| c.clone().into_dtype(KvDtype::F32);
+            assert_same(&f32_of(&done.cache), &f32_of(&inline));
+        }
     }
 
     /// Tokens of a request that ran alone on an engine with `cfg`.

@@ -82,9 +82,9 @@ def server(tmp_path_factory):
     s.stop()
 
 
-def generate(prompt, chat=True, max_tokens=24):
+def generate(prompt, chat=True, max_tokens=24, extra=()):
     """`kvcompact generate --json` on the same model: the reference the server must match."""
-    cmd = [str(BIN), "--threads", "2", "generate", "--model", str(MODEL), "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"]
+    cmd = [str(BIN), "--threads", "2", "generate", "--model", str(MODEL), "--prompt", prompt, "--max-tokens", str(max_tokens), "--json", *extra]
     if chat:
         cmd.append("--chat")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)

@@ -247,6 +247,40 @@ def test_budget_pressure_compacts_instead_of_refusing(start_server):
     assert m["kvcompact_refused_total"] == 0
 
 
+def test_bf16_kv_serves_like_generate_in_half_the_bytes(start_server):
+    # SmolLM2: 30 layers x 3 KV heads; a row is a bf16 key and value of 64 plus a u32 position.
+    row_bytes = 30 * 3 * (2 * 64 * 2 + 4)
+    s = start_server("--kv-dtype", "bf16", "--kv-budget-mib", "8", "--keep-recent", "16", "--ratio", "4")
+    c = client(s)
+    # Four greedy chats at once (well inside the budget): each equals `generate --kv-dtype bf16`.
+    prompts = [f"Name a fruit that starts with the letter {ch}." for ch in "ABCD"]
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: chat_text(c, p, max_tokens=20).choices[0].message.content, prompts))
+    for p, g in zip(prompts, got):
+        assert g == strip_eos(generate(p, chat=True, max_tokens=20, extra=("--kv-dtype", "bf16"))["text"])
+    # A document's full-context bytes are counted at bf16 rows.
+    r = post(s, "/v1/documents", {"text": "The ferry leaves Pier 4 at 07:15 and returns at 18:40.", "ratio": 2})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["kv_bytes_full"] == d["tokens"] * row_bytes and 0 < d["kv_bytes"] < d["kv_bytes_full"]
+    # Three long stories need ~19 MB of bf16 KV, more than twice the 8 MiB budget: compaction.
+    def run(i):
+        r = c.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper named Keeper{i}."}],
+            temperature=0,
+            max_tokens=220,
+        )
+        return r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        reasons = list(ex.map(run, range(3)))
+    assert all(r in ("stop", "length") for r in reasons)
+    m = s.metrics()
+    assert m["kvcompact_compactions_total"] >= 2, m
+    assert m["kvcompact_refused_total"] == 0
+
+
 def test_compaction_runs_beside_decoding(start_server, tmp_path):
     # Compaction under --kv-budget-mib runs on a worker thread: while the long sequence's cache is
     # being compacted, the engine answers a short request. KVCOMPACT_HOLD_COMPACTION holds the
