@@ -2,9 +2,10 @@
 # The memory experiment (serving.md): how many concurrent ~2k-token conversations kvcompact serve and
 # llama.cpp's llama-server each hold in the same KV memory. Optional; never part of CI.
 #
-#   benches/serve_memory.sh [BUDGET_MIB] [CLIENTS] [THREADS] [RATIOS]   # defaults: 256  4,8,12,16,24,32  2  10,20
+#   benches/serve_memory.sh [BUDGET_MIB] [CLIENTS] [THREADS] [RATIOS] [KV_DTYPE] [PEER]
+#   # defaults: 256  4,8,12,16,24,32  2  10,20  f32  yes   (PEER=no skips llama-server)
 #
-# kvcompact: `serve --kv-budget-mib BUDGET --ratio R` (f32 KV; compaction under pressure). llama-server:
+# kvcompact: `serve --kv-budget-mib BUDGET --ratio R --kv-dtype KV_DTYPE` (compaction under pressure). llama-server:
 # the same bytes as its default f16 KV cache, -c = BUDGET / (bytes per token), one slot per client.
 # A trial passes when every client gets its whole stream (benches/serve_memory.py); for kvcompact
 # each row also has peak_running / peak_kv_mib, polled from /metrics: how many sequences were
@@ -17,6 +18,8 @@ BUDGET=${1:-256}
 CLIENTS=${2:-4,8,12,16,24,32}
 THREADS=${3:-2}
 RATIOS=${4:-10,20}
+KV_DTYPE=${5:-f32}
+RUN_PEER=${6:-yes}
 PEER=benches/peer
 SERVER="$PEER/build-server/bin/llama-server"
 [ -x "$SERVER" ] || benches/build_llama_cpp.sh build-server ON llama-server llama-quantize
@@ -34,10 +37,10 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); budget 
 
 for R in $(echo "$RATIOS" | tr ',' ' '); do
   $KVC --threads "$THREADS" serve --model "$MODEL_DIR" --port 18080 --max-batch "$MAXC" --kv-budget-mib "$BUDGET" \
-    --ratio "$R" --store "$PEER/store" > "$PEER/kvc-memory.log" 2>&1 &
+    --ratio "$R" --kv-dtype "$KV_DTYPE" --store "$PEER/store" > "$PEER/kvc-memory.log" 2>&1 &
   PID=$!
   wait_port http://127.0.0.1:18080
-  $PY benches/serve_memory.py http://127.0.0.1:18080 --clients "$CLIENTS" --label "kvcompact-ratio$R" --out "$OUT" --stop-at-failure
+  $PY benches/serve_memory.py http://127.0.0.1:18080 --clients "$CLIENTS" --label "kvcompact-ratio$R-$KV_DTYPE" --out "$OUT" --stop-at-failure
   kill -TERM $PID; wait $PID || true
 done
 
@@ -46,6 +49,7 @@ BPT=$($PY -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); hd
 CTX=$(( BUDGET * 1048576 / BPT ))
 echo "llama-server: f16 KV $BPT bytes/token → -c $CTX for $BUDGET MiB"
 for N in $(echo "$CLIENTS" | tr ',' ' '); do
+  [ "$RUN_PEER" = yes ] || break
   "$SERVER" -m "$PEER/smollm2-f32.gguf" --port 18081 -t "$THREADS" -tb "$THREADS" -np "$N" -c "$CTX" --no-webui > "$PEER/llama-memory.log" 2>&1 &
   PID=$!
   wait_port http://127.0.0.1:18081
