@@ -192,6 +192,11 @@ fn slim_refusals_and_cli() {
         &["--slim cannot be combined"],
     );
     expect_error(&["generate", "--model", s(&mha), "--prompt", "hi", "--slim", "--slim-max-cond", "nan"], &["--slim-max-cond"]);
+    expect_error(&["generate", "--model", s(&mha), "--prompt", "hi", "--slim", "--kv-dtype", "bf16"], &["slim attention", "bf16 KV cache"]);
+    expect_error(
+        &["generate", "--model", s(&mha), "--prompt", "hi", "--kv-dtype", "bf16", "--max-cache-tokens", "8", "--method", "streaming-llm"],
+        &["streaming eviction", "--kv-dtype"],
+    );
     // A working slim run reports its layers and bytes in JSON.
     let (code, out, err) = kvc(&["generate", "--model", s(&mha), "--prompt", "hello there", "--max-tokens", "4", "--slim", "--json"]);
     assert_eq!(code, 0, "{err}");

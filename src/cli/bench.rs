@@ -64,8 +64,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let dir = model_dir(&a.model)?;
     let mut model = Model::load(&dir)?;
+    model.set_kv_dtype(a.kv.kv_dtype)?; // first: slim refuses a bf16 cache before printing its report
     enable_slim(&mut model, &a.slim)?;
-    model.set_kv_dtype(a.kv.kv_dtype)?;
     let c = &model.config;
     if a.prompt_tokens + a.gen_tokens > c.max_position_embeddings {
         bail!("--prompt-tokens + --gen-tokens exceeds the model's context of {}", c.max_position_embeddings);

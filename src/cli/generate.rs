@@ -88,8 +88,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.slim.slim && (a.cache.is_some() || a.max_cache_tokens.is_some()) {
         bail!("--slim cannot be combined with --cache or --max-cache-tokens: compaction and eviction work per KV head, while a slim layer's values are rebuilt from the keys of all heads");
     }
+    model.set_kv_dtype(a.kv.kv_dtype)?; // first: slim refuses a bf16 cache before printing its report
     enable_slim(&mut model, &a.slim)?;
-    model.set_kv_dtype(a.kv.kv_dtype)?;
     let mut state = model.new_state(DEFAULT_MAX_BATCH);
     if a.slim.slim && a.device.device != kvcompact::device::Device::Cpu {
         bail!("--slim runs on the CPU only (drop --device cuda)");
