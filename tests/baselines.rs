@@ -375,12 +375,12 @@ fn eviction_methods_keep_prior_bias_and_values_unchanged() {
                 assert!(meta.bias.as_ref().is_none_or(|b| b.iter().all(|&x| x == 0.0)), "{name}: eviction has β = 0");
                 // Every kept row is the original row at its position.
                 let (fk, fv, _, fp) = full.head(l, h);
-                let s = c.store(l, h);
+                let (sk, sv, _, _) = c.head(l, h);
                 let d = c.head_dim;
                 for (r, &p) in meta.positions.iter().enumerate() {
                     let j = fp.iter().position(|&x| x == p).unwrap();
-                    assert_eq!(&s.keys[r * d..(r + 1) * d], &fk[j * d..(j + 1) * d]);
-                    assert_eq!(&s.values[r * d..(r + 1) * d], &fv[j * d..(j + 1) * d]);
+                    assert_eq!(&sk[r * d..(r + 1) * d], &fk[j * d..(j + 1) * d]);
+                    assert_eq!(&sv[r * d..(r + 1) * d], &fv[j * d..(j + 1) * d]);
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kvc::cache::{load_cache, save_cache, KvCache, ModelId};
+use kvc::cache::{load_cache, save_cache, KvCache, KvDtype, ModelId};
 use kvc::compact::{registry, BetaSolver, Budget};
 use kvc::document::budgets::global_from_name;
 use kvc::document::{compact_context, document_method, generation_tokens, press_context, read_proportions, CompactOptions, ContextLayout, QuerySource};
@@ -48,8 +48,9 @@ fn out_of<T: std::fmt::Display>(what: &str, i: i64, n: T) -> PyErr {
 
 /// A model loaded from an HF-format directory (safetensors), with its tokenizer.
 ///
-/// Model(path=None): None is the default model the CLI uses (SmolLM2-135M-Instruct under
-/// $KVCOMPACT_HOME or ./models, fetched on first use).
+/// Model(path=None, *, kv_dtype="f32"): None is the default model the CLI uses
+/// (SmolLM2-135M-Instruct under $KVCOMPACT_HOME or ./models, fetched on first use). kv_dtype
+/// "bf16" stores its caches' key and value rows as bf16, as the CLI's --kv-dtype bf16 does.
 #[pyclass(frozen, module = "kvcompact._kvcompact")]
 pub struct Model {
     model: kvc::model::Model,
@@ -77,14 +78,16 @@ impl Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path = None))]
-    fn new(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Model> {
+    #[pyo3(signature = (path = None, *, kv_dtype = "f32"))]
+    fn new(py: Python<'_>, path: Option<PathBuf>, kv_dtype: &str) -> PyResult<Model> {
+        let kv_dtype = KvDtype::parse(kv_dtype).map_err(value_error)?;
         py.detach(|| -> kvc::Result<Model> {
             let dir = match path {
                 Some(p) => p,
                 None => kvc::fetch::ensure_default_model(false)?,
             };
-            let (model, tok) = kvc::generate::load(&dir)?;
+            let (mut model, tok) = kvc::generate::load(&dir)?;
+            model.set_kv_dtype(kv_dtype)?;
             let id = model.cache_id();
             Ok(Model { model, tok, id })
         })
@@ -95,6 +98,12 @@ impl Model {
     #[getter]
     fn path(&self) -> PathBuf {
         self.model.dir.clone()
+    }
+
+    /// How this model's caches store key and value rows: "f32" or "bf16".
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        self.model.kv_dtype().name()
     }
 
     /// Transformer layers.
@@ -267,7 +276,7 @@ impl Model {
         py.detach(|| -> kvc::Result<String> {
             let mut sampler = Sampler::checked(temperature, top_p, seed)?;
             let ids = generation_tokens(&self.model, &self.tok, prompt, chat, system, cached)?;
-            let mut kv = cached.map_or_else(|| self.model.new_cache(), |(c, _)| c.clone());
+            let mut kv = cached.map_or_else(|| self.model.new_cache(), |(c, _)| c.clone().into_dtype(self.model.kv_dtype()));
             let mut st = self.model.new_state(DEFAULT_MAX_BATCH);
             let opts = GenOptions { max_tokens, stop_at_eos: !ignore_eos };
             let out = generate(&self.model, &mut st, &mut kv, &ids, &self.tok.eos_ids, &mut sampler, &opts, |_| Ok(()))?;
@@ -321,19 +330,26 @@ pub struct Cache {
 #[pymethods]
 impl Cache {
     /// One (layer, KV head)'s rows as a tuple of numpy arrays `(keys, values, positions, beta)`:
-    /// keys and values float32 [n, head_dim], positions int64 [n] (increasing), beta float32 [n]
-    /// (zeros where no compaction fitted one).
+    /// keys and values float32 [n, head_dim] (a bf16 cache's rows widened exactly), positions
+    /// int64 [n] (increasing), beta float32 [n] (zeros where no compaction fitted one).
     fn head<'py>(&self, py: Python<'py>, layer: i64, kv_head: i64) -> PyResult<Bound<'py, PyTuple>> {
         let (nl, nkv, hd) = (self.cache.n_layers, self.cache.n_kv_heads, self.cache.head_dim);
         let l = usize::try_from(layer).ok().filter(|&l| l < nl).ok_or_else(|| out_of("layer", layer, format!("{nl} layers")))?;
         let h = usize::try_from(kv_head).ok().filter(|&h| h < nkv).ok_or_else(|| out_of("kv_head", kv_head, format!("{nkv} KV heads")))?;
-        let (keys, values, bias, positions) = self.cache.head(l, h);
+        let (store, meta) = (self.cache.store(l, h), self.cache.meta(l, h));
+        let (keys, values, bias, positions) = (store.keys.to_f32(), store.values.to_f32(), meta.bias.as_deref(), &meta.positions);
         let n = positions.len();
         let keys = Array2::from_shape_vec((n, hd), keys.to_vec()).map_err(value_error)?.into_pyarray(py);
         let values = Array2::from_shape_vec((n, hd), values.to_vec()).map_err(value_error)?.into_pyarray(py);
         let positions = positions.iter().map(|&p| p as i64).collect::<Vec<i64>>().into_pyarray(py);
         let beta = bias.map_or_else(|| vec![0.0f32; n], <[f32]>::to_vec).into_pyarray(py);
         PyTuple::new(py, [keys.into_any(), values.into_any(), positions.into_any(), beta.into_any()])
+    }
+
+    /// How the cache stores key and value rows: "f32" or "bf16".
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        self.cache.dtype().name()
     }
 
     /// Bytes the cache holds (keys, values, positions, β).

@@ -174,10 +174,35 @@ def test_logits_equal_cli(model, tmp_path):
     assert np.array_equal(model.logits(np.asarray(want["tokens"])), got)
 
 
+def test_bf16_kv_equals_cli_and_halves_the_bytes(model, compacted, tmp_path):
+    m16 = kvcompact.Model(kv_dtype="bf16")
+    assert (m16.kv_dtype, model.kv_dtype) == ("bf16", "f32")
+    text = "hello world, this is a test"
+    cli("logits", "--prompt", text, "--out", tmp_path / "l.safetensors", "--kv-dtype", "bf16")
+    got = m16.logits(text)
+    assert got.tobytes() == read_safetensors(tmp_path / "l.safetensors")["logits"].tobytes()
+    assert not np.array_equal(got, model.logits(text))
+    prompt = "The capital of France is"
+    assert m16.generate(prompt, max_tokens=12) == json.loads(cli("generate", "--prompt", prompt, "--max-tokens", 12, "--kv-dtype", "bf16", "--json"))["text"]
+    full, full16 = model.prefill(CONTEXT), m16.prefill(CONTEXT)
+    assert (full.kv_dtype, full16.kv_dtype) == ("f32", "bf16")
+    rows = full.rows
+    assert full16.rows == rows and full16.kv_bytes == full.kv_bytes - rows * 2 * model.head_dim * 2
+    k32, k16 = full.head(0, 0)[0], full16.head(0, 0)[0]
+    # Layer 0's keys do not depend on the cache: the bf16 rows are the f32 rows rounded.
+    assert k16.dtype == np.float32 and np.array_equal(k16.view(np.uint32) & 0xFFFF, np.zeros_like(k16.view(np.uint32)))
+    assert np.abs(k16 - k32).max() <= np.abs(k32).max() * 2.0**-8
+    # A compacted (f32) cache answers through a bf16 model as the CLI does.
+    cache, d = compacted
+    want = json.loads(cli("generate", "--cache", d / "cli.safetensors", "--prompt", QUESTION, "--max-tokens", 8, "--kv-dtype", "bf16", "--json"))["text"]
+    assert m16.generate(QUESTION, max_tokens=8, cache=cache) == want
+
+
 def test_value_errors(model, compacted, tmp_path):
     cache, d = compacted
     cases = [
         (lambda: kvcompact.Model(tmp_path / "no-model"), "no-model"),
+        (lambda: kvcompact.Model(kv_dtype="fp8"), "fp8"),
         (lambda: model.compact(CONTEXT, method="nope"), "nope"),
         (lambda: model.compact(CONTEXT, method="full"), "full"),
         (lambda: model.compact(CONTEXT, ratio=4, budget=3), "one budget form"),

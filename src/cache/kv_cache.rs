@@ -72,7 +72,7 @@ impl std::str::FromStr for KvDtype {
 }
 
 /// Key (or value) rows of one head in the cache's dtype, row-major `[rows, head_dim]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KvRows {
     /// f32 elements.
     F32(Vec<f32>),

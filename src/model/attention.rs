@@ -105,10 +105,12 @@ impl Model {
         let row_w = group * hd; // one token's G query heads
         // Per query row: running max, running sum, visible key rows [start, visible).
         type RowStats = (f32, f32, usize, usize);
+        // Per task: the block's queries, scores, per-row stats, and widened K and V blocks (bf16 caches).
+        type Scratch = (Vec<f32>, Vec<f32>, Vec<RowStats>, (Vec<f32>, Vec<f32>));
         st.att_hm[..nkv * n * row_w].par_chunks_mut(n * row_w).enumerate().for_each(|(g, head_out)| {
             head_out.par_chunks_mut(ATTN_BLOCK_TOKENS * row_w).enumerate().for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new())),
-                |(qbuf, sbuf, stats, (kbuf, vbuf)): &mut (Vec<f32>, Vec<f32>, Vec<RowStats>, (Vec<f32>, Vec<f32>)), (bi, out)| {
+                |(qbuf, sbuf, stats, (kbuf, vbuf)): &mut Scratch, (bi, out)| {
                     let t0 = bi * ATTN_BLOCK_TOKENS;
                     let nt = out.len() / row_w;
                     let rows_q = nt * group;
