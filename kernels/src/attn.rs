@@ -121,7 +121,7 @@ pub fn attend_group_kv_ref(
 }
 
 /// [`attend_group`] over key and value rows stored in any dtype (a bf16 KV cache): each block
-/// of [`KB`] rows is widened exactly into an L1 buffer, then used as the f32 kernel uses it. So
+/// of 8 rows is widened exactly into an L1 buffer, then used as the f32 kernel uses it. So
 /// the result is bit-identical to [`attend_group`] on the widened rows, at every level.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group_kv(
