@@ -447,7 +447,7 @@ impl KvCache {
 
     /// Keys and values (`[rows, head_dim]`), bias and positions (`[rows]`) of a head of an f32
     /// cache: what compaction methods read. Compaction works on f32 caches (the entry points
-    /// convert a bf16 cache with [`KvCache::to_dtype`] and round the result back).
+    /// convert a bf16 cache with [`KvCache::into_dtype`] and round the result back).
     ///
     /// # Panics
     /// On a cache not stored as f32: read [`KvCache::store`] (or convert) instead.
@@ -458,7 +458,7 @@ impl KvCache {
         let (s, m) = (&self.store[i], &self.meta[i]);
         match (&s.keys, &s.values) {
             (KvRows::F32(k), KvRows::F32(v)) => (k, v, m.bias.as_deref(), &m.positions),
-            _ => panic!("KvCache::head reads f32 rows; this cache stores {} (convert it with to_dtype)", self.dtype.name()),
+            _ => panic!("KvCache::head reads f32 rows; this cache stores {} (convert it with into_dtype)", self.dtype.name()),
         }
     }
 
