@@ -29,8 +29,7 @@ use crate::error::{Error, Result};
 const GROW_ROWS: usize = 256;
 
 /// The element type a cache stores its key and value rows in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     /// 4 bytes per element: the rows exactly as the forward pass computed them.
     #[default]
@@ -141,14 +140,6 @@ impl KvRows {
         match self {
             KvRows::F32(v) => v.extend_from_slice(x),
             KvRows::Bf16(v) => v.extend(x.iter().map(|&x| to_bf16(x))),
-        }
-    }
-    /// Append elements `range` of another store of the same dtype, unchanged.
-    pub fn extend_from_rows(&mut self, other: &KvRows, range: std::ops::Range<usize>) {
-        match (self, other) {
-            (KvRows::F32(v), KvRows::F32(o)) => v.extend_from_slice(&o[range]),
-            (KvRows::Bf16(v), KvRows::Bf16(o)) => v.extend_from_slice(&o[range]),
-            (me, o) => me.extend_from_f32(&o.range_f32(range)),
         }
     }
     /// Keep the first `len` elements.

@@ -112,12 +112,19 @@ pub fn run(a: Args) -> Result<()> {
                 "weight_bytes": wbytes, "simd": kvcompact_kernels::simd_level(),
                 "simd_level": kvcompact_kernels::simd_dispatch_level().name(), "cpu": kvcompact_kernels::cpu_model(),
                 "kv_bytes": cache.bytes(), "kv_rows": cache.max_len(), "slim": kvcompact::model::slim_report(&model, &cache),
-                "batch": a.batch, "batch_decode_tok_s": batch, "device": device.name()})
+                "batch": a.batch, "batch_decode_tok_s": batch, "device": device.name(), "kv_dtype": model.kv_dtype().name()})
         );
     } else {
         print_slim_cache(&model, &cache);
         println!("cpu {} | simd {} (level {}) | threads {}", kvcompact_kernels::cpu_model(), kvcompact_kernels::simd_level(), kvcompact_kernels::simd_dispatch_level(), threads);
-        println!("model {} | weights {} ({:.0} MiB) | decode attention on {}", dir.display(), model.weights.dtype().name(), wbytes as f64 / (1 << 20) as f64, device.name());
+        println!(
+            "model {} | weights {} ({:.0} MiB) | KV {} | decode attention on {}",
+            dir.display(),
+            model.weights.dtype().name(),
+            wbytes as f64 / (1 << 20) as f64,
+            model.kv_dtype().name(),
+            device.name()
+        );
         println!("prefill {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}, {} reps)", a.prompt_tokens, pm, pmin, pmax, a.reps);
         println!("decode  {} tokens: median {:.1} tok/s (min {:.1}, max {:.1}) = {:.1} GB/s of weights", a.gen_tokens, dm, dmin, dmax, dm * wbytes as f64 / 1e9);
     }

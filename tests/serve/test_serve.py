@@ -223,11 +223,8 @@ def test_documents_survive_a_restart(start_server, tmp_path):
     assert httpx.get(f"{s2.url}/v1/documents/{info['id']}").status_code == 404
 
 
-def test_budget_pressure_compacts_instead_of_refusing(start_server):
-    # SmolLM2 holds 45 KiB of KV per token: three sequences of ~270 rows need ~35 MiB, more than
-    # twice the budget, so the engine must compact while they run.
-    s = start_server("--kv-budget-mib", "16", "--keep-recent", "16", "--ratio", "4")
-    c = client(s)
+def three_long_stories(c):
+    """Three concurrent greedy chats of up to 220 tokens each; their finish reasons."""
 
     def run(i):
         r = c.chat.completions.create(
@@ -239,8 +236,14 @@ def test_budget_pressure_compacts_instead_of_refusing(start_server):
         return r.choices[0].finish_reason
 
     with cf.ThreadPoolExecutor(3) as ex:
-        reasons = list(ex.map(run, range(3)))
-    assert all(r in ("stop", "length") for r in reasons)
+        return list(ex.map(run, range(3)))
+
+
+def test_budget_pressure_compacts_instead_of_refusing(start_server):
+    # SmolLM2 holds 45 KiB of KV per token: three sequences of ~270 rows need ~35 MiB, more than
+    # twice the budget, so the engine must compact while they run.
+    s = start_server("--kv-budget-mib", "16", "--keep-recent", "16", "--ratio", "4")
+    assert all(r in ("stop", "length") for r in three_long_stories(client(s)))
     m = s.metrics()
     assert m["kvcompact_compactions_total"] >= 1, m
     assert m["kvcompact_compaction_freed_bytes_total"] > 0
@@ -264,18 +267,7 @@ def test_bf16_kv_serves_like_generate_in_half_the_bytes(start_server):
     d = r.json()
     assert d["kv_bytes_full"] == d["tokens"] * row_bytes and 0 < d["kv_bytes"] < d["kv_bytes_full"]
     # Three long stories need ~19 MB of bf16 KV, more than twice the 8 MiB budget: compaction.
-    def run(i):
-        r = c.chat.completions.create(
-            model="smollm2-135m-instruct",
-            messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper named Keeper{i}."}],
-            temperature=0,
-            max_tokens=220,
-        )
-        return r.choices[0].finish_reason
-
-    with cf.ThreadPoolExecutor(3) as ex:
-        reasons = list(ex.map(run, range(3)))
-    assert all(r in ("stop", "length") for r in reasons)
+    assert all(r in ("stop", "length") for r in three_long_stories(c))
     m = s.metrics()
     assert m["kvcompact_compactions_total"] >= 2, m
     assert m["kvcompact_refused_total"] == 0
