@@ -226,6 +226,33 @@ fn am_beats_baseline_on_real_heads() {
     assert!(bad.is_empty(), "AM did not beat baseline: {bad:?}");
 }
 
+/// `am-omp-seeded` starts from HighestAttnKeys' rows: with the whole budget seeded (and no drop
+/// refinement) it keeps exactly am-highest's rows; with half, it keeps am-highest's top half
+/// and OMP's picks beside them, which are not am-highest's other half.
+#[test]
+fn seeded_omp_starts_from_the_highest_rows() {
+    use kvcompact::compact::am::Selector;
+    let seeded = |frac: f64| {
+        let mut cfg = AmConfig::from_name("am-omp-seeded").unwrap();
+        let Selector::Omp(ref mut o) = cfg.selector else { panic!("am-omp-seeded is an OMP selector") };
+        o.seed_highest = frac;
+        o.drop_cutoff = None;
+        cfg
+    };
+    for name in CASES {
+        let case = Case::load(name);
+        let head = case.head();
+        let t = case.rows() / 10;
+        let hak = run(AmConfig::from_name("am-highest").unwrap(), &head, t).indices;
+        assert_eq!(run(seeded(1.0), &head, t).indices, hak, "{name}: fully seeded");
+        let top_half = run(AmConfig::from_name("am-highest").unwrap(), &head, t / 2).indices;
+        let half = run(seeded(0.5), &head, t).indices;
+        assert_eq!(half.len(), t, "{name}");
+        assert!(top_half.iter().all(|j| half.contains(j)), "{name}: the seeded rows are kept");
+        assert_ne!(half, hak, "{name}: OMP chose the rest");
+    }
+}
+
 /// A random head: keys/values/queries with some structure (a few high-norm "sink" keys).
 struct Synth {
     d: usize,

@@ -55,7 +55,7 @@ def head(seed=0, t=96, d=16, n=64, m=24):
     return keys, values, queries, test, bias
 
 
-@pytest.mark.parametrize("method", ["am-omp", "am-highest", "baseline", "am-omp-fast"])
+@pytest.mark.parametrize("method", ["am-omp", "am-highest", "baseline", "am-omp-fast", "am-omp-seeded"])
 def test_compact_head_bit_identical_to_cli(tmp_path, method):
     keys, values, queries, test, bias = head(seed=3)
     budget, seed = 12, 5

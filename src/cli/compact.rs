@@ -28,7 +28,7 @@ pub struct Args {
     /// Rows per KV head the article keeps (all of them when it is shorter).
     #[arg(long)]
     pub budget: Option<usize>,
-    /// Any registry name: the Attention Matching family (am-highest, am-omp, am-omp-fast,
+    /// Any registry name: the Attention Matching family (am-highest, am-omp, am-omp-fast, am-omp-seeded,
     /// baseline) fits β and values; eviction methods keep rows by their score.
     #[arg(long, default_value = "am-highest")]
     pub method: String,

@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
-    /// qfilters, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
+    /// qfilters, streaming-llm, full; any of): am-omp, am-highest, am-omp-seeded, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
     #[arg(long, value_delimiter = ',')]

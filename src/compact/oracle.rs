@@ -26,7 +26,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct OracleOptions {
     /// Any registry name but `qfilters` (needs filters) and `full`: the AM family (`am-omp`,
-    /// `am-highest`, `am-omp-fast`, `baseline` and the aliases of
+    /// `am-highest`, `am-omp-fast`, `am-omp-seeded`, `baseline` and the aliases of
     /// [`AmConfig::from_name`](super::am::AmConfig::from_name)) or an eviction baseline.
     pub method: String,
     /// Rows t to keep: a ratio, a kvpress compression ratio, or rows (≤ T: one head is given

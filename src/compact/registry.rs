@@ -37,6 +37,7 @@ use crate::{Error, Result};
 pub const METHODS: &[&str] = &[
     "am-omp",
     "am-highest",
+    "am-omp-seeded",
     "baseline",
     "qfilters",
     "streaming-llm",
@@ -59,7 +60,7 @@ pub const METHODS: &[&str] = &[
 pub const PRESS_METHODS: &[&str] = &["observed-attention", "kvzip"];
 
 /// The Attention Matching names, aliases included (see [`AmConfig::from_name`]).
-pub const AM_METHODS: &[&str] = &["am-omp", "am-highest", "am-omp-fast", "baseline"];
+pub const AM_METHODS: &[&str] = &["am-omp", "am-highest", "am-omp-fast", "am-omp-seeded", "baseline"];
 
 /// What kind of method a name is; decides what a command can do with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,11 +170,11 @@ pub fn method_with(name: &str, opts: &MethodOptions) -> Result<Box<dyn Compresso
 
 /// The error for `--device cuda` with a method that has no GPU path (every eviction baseline).
 pub fn cpu_only(name: &str) -> Error {
-    Error::Device(format!("--device cuda runs the Attention Matching methods (am-highest, am-omp, am-omp-fast, baseline); {name} runs on the CPU only"))
+    Error::Device(format!("--device cuda runs the Attention Matching methods (am-highest, am-omp, am-omp-fast, am-omp-seeded, baseline); {name} runs on the CPU only"))
 }
 
 /// Build a method from its CLI name: `am-highest` (aliases `am-hak`, `am-hak-basic`), `am-omp`
-/// (`am-omp-basic`), `am-omp-fast`, `baseline` (`am-baseline`). Knobs are public fields of
+/// (`am-omp-basic`), `am-omp-fast`, `am-omp-seeded`, `baseline` (`am-baseline`). Knobs are public fields of
 /// [`AmConfig`]; start from [`AmConfig::from_name`] to change them.
 pub fn compressor_from_name(name: &str) -> Result<AmCompressor> {
     Ok(AmCompressor::new(AmConfig::from_name(name)?))

@@ -37,7 +37,7 @@ pub struct EvalOptions {
     /// HF-format model directory (default: the default model).
     pub model: Option<PathBuf>,
     /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
-    /// qfilters, streaming-llm, full; any of): am-omp, am-highest, baseline, qfilters,
+    /// qfilters, streaming-llm, full; any of): am-omp, am-highest, am-omp-seeded, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
     pub methods: Vec<String>,

@@ -85,7 +85,8 @@ pub struct AmConfig {
 
 impl AmConfig {
     /// `am-highest` | `am-hak` | `am-hak-basic` | `am-highestattnkeys`; `am-omp` | `am-omp-basic`;
-    /// `am-omp-fast` (k = 4, ι = 2); `baseline` | `am-baseline`.
+    /// `am-omp-fast` (k = 4, ι = 2); `am-omp-seeded` (90% of the rows by HighestAttnKeys, then OMP);
+    /// `baseline` | `am-baseline`.
     pub fn from_name(name: &str) -> Result<AmConfig> {
         let base = AmConfig {
             name: "am-highest",
@@ -109,6 +110,12 @@ impl AmConfig {
                 beta: omp_fit,
                 ..base
             },
+            "am-omp-seeded" => AmConfig {
+                name: "am-omp-seeded",
+                selector: Selector::Omp(OmpConfig { seed_highest: 0.9, ..OmpConfig::default() }),
+                beta: omp_fit,
+                ..base
+            },
             "baseline" | "am-baseline" => AmConfig {
                 name: "baseline",
                 selector: Selector::Highest { score: HScore::Mean, pooling: None },
@@ -118,7 +125,7 @@ impl AmConfig {
             },
             _ => {
                 return Err(Error::Invalid(format!(
-                    "unknown compaction method {name:?} (expected am-highest, am-omp, am-omp-fast or baseline)"
+                    "unknown compaction method {name:?} (expected am-highest, am-omp, am-omp-fast, am-omp-seeded or baseline)"
                 )))
             }
         })
@@ -295,7 +302,9 @@ fn finish<T: Elem>(cfg: &AmConfig, input: &HeadInput, budget: usize, seed: u64, 
                 BetaFit::Fit(f) => f,
                 BetaFit::Prior => FitParams { solver: BetaSolver::Reference, lo: OMP_BOUNDS.0, hi: OMP_BOUNDS.1, pg_iters: 0 },
             };
-            let out = omp::omp_select(&st.e, &st.z, st.n, st.t_rows, budget, ocfg, fit, seed, cfg.inner_par)?;
+            let n_seed = ((ocfg.seed_highest.clamp(0.0, 1.0) * budget as f64) as usize).min(budget);
+            let seeds = if n_seed > 0 { highest::top_t(&highest::scores(&st.e, &st.z, st.n, st.t_rows, HScore::Rms), n_seed) } else { Vec::new() };
+            let out = omp::omp_select(&st.e, &st.z, st.n, st.t_rows, budget, ocfg, fit, seed, cfg.inner_par, &seeds)?;
             stats.omp_iterations = out.iterations;
             stats.omp_solves = out.solves;
             stats.omp_drop_rounds = out.drop_rounds;

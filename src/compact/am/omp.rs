@@ -77,6 +77,11 @@ pub struct OmpConfig {
     /// Correlations from batched Gram columns with exact verification instead of a full pass over
     /// E per iteration: the same picks as the streaming pass (module docs), far less memory traffic.
     pub gram_corr: bool,
+    /// Fraction of the budget first filled with the HighestAttnKeys rows (top RMS attention over
+    /// the same reference queries); OMP then picks the rest (`am-omp-seeded`: 0.9). 0 is plain
+    /// OMP. Why: OMP alone spends a head's rows on what the reference queries attend to in bulk
+    /// and loses answers end to end (docs/amdiag.md §G, §H).
+    pub seed_highest: f64,
 }
 
 /// Drop rounds of the reference (`omp.py`: the refinement is entered at most 3 times with drops;
@@ -95,7 +100,7 @@ pub const DEFAULT_DROP_ROUNDS: usize = 32;
 
 impl Default for OmpConfig {
     fn default() -> Self {
-        OmpConfig { schedule: OmpSchedule::Progressive, drop_cutoff: Some(-7.0), max_drop_rounds: DEFAULT_DROP_ROUNDS, fast: true, gram_corr: true }
+        OmpConfig { schedule: OmpSchedule::Progressive, drop_cutoff: Some(-7.0), max_drop_rounds: DEFAULT_DROP_ROUNDS, fast: true, gram_corr: true, seed_highest: 0.0 }
     }
 }
 
@@ -513,7 +518,8 @@ impl<'a, T: Elem> State<'a, T> {
 }
 
 /// Run OMP on E [n, T] (row-major) and target Z̃ \[n\]; returns up to `t` rows in selection order.
-/// The β of the final set is refitted by the caller (project rule, spec §4.2 step 8).
+/// `seed_rows` (at most `t`) are selected first, in one step, before the greedy picks (empty:
+/// plain OMP). The β of the final set is refitted by the caller (project rule, spec §4.2 step 8).
 #[allow(clippy::too_many_arguments)]
 pub fn omp_select<T: Elem>(
     e: &[T],
@@ -525,6 +531,7 @@ pub fn omp_select<T: Elem>(
     fit: FitParams,
     seed: u64,
     par: bool,
+    seed_rows: &[usize],
 ) -> Result<OmpOutcome> {
     let cap = t;
     let mut st = State {
@@ -561,6 +568,21 @@ pub fn omp_select<T: Elem>(
     let mut prev_b: Option<Vec<f64>> = None;
     let mut iteration = 0usize;
     let mut entries = 0usize;
+    if !seed_rows.is_empty() {
+        // The seeded rows enter together, as one progressive step would, then one fit.
+        let picks: Vec<usize> = seed_rows.iter().copied().take(t).collect();
+        if let Some(g) = gram.as_mut() {
+            g.ensure(&picks, std::iter::empty());
+        }
+        for &j in &picks {
+            selected[j] = true;
+            st.push(j, gram.as_ref().and_then(|g| g.col(j)));
+        }
+        let b = st.solve(None)?;
+        st.residual(&b, &mut r);
+        b_r = b.clone();
+        prev_b = Some(b);
+    }
     loop {
         if st.k() < t {
             let (k_choice, interval) = cfg.schedule.at(st.k());
