@@ -18,7 +18,7 @@ pub struct Args {
     /// HF-format model directory (default: the default model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
+    /// Comma-separated methods (default: am-omp, am-highest, am-omp-seeded, kvzip, snapkv, expected-attention,
     /// qfilters, streaming-llm, full; any of): am-omp, am-highest, am-omp-seeded, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.

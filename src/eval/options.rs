@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 /// runs (KVzip, SnapKV, Expected Attention, Q-Filters), StreamingLLM as the floor, and the full
 /// cache — the sweep that fits 20 contexts per task at two lengths in about 30 minutes on 2
 /// cores. `--methods` takes any of [`registry::METHODS`].
-pub const DEFAULT_METHODS: &[&str] = &["am-omp", "am-highest", "kvzip", "snapkv", "expected-attention", "qfilters", "streaming-llm", "full"];
+pub const DEFAULT_METHODS: &[&str] = &["am-omp", "am-highest", "am-omp-seeded", "kvzip", "snapkv", "expected-attention", "qfilters", "streaming-llm", "full"];
 
 /// The default run's tasks: retrieval of one and of several needles, and chain tracking;
 /// `niah-multivalue`, `niah-multiquery`, `cwe`, `fwe` and `qa` run when named.
@@ -36,7 +36,7 @@ pub const DEFAULT_SAMPLES: usize = 20;
 pub struct EvalOptions {
     /// HF-format model directory (default: the default model).
     pub model: Option<PathBuf>,
-    /// Comma-separated methods (default: am-omp, am-highest, kvzip, snapkv, expected-attention,
+    /// Comma-separated methods (default: am-omp, am-highest, am-omp-seeded, kvzip, snapkv, expected-attention,
     /// qfilters, streaming-llm, full; any of): am-omp, am-highest, am-omp-seeded, baseline, qfilters,
     /// streaming-llm, h2o, snapkv, pyramidkv, tova, knorm, expected-attention, random,
     /// observed-attention, kvzip, full.
