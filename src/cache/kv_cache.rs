@@ -153,7 +153,11 @@ impl KvRows {
     pub fn range_f32(&self, range: std::ops::Range<usize>) -> Cow<'_, [f32]> {
         match self {
             KvRows::F32(v) => Cow::Borrowed(&v[range]),
-            KvRows::Bf16(v) => Cow::Owned(v[range].iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()),
+            KvRows::Bf16(v) => {
+                let mut out = vec![0.0f32; range.len()];
+                kvcompact_kernels::widen_rows(WeightRef::Bf16(&v[range.clone()]), 0, 1, range.len(), &mut out);
+                Cow::Owned(out)
+            }
         }
     }
     /// Elements `range` as f32: borrowed for f32, widened (exactly) into `buf` for bf16, so a
